@@ -1,0 +1,444 @@
+"""Command-line arguments with the Megatron-DeepSpeed spellings users already type.
+
+* ``--a-b`` and ``--a_b`` are the same flag (argv is normalised to dashes before parsing).
+* Booleans are real flags (``store_true`` / ``--x``/``--no-x``), never ``type=bool``.
+* Any error is one line naming the flag (with the closest known flag for a typo) and exit code 2.
+* Each plug-in family adds the flags of its plug-ins in their own groups (see ``registry``).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import sys
+from typing import List, Optional
+
+from megatron_ext import registry
+
+MODEL_STYLES = {
+    # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
+    "llama": dict(
+        swiglu=True,
+        normalization="RMSNorm",
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True,
+        add_bias_linear=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    ),
+    "gpt2": dict(
+        swiglu=False,
+        normalization="LayerNorm",
+        position_embedding_type="learned_absolute",
+        untie_embeddings_and_output_weights=False,
+        add_bias_linear=True,
+        attention_dropout=0.1,
+        hidden_dropout=0.1,
+    ),
+}
+
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HFTokenizer",
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+)
+
+
+class ArgumentsError(ValueError):
+    """An invalid combination of arguments, found after parsing; the message is one line."""
+
+
+class MegatronArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors and dash/underscore-insensitive long options."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)  # an abbreviation silently picking a flag is a trap
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        argv = normalise_argv(sys.argv[1:] if args is None else list(args))
+        ns, unknown = self.parse_known_args(argv, namespace)
+        if unknown:
+            self.error(self.unknown_message(unknown))
+        return ns
+
+    def unknown_message(self, unknown: List[str]) -> str:
+        flags = [u for u in unknown if u.startswith("-")]
+        if not flags:
+            return f"unexpected argument {unknown[0]!r}"
+        flag = flags[0].split("=", 1)[0]
+        close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        more = f" (and {len(flags) - 1} more: {' '.join(flags[1:])})" if len(flags) > 1 else ""
+        return f"unrecognized argument {flag}{hint}{more}"
+
+
+def normalise_argv(argv: List[str]) -> List[str]:
+    """``--lr_decay_style=x`` -> ``--lr-decay-style=x``; values are left alone."""
+    out = []
+    for tok in argv:
+        if tok == "--":
+            out.append(tok)
+            continue
+        if tok.startswith("--"):
+            name, eq, value = tok.partition("=")
+            tok = name.replace("_", "-") + eq + value
+        out.append(tok)
+    return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive integer: {value!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return v
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid non-negative integer: {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
+    return v
+
+
+def _finite_float(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value!r}")
+    return v
+
+
+def _nonneg_float(value: str) -> float:
+    v = _finite_float(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
+    return v
+
+
+def _fraction(value: str) -> float:
+    v = _finite_float(value)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value!r}")
+    return v
+
+
+def _split(value: str) -> str:
+    parts = value.replace("/", ",").split(",")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers like 990,10,0, got {value!r}") from None
+    if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+        raise argparse.ArgumentTypeError(f"expected 3 non-negative comma-separated numbers like 990,10,0, got {value!r}")
+    return ",".join(parts)
+
+
+def _choice_ci(*choices: str):
+    """Case-insensitive choice returning the canonical spelling."""
+    lookup = {c.lower(): c for c in choices}
+
+    def parse(value: str) -> str:
+        try:
+            return lookup[value.lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(choices)})") from None
+
+    return parse
+
+
+def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
+    registry.load_plugins()
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.parametrizations import PARAMETRIZATIONS
+    from megatron_ext.schedules import SCHEDULES
+
+    p = MegatronArgumentParser(
+        prog=prog,
+        description="Megatron-DeepSpeed compatible pretraining on megatron-core + DeepSpeed.",
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-style", choices=sorted(MODEL_STYLES), default="llama",
+                   help="defaults for the architecture flags below (llama: swiglu, RMSNorm, rotary, "
+                        "no bias, untied embeddings, no dropout; gpt2: gelu, LayerNorm, learned "
+                        "positions, biases, tied embeddings, dropout 0.1)")
+    g.add_argument("--num-layers", type=_positive_int, default=2)
+    g.add_argument("--hidden-size", type=_positive_int, default=64)
+    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None,
+                   help="default 4*hidden (gelu) or 8/3*hidden rounded up to a multiple of 64 (swiglu)")
+    g.add_argument("--num-attention-heads", type=_positive_int, default=4)
+    g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads",
+                   type=_positive_int, default=None, help="grouped-query attention; default = heads")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron compatibility; GQA is on whenever kv heads < heads")
+    g.add_argument("--seq-length", type=_positive_int, default=128)
+    g.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default = seq length")
+    g.add_argument("--normalization", type=_choice_ci("RMSNorm", "LayerNorm"), default=None)
+    g.add_argument("--norm-epsilon", type=_finite_float, default=1e-5)
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default=None)
+    g.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type",
+                   action="store_const", const="rope")
+    g.add_argument("--rope-theta", "--rotary-base", dest="rope_theta", type=_finite_float, default=10000.0)
+    g.add_argument("--untie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
+                   action="store_const", const=True, default=None)
+    g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
+                   action="store_const", const=False)
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False,
+                   default=None)
+    g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True)
+    g.add_argument("--attention-dropout", type=_fraction, default=None)
+    g.add_argument("--hidden-dropout", type=_fraction, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128)
+    g.add_argument("--init-method-std", type=_nonneg_float, default=0.02)
+    g.add_argument("--parametrization", type=PARAMETRIZATIONS.argument_type, default="sp",
+                   help=f"one of: {', '.join(PARAMETRIZATIONS.names())}")
+
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (Megatron form)")
+    g.add_argument("--data-file-list", default=None,
+                   help="file of 'weight path-prefix corpus' lines (# comments allowed)")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files (smoke tests)")
+    g.add_argument("--split", type=_split, default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=_nonneg_int, default=None,
+                   help="data loader workers (default 2 with an accelerator, 0 on CPU)")
+    g.add_argument("--tokenizer-type", type=_choice_ci(*TOKENIZER_TYPES), default="SentencePieceTokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=_positive_int, default=None, help="NullTokenizer / mock data")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+                   help="default = micro batch x data-parallel size x accumulation steps")
+    g.add_argument("--gradient-accumulation-steps", type=_positive_int, default=None)
+    g.add_argument("--train-iters", type=_positive_int, default=None)
+    g.add_argument("--train-samples", type=_positive_int, default=None)
+    g.add_argument("--train-tokens", type=_positive_int, default=None,
+                   help="iterations = tokens // (seq length x global batch)")
+    g.add_argument("--seed", type=_nonneg_int, default=1234)
+    g.add_argument("--optimizer", type=OPTIMIZERS.argument_type, default="adamw",
+                   help=f"one of: {', '.join(OPTIMIZERS.names())}")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.01)
+    g.add_argument("--clip-grad", type=_nonneg_float, default=1.0, help="0 disables clipping")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--exit-interval", type=_positive_int, default=None,
+                   help="stop (after saving) once the iteration is a multiple of this")
+
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=_nonneg_float, default=3e-4)
+    g.add_argument("--min-lr", type=_nonneg_float, default=0.0)
+    g.add_argument("--lr-decay-style", type=SCHEDULES.argument_type, default="cosine",
+                   help=f"one of: {', '.join(SCHEDULES.names())}")
+    g.add_argument("--lr-decay-iters", type=_positive_int, default=None)
+    g.add_argument("--lr-decay-samples", type=_positive_int, default=None)
+    g.add_argument("--lr-decay-tokens", type=_positive_int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=_fraction, default=None,
+                   help="warmup as a fraction of the decay length")
+    g.add_argument("--lr-warmup-iters", type=_nonneg_int, default=0)
+    g.add_argument("--lr-warmup-samples", type=_nonneg_int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=_nonneg_int, default=None)
+
+    g = p.add_argument_group("parallelism and DeepSpeed")
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--no-pipeline-parallel", action="store_true", help="accepted; pipelining is off")
+    g.add_argument("--deepspeed", action="store_true", help="accepted; DeepSpeed is always used")
+    g.add_argument("--deepspeed-config", default=None,
+                   help="a DeepSpeed JSON config; its settings win, batch sizes must agree with the flags")
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
+    g.add_argument("--distributed-backend", choices=["nccl", "ccl", "gloo", "mpi"], default=None,
+                   help="default: what the accelerator wants (nccl, ccl, gloo on CPU)")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only: fresh optimizer, schedule, iteration and data position")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=_positive_int, default=1000)
+    g.add_argument("--eval-iters", type=_nonneg_int, default=10)
+    g.add_argument("--log-interval", type=_positive_int, default=1)
+    g.add_argument("--metrics-file", default=None,
+                   help="JSON lines of every logged iteration and evaluation (default <save>/metrics.jsonl)")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--no-tensorboard", action="store_true")
+
+    for family in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
+        family.add_arguments(p)
+    for fam in registry.families().values():  # families added by third-party plug-ins
+        if fam not in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
+            fam.add_arguments(p)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; exits with one error line (code 2) on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if world_size is None:
+        from megatron_ext.platform.distributed import discover
+
+        world_size = discover().world_size
+    try:
+        finalize_args(args, world_size)
+    except ArgumentsError as e:
+        parser.error(str(e))
+    return args
+
+
+def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill derived values and check combinations; raises ArgumentsError (one line)."""
+    style = MODEL_STYLES[args.model_style]
+    for key, value in style.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    tp = args.tensor_model_parallel_size
+    if args.pipeline_model_parallel_size != 1:
+        raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
+    if world_size % tp:
+        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
+    if args.num_attention_heads % tp:
+        raise ArgumentsError(
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {args.num_attention_heads}"
+        )
+    if args.hidden_size % args.num_attention_heads:
+        raise ArgumentsError(
+            f"--num-attention-heads {args.num_attention_heads} does not divide --hidden-size {args.hidden_size}"
+        )
+    if args.num_key_value_heads is None:
+        args.num_key_value_heads = args.num_attention_heads
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ArgumentsError(
+            f"--num-key-value-heads {args.num_key_value_heads} does not divide "
+            f"--num-attention-heads {args.num_attention_heads}"
+        )
+    if args.num_key_value_heads % tp:
+        raise ArgumentsError(
+            f"--tensor-model-parallel-size {tp} does not divide --num-key-value-heads {args.num_key_value_heads}"
+        )
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = int(math.ceil(8 * args.hidden_size / 3 / 64) * 64)
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
+        raise ArgumentsError(
+            f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}"
+        )
+    if args.bf16 and args.fp16:
+        raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
+
+    # Batch arithmetic.
+    args.world_size = world_size
+    args.data_parallel_size = world_size // tp
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step * (args.gradient_accumulation_steps or 1)
+    if args.global_batch_size % per_step:
+        raise ArgumentsError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by micro batch "
+            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}"
+        )
+    acc = args.global_batch_size // per_step
+    if args.gradient_accumulation_steps not in (None, acc):
+        raise ArgumentsError(
+            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} disagrees with --global-batch-size "
+            f"{args.global_batch_size} / (micro batch {args.micro_batch_size} x data-parallel "
+            f"{args.data_parallel_size}) = {acc}"
+        )
+    args.gradient_accumulation_steps = acc
+
+    # Training length: iterations win, then samples, then tokens.
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    if args.train_iters is None:
+        if args.train_samples is not None:
+            args.train_iters = args.train_samples // args.global_batch_size
+        elif args.train_tokens is not None:
+            args.train_iters = args.train_tokens // tokens_per_iter
+        else:
+            raise ArgumentsError("no training length: give --train-iters, --train-samples or --train-tokens")
+        if args.train_iters < 1:
+            raise ArgumentsError(
+                f"training length is shorter than one iteration of {args.global_batch_size} samples "
+                f"x {args.seq_length} tokens"
+            )
+
+    # Data source.
+    if not args.mock_data and not args.data_path and not args.data_file_list:
+        raise ArgumentsError("no training data: give --data-file-list, --data-path or --mock-data")
+    if args.data_path and args.data_file_list:
+        raise ArgumentsError("give either --data-path or --data-file-list, not both")
+    if args.mock_data and args.vocab_size is None and args.tokenizer_model is None:
+        args.vocab_size = 1024
+    if args.num_workers is None:
+        from megatron_ext.platform.accelerator import has_gpu
+
+        args.num_workers = 2 if has_gpu() else 0
+
+    # Checkpoints and logging.
+    if args.save_interval is not None and not args.save:
+        raise ArgumentsError("--save-interval needs --save DIR")
+    if args.finetune and not args.load:
+        raise ArgumentsError("--finetune needs --load DIR")
+    if args.deepspeed_config and not os.path.isfile(args.deepspeed_config):
+        raise ArgumentsError(f"--deepspeed-config: no such file: {args.deepspeed_config}")
+    if args.tensorboard_dir is None and args.save and not args.no_tensorboard:
+        args.tensorboard_dir = os.path.join(args.save, "tensorboard")
+
+    # Files named by the flags: data prefixes, tokenizer, DeepSpeed config.
+    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
+    from megatron_ext.training.deepspeed_config import build_deepspeed_config
+
+    try:
+        tokenizer_for(args, data_sources(args))
+        build_deepspeed_config(args)
+    except (ValueError, OSError) as e:
+        raise ArgumentsError(str(e).strip().splitlines()[0]) from None
+
+    # Plug-ins validate their own flags (one line each) before any work starts.
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.parametrizations import PARAMETRIZATIONS
+    from megatron_ext.schedules.scheduler import build_schedule
+
+    for family, name in ((OPTIMIZERS, args.optimizer), (PARAMETRIZATIONS, args.parametrization)):
+        validate = getattr(family.get(name).obj, "validate_args", None)
+        if validate is not None:
+            try:
+                validate(args)
+            except ValueError as e:
+                raise ArgumentsError(str(e)) from None
+    try:
+        build_schedule(args)  # validates the decay style's flags too; the whole curve must be servable before any work starts
+    except ValueError as e:
+        raise ArgumentsError(str(e)) from None
+    return args

@@ -1,0 +1,119 @@
+"""Training/validation data: megatron-core's blended GPT datasets, read in the order Megatron
+reads them. Sample ``i`` of the run is global position ``i``; a global batch is a contiguous
+range of positions, split into micro-batches and then across data-parallel ranks. Resuming at
+``consumed_samples`` therefore continues with exactly the samples an uninterrupted run would see,
+and the same global batch gives the same data at any data-parallel size."""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+
+def data_sources(args):
+    """The (weight, prefix, corpus) list the flags name; None for mock data. Validates files."""
+    from megatron_ext.data.data_list import check_sources_exist, parse_data_file_list, parse_data_path
+
+    if args.mock_data:
+        return None
+    sources = parse_data_file_list(args.data_file_list) if args.data_file_list else parse_data_path(args.data_path)
+    check_sources_exist(sources)
+    return sources
+
+
+class MockTokenizer:
+    """Just enough tokenizer for megatron-core's MockGPTDataset (no files)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.pad = -1
+        # megatron-core hashes the tokenizer's identity into the dataset cache key
+        self.unique_identifiers = {"class": "MockTokenizer", "vocab_size": vocab_size}
+
+
+def tokenizer_for(args, sources):
+    """The tokenizer the flags name (a stand-in for mock data without a tokenizer)."""
+    if sources is None and args.tokenizer_model is None and args.vocab_file is None:
+        return MockTokenizer(args.vocab_size)
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
+
+
+def split_sizes(args) -> Tuple[int, int, int]:
+    """Samples needed from train/valid/test. Validation always reuses the same first
+    ``eval_iters`` global batches, so successive evaluations are comparable."""
+    weights = [float(x) for x in args.split.split(",")]
+    eval_samples = args.eval_iters * args.global_batch_size
+    return (
+        args.train_iters * args.global_batch_size,
+        eval_samples if weights[1] > 0 else 0,
+        eval_samples if weights[2] > 0 else 0,
+    )
+
+
+def build_datasets(args, tokenizer, sources):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    from megatron_ext.data.data_list import blend_of
+
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend_of(sources) if sources else None,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # the local attention builds its causal mask itself
+        mmap_bin_files=True,
+    )
+    cls = MockGPTDataset if sources is None else GPTDataset
+    sizes = list(split_sizes(args))
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+class PretrainingBatchSampler:
+    """Micro-batches of this data-parallel rank, starting at global position ``consumed``."""
+
+    def __init__(self, total: int, consumed: int, micro_batch: int, dp_rank: int, dp_size: int):
+        self.total, self.consumed = total, consumed
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch * self.dp_size
+        start = self.consumed
+        while start + step <= self.total:
+            first = start + self.dp_rank * self.micro_batch
+            yield list(range(first, first + self.micro_batch))
+            start += step
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.micro_batch * self.dp_size))
+
+
+def make_loader(dataset, args, consumed: int, total: Optional[int] = None):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.platform.accelerator import has_gpu
+
+    if dataset is None:
+        return None
+    sampler = PretrainingBatchSampler(
+        min(len(dataset), total if total is not None else len(dataset)),
+        consumed,
+        args.micro_batch_size,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=has_gpu(),
+        persistent_workers=False,
+    )

@@ -1,0 +1,95 @@
+"""The model: megatron-core ``GPTModel`` with the local (non Transformer-Engine) layer spec."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel shard has the same width."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(args, parametrization=None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ext.platform.accelerator import has_gpu
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_key_value_heads,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_bias_linear=args.add_bias_linear,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        # Initialising on the CPU from one master weight makes the model independent of the
+        # TP size (TP=2 starts from exactly the TP=1 weights); on accelerators it costs start-up
+        # time, so it is the default only on CPU.
+        use_cpu_initialization=not has_gpu(),
+        # Fusions need apex / Transformer Engine / CUDA; the plain paths work everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+    if parametrization is not None:
+        kwargs = parametrization.configure_model(kwargs)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(args, vocab_size: int, parametrization=None):
+    """A GPTModel for this rank's tensor-parallel shard. ``vocab_size`` is the unpadded size."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(args, parametrization)
+    args.padded_vocab_size = padded_vocab_size(
+        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=int(args.rope_theta),
+    )
+
+
+def count_parameters(model: torch.nn.Module, tp_group=None) -> int:
+    """Total parameters of the full model (summed over tensor-parallel shards)."""
+    from megatron.core import parallel_state
+
+    local = 0
+    for p in model.parameters():
+        replicated = not getattr(p, "tensor_model_parallel", False)
+        if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
+            continue
+        local += p.numel()
+    t = torch.tensor([local], dtype=torch.long)
+    if torch.distributed.is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
+    return int(t.item())

@@ -1,0 +1,59 @@
+"""Param grouping shared by every optimizer.
+
+Roles are decided from the module a parameter belongs to (its megatron-core name), never from its
+size: ``embedding`` (word/position embeddings), ``output`` (the unembedding), ``norm`` (norm
+weights), ``bias``, and ``hidden`` (the 2-D weight matrices inside transformer blocks). Norm
+weights and biases get no weight decay. Each group carries ``role``, ``lr_mult`` and ``wd_mult``;
+a parametrization may change the multipliers per role.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROLES = ("embedding", "output", "hidden", "norm", "bias")
+
+_NORM = re.compile(r"(^|\.)(\w*layernorm\w*|\w*_norm|norm)(\.|$)|layer_norm_weight$|layer_norm_bias$")
+
+
+def param_role(name: str, param: torch.Tensor) -> str:
+    if name.endswith(".bias") or name.endswith("layer_norm_bias"):
+        return "bias"
+    if _NORM.search(name):
+        return "norm"
+    if "embedding" in name:
+        return "embedding"
+    if name.startswith("output_layer") or ".output_layer." in name:
+        return "output"
+    if param.dim() >= 2:
+        return "hidden"
+    return "norm"  # any other 1-D weight is a gain: treat like a norm (no decay)
+
+
+def build_param_groups(
+    model: torch.nn.Module,
+    multipliers: Optional[Callable[[str], Dict[str, float]]] = None,
+) -> List[dict]:
+    """One group per role present in the model (order stable), with lr/wd multipliers.
+
+    ``multipliers(role)`` may return ``lr_mult``/``wd_mult``/other per-group options (e.g. from a
+    parametrization); decay-free roles always keep ``wd_mult`` 0.
+    """
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role = param_role(name, param)
+        group = groups.get(role)
+        if group is None:
+            group = groups[role] = {"params": [], "param_names": [], "role": role, "lr_mult": 1.0, "wd_mult": 1.0}
+            if multipliers is not None:
+                group.update(multipliers(role))
+            if role in ("norm", "bias"):
+                group["wd_mult"] = 0.0
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return list(groups.values())

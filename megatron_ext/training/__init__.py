@@ -1,0 +1,1 @@
+"""The trainer: DeepSpeed engine around a megatron-core model, data, logging, checkpoints."""

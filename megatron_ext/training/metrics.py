@@ -1,0 +1,98 @@
+"""What a run prints and records: the start-up block, the Megatron-DeepSpeed log line, and the
+same numbers as JSON lines (``<save>/metrics.jsonl`` or ``--metrics-file``) and TensorBoard
+scalars (when tensorboard is installed)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def print_rank0(message: str) -> None:
+    if is_rank0():
+        print(message, flush=True)
+
+
+def format_log_line(r: dict, train_iters: int) -> str:
+    return (
+        f" iteration={r['iteration']:8d}/{train_iters:8d} |"
+        f" consumed_samples={r['consumed_samples']:12d} |"
+        f" consumed_tokens={r['consumed_tokens']:12d} |"
+        f" elapsed_time_per_iteration_ms={r['elapsed_time_per_iteration_ms']:.1f} |"
+        f" learning_rate={r['learning_rate']:.6E} |"
+        f" global_batch_size={r['global_batch_size']:5d} |"
+        f" lm loss={r['lm_loss']:.6E} |"
+        f" grad_norm={r['grad_norm']:.4f} |"
+        f" tokens_per_second={r['tokens_per_second']:.1f} |"
+        f" TFLOPs={r['tflops']:.4f} |"
+    )
+
+
+def startup_table(args, num_params: int, start: dict) -> str:
+    tokens_per_step = args.global_batch_size * args.seq_length
+    rows = [
+        ("parameters", f"{num_params:,}"),
+        ("world size", args.world_size),
+        ("data-parallel size", args.data_parallel_size),
+        ("tensor-parallel size", args.tensor_model_parallel_size),
+        ("ZeRO stage", args.zero_stage),
+        ("precision", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"),
+        ("micro batch", args.micro_batch_size),
+        ("gradient accumulation", args.gradient_accumulation_steps),
+        ("global batch", args.global_batch_size),
+        ("sequence length", args.seq_length),
+        ("tokens per step", f"{tokens_per_step:,}"),
+        ("train iterations", args.train_iters),
+        ("train tokens", f"{args.train_iters * tokens_per_step:,}"),
+        ("optimizer", args.optimizer),
+        ("lr schedule", f"{args.lr_decay_style} (lr {args.lr:g}, min {args.min_lr:g})"),
+        ("parametrization", args.parametrization),
+        ("vocabulary", f"{args.vocab_size_unpadded} (padded {args.padded_vocab_size})"),
+        ("resumed from", start["path"] or "-"),
+        ("start iteration", start["iteration"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows] + ["-" * 60]
+    return "\n".join(lines)
+
+
+class MetricsWriter:
+    """Rank 0 appends one JSON object per logged iteration / evaluation; TensorBoard mirrors it."""
+
+    def __init__(self, args):
+        self.file = None
+        self.tb = None
+        if not is_rank0():
+            return
+        path = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a")
+        if args.tensorboard_dir and not args.no_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print_rank0("note: tensorboard is not installed; no TensorBoard scalars (pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def write(self, split: str, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"split": split, **record}) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
