@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 from megatron_ext import registry
+from megatron_ext.argtypes import choice_ci, finite_float, fraction, nonneg_float, nonneg_int, positive_int
 
 MODEL_STYLES = {
     # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
@@ -95,50 +96,6 @@ def normalise_argv(argv: List[str]) -> List[str]:
     return out
 
 
-def _positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer: {value!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return v
-
-
-def _nonneg_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid non-negative integer: {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
-    return v
-
-
-def _finite_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {value!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {value!r}")
-    return v
-
-
-def _nonneg_float(value: str) -> float:
-    v = _finite_float(value)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
-    return v
-
-
-def _fraction(value: str) -> float:
-    v = _finite_float(value)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value!r}")
-    return v
-
-
 def _split(value: str) -> str:
     parts = value.replace("/", ",").split(",")
     try:
@@ -150,24 +107,12 @@ def _split(value: str) -> str:
     return ",".join(parts)
 
 
-def _choice_ci(*choices: str):
-    """Case-insensitive choice returning the canonical spelling."""
-    lookup = {c.lower(): c for c in choices}
-
-    def parse(value: str) -> str:
-        try:
-            return lookup[value.lower()]
-        except KeyError:
-            raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(choices)})") from None
-
-    return parse
-
-
 def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     registry.load_plugins()
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
+    from megatron_ext.schedules.scheduler import add_schedule_arguments
 
     p = MegatronArgumentParser(
         prog=prog,
@@ -179,24 +124,24 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
                    help="defaults for the architecture flags below (llama: swiglu, RMSNorm, rotary, "
                         "no bias, untied embeddings, no dropout; gpt2: gelu, LayerNorm, learned "
                         "positions, biases, tied embeddings, dropout 0.1)")
-    g.add_argument("--num-layers", type=_positive_int, default=2)
-    g.add_argument("--hidden-size", type=_positive_int, default=64)
-    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None,
+    g.add_argument("--num-layers", type=positive_int, default=2)
+    g.add_argument("--hidden-size", type=positive_int, default=64)
+    g.add_argument("--ffn-hidden-size", type=positive_int, default=None,
                    help="default 4*hidden (gelu) or 8/3*hidden rounded up to a multiple of 64 (swiglu)")
-    g.add_argument("--num-attention-heads", type=_positive_int, default=4)
+    g.add_argument("--num-attention-heads", type=positive_int, default=4)
     g.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads",
-                   type=_positive_int, default=None, help="grouped-query attention; default = heads")
+                   type=positive_int, default=None, help="grouped-query attention; default = heads")
     g.add_argument("--group-query-attention", action="store_true",
                    help="accepted for Megatron compatibility; GQA is on whenever kv heads < heads")
-    g.add_argument("--seq-length", type=_positive_int, default=128)
-    g.add_argument("--max-position-embeddings", type=_positive_int, default=None, help="default = seq length")
-    g.add_argument("--normalization", type=_choice_ci("RMSNorm", "LayerNorm"), default=None)
-    g.add_argument("--norm-epsilon", type=_finite_float, default=1e-5)
+    g.add_argument("--seq-length", type=positive_int, default=128)
+    g.add_argument("--max-position-embeddings", type=positive_int, default=None, help="default = seq length")
+    g.add_argument("--normalization", type=choice_ci("RMSNorm", "LayerNorm"), default=None)
+    g.add_argument("--norm-epsilon", type=finite_float, default=1e-5)
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default=None)
     g.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type",
                    action="store_const", const="rope")
-    g.add_argument("--rope-theta", "--rotary-base", dest="rope_theta", type=_finite_float, default=10000.0)
+    g.add_argument("--rope-theta", "--rotary-base", dest="rope_theta", type=finite_float, default=10000.0)
     g.add_argument("--untie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
                    action="store_const", const=True, default=None)
     g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
@@ -204,10 +149,10 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_const", const=False,
                    default=None)
     g.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_const", const=True)
-    g.add_argument("--attention-dropout", type=_fraction, default=None)
-    g.add_argument("--hidden-dropout", type=_fraction, default=None)
-    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128)
-    g.add_argument("--init-method-std", type=_nonneg_float, default=0.02)
+    g.add_argument("--attention-dropout", type=fraction, default=None)
+    g.add_argument("--hidden-dropout", type=fraction, default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
+    g.add_argument("--init-method-std", type=nonneg_float, default=0.02)
     g.add_argument("--parametrization", type=PARAMETRIZATIONS.argument_type, default="sp",
                    help=f"one of: {', '.join(PARAMETRIZATIONS.names())}")
 
@@ -219,50 +164,38 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files (smoke tests)")
     g.add_argument("--split", type=_split, default="969,30,1", help="train,valid,test weights")
     g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--num-workers", type=_nonneg_int, default=None,
+    g.add_argument("--num-workers", type=nonneg_int, default=None,
                    help="data loader workers (default 2 with an accelerator, 0 on CPU)")
-    g.add_argument("--tokenizer-type", type=_choice_ci(*TOKENIZER_TYPES), default="SentencePieceTokenizer")
+    g.add_argument("--tokenizer-type", type=choice_ci(*TOKENIZER_TYPES), default="SentencePieceTokenizer")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
-    g.add_argument("--vocab-size", type=_positive_int, default=None, help="NullTokenizer / mock data")
+    g.add_argument("--vocab-size", type=positive_int, default=None, help="NullTokenizer / mock data")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
-    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+    g.add_argument("--micro-batch-size", type=positive_int, default=1)
+    g.add_argument("--global-batch-size", type=positive_int, default=None,
                    help="default = micro batch x data-parallel size x accumulation steps")
-    g.add_argument("--gradient-accumulation-steps", type=_positive_int, default=None)
-    g.add_argument("--train-iters", type=_positive_int, default=None)
-    g.add_argument("--train-samples", type=_positive_int, default=None)
-    g.add_argument("--train-tokens", type=_positive_int, default=None,
+    g.add_argument("--gradient-accumulation-steps", type=positive_int, default=None)
+    g.add_argument("--train-iters", type=positive_int, default=None)
+    g.add_argument("--train-samples", type=positive_int, default=None)
+    g.add_argument("--train-tokens", type=positive_int, default=None,
                    help="iterations = tokens // (seq length x global batch)")
-    g.add_argument("--seed", type=_nonneg_int, default=1234)
+    g.add_argument("--seed", type=nonneg_int, default=1234)
     g.add_argument("--optimizer", type=OPTIMIZERS.argument_type, default="adamw",
                    help=f"one of: {', '.join(OPTIMIZERS.names())}")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=0.01)
-    g.add_argument("--clip-grad", type=_nonneg_float, default=1.0, help="0 disables clipping")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.01)
+    g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="0 disables clipping")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
-    g.add_argument("--exit-interval", type=_positive_int, default=None,
+    g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop (after saving) once the iteration is a multiple of this")
 
-    g = p.add_argument_group("learning rate")
-    g.add_argument("--lr", type=_nonneg_float, default=3e-4)
-    g.add_argument("--min-lr", type=_nonneg_float, default=0.0)
-    g.add_argument("--lr-decay-style", type=SCHEDULES.argument_type, default="cosine",
-                   help=f"one of: {', '.join(SCHEDULES.names())}")
-    g.add_argument("--lr-decay-iters", type=_positive_int, default=None)
-    g.add_argument("--lr-decay-samples", type=_positive_int, default=None)
-    g.add_argument("--lr-decay-tokens", type=_positive_int, default=None)
-    g.add_argument("--lr-warmup-fraction", type=_fraction, default=None,
-                   help="warmup as a fraction of the decay length")
-    g.add_argument("--lr-warmup-iters", type=_nonneg_int, default=0)
-    g.add_argument("--lr-warmup-samples", type=_nonneg_int, default=0)
-    g.add_argument("--lr-warmup-tokens", type=_nonneg_int, default=None)
+    add_schedule_arguments(p.add_argument_group("learning rate"))
 
     g = p.add_argument_group("parallelism and DeepSpeed")
-    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--no-pipeline-parallel", action="store_true", help="accepted; pipelining is off")
     g.add_argument("--deepspeed", action="store_true", help="accepted; DeepSpeed is always used")
     g.add_argument("--deepspeed-config", default=None,
@@ -274,7 +207,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--save-interval", type=positive_int, default=None)
     g.add_argument("--no-save-rng", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -282,9 +215,9 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
                    help="load weights only: fresh optimizer, schedule, iteration and data position")
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=_positive_int, default=1000)
-    g.add_argument("--eval-iters", type=_nonneg_int, default=10)
-    g.add_argument("--log-interval", type=_positive_int, default=1)
+    g.add_argument("--eval-interval", type=positive_int, default=1000)
+    g.add_argument("--eval-iters", type=nonneg_int, default=10)
+    g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--metrics-file", default=None,
                    help="JSON lines of every logged iteration and evaluation (default <save>/metrics.jsonl)")
     g.add_argument("--tensorboard-dir", default=None)

@@ -79,9 +79,11 @@ def build_model(args, vocab_size: int, parametrization=None):
     )
 
 
-def count_parameters(model: torch.nn.Module, tp_group=None) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     """Total parameters of the full model (summed over tensor-parallel shards)."""
     from megatron.core import parallel_state
+
+    from megatron_ext.platform.accelerator import current_device
 
     local = 0
     for p in model.parameters():
@@ -89,7 +91,7 @@ def count_parameters(model: torch.nn.Module, tp_group=None) -> int:
         if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
             continue
         local += p.numel()
-    t = torch.tensor([local], dtype=torch.long)
+    t = torch.tensor([local], dtype=torch.long, device=current_device())  # nccl reduces device tensors only
     if torch.distributed.is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
     return int(t.item())

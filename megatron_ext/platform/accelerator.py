@@ -27,6 +27,11 @@ def device(local_rank: int = 0) -> torch.device:
     return torch.device(name, local_rank)
 
 
+def current_device() -> torch.device:
+    """This process's device (after ``set_device``)."""
+    return torch.device(_accel().current_device_name())
+
+
 def set_device(local_rank: int) -> None:
     if has_gpu():
         _accel().set_device(local_rank)
@@ -39,9 +44,3 @@ def communication_backend() -> str:
 
 def synchronize() -> None:
     _accel().synchronize()
-
-
-def max_memory_allocated_gib() -> float:
-    if not has_gpu():
-        return 0.0
-    return _accel().max_memory_allocated() / 2**30

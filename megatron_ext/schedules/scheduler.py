@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Optional
 
+from megatron_ext.argtypes import fraction, nonneg_float, nonneg_int, positive_int
 from megatron_ext.schedules import SCHEDULES
 
 
@@ -106,6 +107,22 @@ def build_schedule(args) -> LRSchedule:
     plugin = SCHEDULES.get(args.lr_decay_style)
     plugin.obj.validate_args(args)
     return LRSchedule(span, plugin.name, plugin.obj(args, span))
+
+
+def add_schedule_arguments(g) -> None:
+    """The LR flags every decay style shares (a style's own flags live in its plug-in file)."""
+    g.add_argument("--lr", type=nonneg_float, default=3e-4)
+    g.add_argument("--min-lr", type=nonneg_float, default=0.0)
+    g.add_argument("--lr-decay-style", type=SCHEDULES.argument_type, default="cosine",
+                   help=f"one of: {', '.join(SCHEDULES.names())}")
+    g.add_argument("--lr-decay-iters", type=positive_int, default=None)
+    g.add_argument("--lr-decay-samples", type=positive_int, default=None)
+    g.add_argument("--lr-decay-tokens", type=positive_int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=fraction, default=None,
+                   help="warmup as a fraction of the decay length")
+    g.add_argument("--lr-warmup-iters", type=nonneg_int, default=0)
+    g.add_argument("--lr-warmup-samples", type=nonneg_int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=nonneg_int, default=None)
 
 
 class ParamScheduler:

@@ -124,7 +124,7 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     )
     if path is None:
         raise RuntimeError(f"--load {args.load}: could not load checkpoint '{tag}'")
-    start["path"] = path
+    start["path"] = os.path.dirname(path)  # DeepSpeed returns the model-states file inside the tag
     if args.finetune:
         return start
     start["iteration"] = client["iteration"]
