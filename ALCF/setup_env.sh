@@ -12,8 +12,13 @@ _me_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${VENV_DIR:=${_me_repo}/.venv}"
 : "${PYTHON:=python3}"
 
+# Finds the packages without importing them (importing megatron.core alone takes seconds).
+_me_has_packages() {
+    python -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ('megatron_ext', 'deepspeed', 'megatron.core')) else 1)" 2>/dev/null
+}
+
 _me_setup_env() {
-    if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]] && python -c "import megatron_ext" 2>/dev/null; then
+    if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]] && _me_has_packages; then
         return 0  # already in an environment that has the package
     fi
     if [[ ! -x "${VENV_DIR}/bin/python" ]]; then
@@ -24,8 +29,8 @@ _me_setup_env() {
     fi
     # shellcheck disable=SC1091
     source "${VENV_DIR}/bin/activate" || return 1
-    if python -c "import megatron_ext, deepspeed, megatron.core" 2>/dev/null \
-        && [[ "$(python -c 'import megatron_ext,os;print(os.path.dirname(os.path.dirname(megatron_ext.__file__)))')" == "${_me_repo}" ]]; then
+    if _me_has_packages \
+        && [[ "$(python -c 'import importlib.util as u, os; print(os.path.dirname(os.path.dirname(u.find_spec("megatron_ext").origin)))')" == "${_me_repo}" ]]; then
         return 0
     fi
     echo "[setup_env] installing megatron_ext and its pinned dependencies into ${VENV_DIR}" >&2

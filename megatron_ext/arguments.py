@@ -188,6 +188,10 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="0 disables clipping")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--recompute-activations", "--checkpoint-activations", dest="recompute_activations",
+                   action="store_true", help="activation checkpointing: recompute whole layers in backward")
+    g.add_argument("--recompute-num-layers", type=positive_int, default=1,
+                   help="layers per checkpointed chunk (with --recompute-activations)")
     g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop (after saving) once the iteration is a multiple of this")
 
@@ -201,6 +205,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--deepspeed-config", default=None,
                    help="a DeepSpeed JSON config; its settings win, batch sizes must agree with the flags")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
+    g.add_argument("--cpu-optimizer", action="store_true",
+                   help="ZeRO-Offload: optimizer states and step on the CPU (needs --zero-stage >= 1)")
     g.add_argument("--distributed-backend", choices=["nccl", "ccl", "gloo", "mpi"], default=None,
                    help="default: what the accelerator wants (nccl, ccl, gloo on CPU)")
 
@@ -217,11 +223,15 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=positive_int, default=1000)
     g.add_argument("--eval-iters", type=nonneg_int, default=10)
+    g.add_argument("--eval-at-start", action="store_true",
+                   help="also evaluate before the first iteration of a fresh run (the starting loss)")
     g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--metrics-file", default=None,
                    help="JSON lines of every logged iteration and evaluation (default <save>/metrics.jsonl)")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--wandb-project", default=None, help="log to Weights & Biases (when wandb is installed)")
+    g.add_argument("--wandb-exp-name", default=None)
 
     for family in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
         family.add_arguments(p)
@@ -246,8 +256,11 @@ def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = Non
     return args
 
 
-def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Fill derived values and check combinations; raises ArgumentsError (one line)."""
+def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool = True) -> argparse.Namespace:
+    """Fill derived values and check combinations; raises ArgumentsError (one line).
+
+    ``check_files=False`` skips the checks of files named by the flags (data, tokenizer, DeepSpeed
+    config): the launcher validates a command whose files it has yet to build."""
     style = MODEL_STYLES[args.model_style]
     for key, value in style.items():
         if getattr(args, key) is None:
@@ -287,6 +300,12 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
         raise ArgumentsError(
             f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}"
+        )
+    if args.cpu_optimizer and args.zero_stage == 0:
+        raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
+    if args.recompute_activations and args.num_layers % args.recompute_num_layers:
+        raise ArgumentsError(
+            f"--recompute-num-layers {args.recompute_num_layers} does not divide --num-layers {args.num_layers}"
         )
     if args.bf16 and args.fp16:
         raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
@@ -343,7 +362,7 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise ArgumentsError("--save-interval needs --save DIR")
     if args.finetune and not args.load:
         raise ArgumentsError("--finetune needs --load DIR")
-    if args.deepspeed_config and not os.path.isfile(args.deepspeed_config):
+    if check_files and args.deepspeed_config and not os.path.isfile(args.deepspeed_config):
         raise ArgumentsError(f"--deepspeed-config: no such file: {args.deepspeed_config}")
     if args.tensorboard_dir is None and args.save and not args.no_tensorboard:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
@@ -353,8 +372,9 @@ def finalize_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     from megatron_ext.training.deepspeed_config import build_deepspeed_config
 
     try:
-        tokenizer_for(args, data_sources(args))
-        build_deepspeed_config(args)
+        if check_files:
+            tokenizer_for(args, data_sources(args))
+            build_deepspeed_config(args)
     except (ValueError, OSError) as e:
         raise ArgumentsError(str(e).strip().splitlines()[0]) from None
 

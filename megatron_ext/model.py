@@ -50,6 +50,9 @@ def transformer_config(args, parametrization=None):
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
     )
+    if args.recompute_activations:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=args.recompute_num_layers)
     if parametrization is not None:
         kwargs = parametrization.configure_model(kwargs)
     return TransformerConfig(**kwargs)

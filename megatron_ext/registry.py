@@ -232,7 +232,8 @@ def load_plugins() -> None:
         try:
             loaded = ep.load()
         except Exception as e:  # a broken third-party plug-in must not take the trainer down
-            warnings.warn(f"megatron_ext: could not load plug-in entry point '{ep.name}' ({ep.value}): {e}")
+            warnings.warn(f"megatron_ext: could not load plug-in entry point '{ep.name}' ({ep.value}): {e}",
+                          stacklevel=2)
             continue
         if callable(loaded) and not isinstance(loaded, type(importlib)):
             loaded()

@@ -78,7 +78,7 @@ def test_tp_must_divide_heads_and_world():
 
 @pytest.mark.parametrize("argv, expected", [
     (["--lr-decay-stlye", "cosine"], "unrecognized argument --lr-decay-stlye (did you mean --lr-decay-style?)"),
-    (["--optimizer", "adamx"], "argument --optimizer: unknown optimizer 'adamx' (did you mean 'adamw'?)"),
+    (["--optimizer", "adamww"], "argument --optimizer: unknown optimizer 'adamww' (did you mean 'adamw'?)"),
     (["--micro-batch-size", "two"], "argument --micro-batch-size: invalid positive integer: 'two'"),
     (["--zero-stage", "5"], "argument --zero-stage: invalid choice: 5"),
     (["--lr", "fast"], "argument --lr: invalid number: 'fast'"),

@@ -1,7 +1,5 @@
 """The real trainer (DeepSpeed engine + megatron-core GPT) on CPU: runs, resumes exactly, and
 rejects bad input with one line before doing any work."""
-import os
-
 import pytest
 
 from conftest import TINY, error_lines, read_metrics, run_trainer

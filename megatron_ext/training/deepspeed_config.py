@@ -33,6 +33,10 @@ def build_deepspeed_config(args) -> dict:
         "steps_per_print": 2**31 - 1,  # our own log line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
+    if args.cpu_optimizer:
+        # The client optimizer (ours) runs on the CPU copy; DeepSpeed's CPUAdam would need a compile.
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
     if args.deepspeed_config:
         try:
             with open(args.deepspeed_config) as f:

@@ -67,6 +67,7 @@ class MetricsWriter:
     def __init__(self, args):
         self.file = None
         self.tb = None
+        self.wandb = None
         if not is_rank0():
             return
         path = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
@@ -80,19 +81,31 @@ class MetricsWriter:
                 print_rank0("note: tensorboard is not installed; no TensorBoard scalars (pip install tensorboard)")
             else:
                 self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+        if args.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print_rank0("note: wandb is not installed; not logging to Weights & Biases (pip install wandb)")
+            else:
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
+                                        config={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                        dir=args.save)
 
     def write(self, split: str, record: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps({"split": split, **record}) + "\n")
             self.file.flush()
+        scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
         if self.tb is not None:
-            step = record["iteration"]
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{split}/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["iteration"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["iteration"])
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

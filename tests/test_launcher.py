@@ -1,0 +1,205 @@
+"""``bash train_alcf.sh``: the real script with DRY_RUN=1 for every variable, alias, the
+overriding rule, the iteration arithmetic and each bad input; and the demo end to end."""
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import REPO, _env, error_lines, read_metrics
+
+# Every variable the launcher reads; stripped from the test environment so the machine's own
+# settings (a PBS_NODEFILE, an OPT in the shell...) cannot leak into a test.
+LAUNCHER_VARS = """DATA_FILE_LIST TOKENIZER_TYPE TOKENIZER_MODEL DATA_CACHE_PATH TRAIN_TOKENS TRAIN_ITERS TRAIN_ITER
+MICRO_BATCH GRAD_ACC_STEPS GLOBAL_BATCH LR LR_DECAY_STYLE LR_WARMUP_FRAC LR_WARMUP_FRACTION LR_DECAY_ITERS OPT
+OPTIMIZER OPTIM ADAM_BETA1 ADAM_BETA2 ADAM_EPS WEIGHT_DECAY CLIP_GRAD MODEL_ARCH NLAYERS NUM_LAYERS HIDDEN HEADS
+NHEADS NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ SEQ_LEN ROPE_THETA NO_LLAMA TP PP SP ZERO_STAGE DTYPE
+USE_ACTIVATION_CHECKPOINTING ACT_CKPT_NUM_LAYERS CPU_OPTIMIZER LOAD SAVE SAVE_INTERVAL OVERRIDE_CKPT_OPT_PARAM
+EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL TRAIN_SPLIT VAL_SPLIT TEST_SPLIT NO_TENSORBOARD WANDB_MODE WB_PROJECT
+WANDB_PROJECT LAUNCH_WITH LAUNCH_CMD HOSTFILE PBS_NODEFILE NGPU_PER_HOST EXEC DS_CONFIG DRY_RUN DEMO_DIR SEED
+MASTER_PORT""".split()
+
+
+def launch(env=None, extra=(), dry_run=True, timeout=120):
+    full = {k: v for k, v in _env().items() if k not in LAUNCHER_VARS}
+    if dry_run:
+        full["DRY_RUN"] = "1"
+    full.update(env or {})
+    return subprocess.run(["bash", os.path.join(REPO, "train_alcf.sh"), *extra], capture_output=True, text=True,
+                          env=full, timeout=timeout, cwd=REPO)
+
+
+def resolved(proc):
+    """(trainer argv as the trainer parses it, full command, settings table dict)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    command = shlex.split(lines[lines.index("command:") + 1])
+    settings = {}
+    for line in lines:
+        parts = line.split()
+        if line.startswith("  ") and len(parts) >= 3 and parts[-1].endswith("]") and "[" in line:
+            key = line[2:].split("  ")[0].strip()
+            settings[key] = line[2:].split("[")[0][len(key):].strip()
+    from megatron_ext.arguments import build_parser, finalize_args
+
+    i = command.index("megatron_ext.train")
+    args = finalize_args(build_parser().parse_args(command[i + 1:]), int(settings["WORLD_SIZE"]), check_files=False)
+    return args, command, settings
+
+
+def test_every_primary_variable_maps_to_its_flag(tmp_path):
+    data_list = tmp_path / "list.txt"
+    data_list.write_text("1.0 /nowhere/prefix corpus\n")  # existence of the prefixes is checked at launch, not in DRY_RUN
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    env = dict(DATA_FILE_LIST=str(data_list), TOKENIZER_TYPE="HFTokenizer", TOKENIZER_MODEL=str(tok),
+               DATA_CACHE_PATH=str(tmp_path / "cache"), TRAIN_ITERS="123", MICRO_BATCH="2", GRAD_ACC_STEPS="3",
+               LR="0.0007", LR_DECAY_STYLE="linear", LR_WARMUP_FRAC="0.1", LR_DECAY_ITERS="100", OPT="adamw",
+               ADAM_BETA1="0.8", ADAM_BETA2="0.99", ADAM_EPS="1e-6", WEIGHT_DECAY="0.05", CLIP_GRAD="0.3",
+               NLAYERS="3", HIDDEN="96", HEADS="6", NUM_KV_HEAD="3", FFN_HIDDEN_SIZE="200", SEQ="48",
+               ROPE_THETA="50000", TP="1", ZERO_STAGE="2", DTYPE="bf16", SAVE=str(tmp_path / "run"),
+               LOAD=str(tmp_path / "old"), SAVE_INTERVAL="7", EVAL_INTERVAL="9", EVAL_ITERS="4", LOG_INTERVAL="2",
+               TRAIN_SPLIT="80", VAL_SPLIT="15", TEST_SPLIT="5", SEED="42", NO_TENSORBOARD="1",
+               USE_ACTIVATION_CHECKPOINTING="1", ACT_CKPT_NUM_LAYERS="1", CPU_OPTIMIZER="1")
+    args, command, settings = resolved(launch(env))
+    assert (args.train_iters, args.micro_batch_size, args.global_batch_size) == (123, 2, 6)
+    assert (args.lr, args.lr_decay_style, args.lr_warmup_fraction, args.lr_decay_iters) == (7e-4, "linear", 0.1, 100)
+    assert (args.optimizer, args.adam_beta1, args.adam_beta2, args.adam_eps) == ("adamw", 0.8, 0.99, 1e-6)
+    assert (args.weight_decay, args.clip_grad) == (0.05, 0.3)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_key_value_heads) == (3, 96, 6, 3)
+    assert (args.ffn_hidden_size, args.seq_length, args.rope_theta) == (200, 48, 50000)
+    assert args.model_style == "llama" and args.zero_stage == 2 and args.bf16
+    assert args.save == str(tmp_path / "run") and args.load == str(tmp_path / "old")
+    assert (args.save_interval, args.eval_interval, args.eval_iters, args.log_interval) == (7, 9, 4, 2)
+    assert args.split == "80,15,5" and args.seed == 42 and args.no_tensorboard
+    assert args.recompute_activations and args.recompute_num_layers == 1 and args.cpu_optimizer
+    assert args.data_file_list == str(data_list) and args.data_cache_path == str(tmp_path / "cache")
+    assert args.tokenizer_type == "HFTokenizer" and args.tokenizer_model == str(tok)
+    assert args.use_checkpoint_opt_param_scheduler  # OVERRIDE_CKPT_OPT_PARAM unset
+    assert args.deepspeed_config == str(tmp_path / "run" / "ds_config.json")
+    assert settings["GRAD_ACC_STEPS"] == "3" and settings["GLOBAL_BATCH"] == "6"
+    assert command[1:3] == ["-m", "megatron_ext.train"]  # one process: plain python
+    # the generated DeepSpeed config honours CLIP_GRAD, ZERO_STAGE, DTYPE, batch and CPU_OPTIMIZER
+    proc = launch(env)
+    config = json.loads(proc.stdout.split("DeepSpeed config (generated):\n", 1)[1].split("\nDRY_RUN=1")[0])
+    assert config["gradient_clipping"] == 0.3 and config["zero_optimization"]["stage"] == 2
+    assert config["bf16"]["enabled"] and config["train_batch_size"] == 6
+    assert config["gradient_accumulation_steps"] == 3 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert "nothing was started or written" in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_alias_spellings(tmp_path):
+    env = dict(LR_WARMUP_FRACTION="0.2", SEQ_LEN="32", OPTIMIZER="adamw", TRAIN_ITER="77", NUM_LAYERS="5",
+               NHEADS="2", HIDDEN="64", NUM_KV_HEAD="2", SAVE=str(tmp_path / "r"))
+    args, _, settings = resolved(launch(env))
+    assert (args.lr_warmup_fraction, args.seq_length, args.train_iters) == (0.2, 32, 77)
+    assert (args.num_layers, args.num_attention_heads) == (5, 2)
+    assert settings["OPT"] == "adamw"
+    args, _, _ = resolved(launch(dict(OPTIM="adamw", LAUNCH_CMD="python", SAVE=str(tmp_path / "r"))))
+    assert args.optimizer == "adamw"
+
+
+def test_train_tokens_arithmetic_and_iters_win(tmp_path):
+    env = dict(TRAIN_TOKENS="1e5", SEQ="64", MICRO_BATCH="4", GRAD_ACC_STEPS="2", SAVE=str(tmp_path / "r"))
+    proc = launch(env)
+    args, _, _ = resolved(proc)
+    assert args.train_iters == 100000 // (64 * 8) == 195
+    assert "TRAIN_TOKENS=100000 -> TRAIN_ITERS = 100000 // (64 x 8) = 195 (99840 tokens trained, 160 dropped" in proc.stdout
+    args, _, _ = resolved(launch({**env, "TRAIN_ITERS": "10"}))
+    assert args.train_iters == 10
+    # an extra --micro-batch-size moves the global batch, and so the iterations TRAIN_TOKENS buys
+    proc = launch(env, extra=["--micro-batch-size", "2"])
+    args, _, settings = resolved(proc)
+    assert args.global_batch_size == 4 and args.train_iters == 100000 // (64 * 4) == 390
+    assert settings["GLOBAL_BATCH"] == "4" and settings["TRAIN_ITERS"] == "390"
+    assert "= 390 (99840 tokens trained, 160 dropped by rounding)" in proc.stdout
+
+
+def test_global_batch_and_two_process_torchrun(tmp_path):
+    args, command, settings = resolved(launch(dict(NGPU_PER_HOST="2", MICRO_BATCH="2", GLOBAL_BATCH="12",
+                                                   SAVE=str(tmp_path / "r"))))
+    assert args.global_batch_size == 12 and settings["GRAD_ACC_STEPS"] == "3" and settings["WORLD_SIZE"] == "2"
+    assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def test_extra_arguments_win_over_variables(tmp_path):
+    proc = launch(dict(LR="0.1", OPT="adamw", MICRO_BATCH="2", CLIP_GRAD="0.5", SAVE=str(tmp_path / "r")),
+                  extra=["--lr", "0.5", "--micro-batch-size", "3", "--clip-grad", "0.25", "--init-method-std", "0.01"])
+    args, command, _ = resolved(proc)
+    assert (args.lr, args.micro_batch_size, args.clip_grad, args.init_method_std) == (0.5, 3, 0.25, 0.01)
+    assert command[-8:] == ["--lr", "0.5", "--micro-batch-size", "3", "--clip-grad", "0.25", "--init-method-std", "0.01"]
+    config = json.loads(proc.stdout.split("DeepSpeed config (generated):\n", 1)[1].split("\nDRY_RUN=1")[0])
+    assert config["gradient_clipping"] == 0.25 and config["train_micro_batch_size_per_gpu"] == 3
+
+
+def test_presets_overrides_style_and_user_deepspeed_config(tmp_path):
+    args, _, settings = resolved(launch(dict(SAVE=str(tmp_path / "r"))))
+    assert settings["MODEL_ARCH"] == "tiny"  # no accelerator: the CPU demo size
+    args, _, _ = resolved(launch(dict(MODEL_ARCH="7B", HIDDEN="1024", NO_LLAMA="1", TP="2", NGPU_PER_HOST="4",
+                                      SAVE=str(tmp_path / "r"))))
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (32, 1024, 32)
+    assert args.model_style == "gpt2" and args.tensor_model_parallel_size == 2
+    args, _, _ = resolved(launch(dict(MODEL_ARCH="auroragpt-2b", SAVE=str(tmp_path / "r"))))
+    assert args.num_layers == 24 and args.hidden_size == 2048
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    proc = launch(dict(DS_CONFIG=str(user), SAVE=str(tmp_path / "r")))
+    args, _, _ = resolved(proc)
+    assert args.deepspeed_config == str(user) and "DeepSpeed config (generated)" not in proc.stdout
+
+
+def test_launch_modes(tmp_path):
+    hostfile = tmp_path / "nodes"
+    hostfile.write_text("x1000c0s0b0n0\nx1000c0s0b0n1\n")
+    _, command, settings = resolved(launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="12",
+                                                LAUNCH_WITH="mpiexec", SAVE=str(tmp_path / "r"))))
+    assert command[:7] == ["mpiexec", "--envall", "-n", "24", "-ppn", "12", "--hostfile"] and command[7] == str(hostfile)
+    assert settings["NHOSTS"] == "2" and settings["WORLD_SIZE"] == "24"
+    _, command, _ = resolved(launch(dict(LAUNCH_WITH="deepspeed", NGPU_PER_HOST="2", SAVE=str(tmp_path / "r"))))
+    assert command[:5] == ["deepspeed", "--num_gpus", "2", "--module", "megatron_ext.train"]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(TRAIN_TOKENS="lots"), "TRAIN_TOKENS='lots' is not an integer"),
+    (dict(LR="fast"), "LR='fast' is not a number"),
+    (dict(MICRO_BATCH="two"), "MICRO_BATCH='two' is not an integer"),
+    (dict(MICRO_BATCH="2.5"), "MICRO_BATCH='2.5' is not an integer"),
+    (dict(GLOBAL_BATCH="10", MICRO_BATCH="4"), "GLOBAL_BATCH=10 is not divisible by data-parallel size 1 x MICRO_BATCH=4"),
+    (dict(MODEL_ARCH="8B"), "MODEL_ARCH='8B' is not a known preset"),
+    (dict(OPT="adamww"), "OPT='adamww': unknown optimizer 'adamww' (did you mean 'adamw'?)"),
+    (dict(DATA_FILE_LIST="/no/such/list.txt"), "DATA_FILE_LIST=/no/such/list.txt: no such file"),
+    (dict(ZERO_STAGE="4"), "ZERO_STAGE=4 must be one of 0, 1, 2, 3"),
+    (dict(TP="3", NGPU_PER_HOST="3"), "TP=3 does not divide HEADS=4"),
+])
+def test_bad_input_is_one_line_naming_the_variable(tmp_path, env, message):
+    proc = launch({**env, "SAVE": str(tmp_path / "run")}, dry_run=False)
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "iteration=" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_demo_end_to_end_with_two_processes_then_resume(tmp_path):
+    """No variables but a short schedule: builds the corpus, trains with torchrun on 2 ranks, saves,
+    and the same command resumes from the checkpoint."""
+    run = tmp_path / "run"
+    env = dict(DEMO_DIR=str(tmp_path / "demo"), SAVE=str(run), NGPU_PER_HOST="2", MICRO_BATCH="4",
+               TRAIN_ITERS="30", EVAL_INTERVAL="15", EVAL_ITERS="2", SAVE_INTERVAL="15", LOG_INTERVAL="5",
+               DATA_CACHE_PATH=str(tmp_path / "cache"))
+    first = launch(env, dry_run=False, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "data-parallel size    : 2" in first.stdout
+    for name in (".env", "train_args.txt", "launch.sh", "ds_config.json", "latest", "global_step30"):
+        assert (run / name).exists(), name
+    assert "torch.distributed.run" in (run / "launch.sh").read_text()
+    assert "MICRO_BATCH=4" in (run / ".env").read_text()
+    valid = read_metrics(run / "metrics.jsonl", "validation")
+    assert valid[0]["lm_loss"] > 7.5  # ~ln(4096) before training
+    assert valid[30]["lm_loss"] < valid[0]["lm_loss"] - 1.0, valid
+    second = launch({**env, "TRAIN_ITERS": "35"}, dry_run=False, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "start iteration       : 30" in second.stdout
+    assert sorted(read_metrics(run / "metrics.jsonl"))[-1] == 35
