@@ -17,6 +17,9 @@ setup(
         "tokenizers>=0.20,<1",
         "numpy>=1.24,<3",
         "tqdm>=4.60,<5",
+        # optimizer plug-ins: Lion and ADOPT (pytorch-optimizer), schedule-free AdamW/SGD
+        "pytorch-optimizer==4.1.0",
+        "schedulefree==1.4.1",
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.15,<3"],

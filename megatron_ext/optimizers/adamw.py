@@ -19,7 +19,9 @@ def validate_adam_args(args):
         raise ValueError(f"--adam-eps must be > 0, got {args.adam_eps}")
 
 
-@OPTIMIZERS.register("adamw", description="AdamW, decoupled weight decay (torch.optim.AdamW)", arguments=ADAM_ARGS)
+# Megatron-DeepSpeed's apex.adam is apex FusedAdam in its default adam_w_mode: decoupled decay.
+@OPTIMIZERS.register("adamw", aliases=["apex.adam"], description="AdamW, decoupled weight decay (torch.optim.AdamW)",
+                     arguments=ADAM_ARGS)
 def build_adamw(param_groups, args):
     return torch.optim.AdamW(
         param_groups,

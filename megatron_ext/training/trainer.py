@@ -59,9 +59,12 @@ def evaluate(engine, dataset, args, device) -> Optional[float]:
 
     if dataset is None or args.eval_iters == 0:
         return None
+    from megatron_ext.optimizers import hooks as optimizer_hooks
+
     engine.eval()
     total, count = torch.zeros((), device=device), 0
-    with torch.no_grad():
+    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
+    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
         for batch in make_loader(dataset, args, consumed=0, total=args.eval_iters * args.global_batch_size):
             total += lm_loss(engine, batch, device)
             count += 1
@@ -85,10 +88,11 @@ def pretrain(args) -> TrainResult:
     from megatron_ext.data.gpt_data import build_datasets, data_sources, make_loader, tokenizer_for
     from megatron_ext.model import build_model, count_parameters
     from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.optimizers import hooks as optimizer_hooks
     from megatron_ext.optimizers.param_groups import build_param_groups
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.platform import accelerator, init_distributed
-    from megatron_ext.schedules.scheduler import ParamScheduler, build_schedule
+    from megatron_ext.schedules.scheduler import ParamScheduler
     from megatron_ext.training import checkpointing
     from megatron_ext.training.deepspeed_config import build_deepspeed_config
     from megatron_ext.training.mpu import MegatronCoreMPU
@@ -111,23 +115,30 @@ def pretrain(args) -> TrainResult:
     optimizer = OPTIMIZERS.get(args.optimizer).obj(groups, args)
     ds_config = build_deepspeed_config(args)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=MegatronCoreMPU)
-    scheduler = ParamScheduler(optimizer, build_schedule(args), args.weight_decay)
+    optimizer_hooks.engine_ready(optimizer, engine)  # optimizer hook protocol: megatron_ext/optimizers/hooks.py
+    scheduler = ParamScheduler.from_args(optimizer, args)
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
     if args.load:
         start = checkpointing.load_checkpoint(engine, args, scheduler)
     iteration, consumed = start["iteration"], start["consumed_samples"]
+    optimizer_hooks.train_mode(optimizer, engine)  # checkpoints are saved with the evaluation weights
 
     metrics = MetricsWriter(args)
+    train_losses, valid_losses = [], []
     print_rank0(startup_table(args, num_params, start))
     if args.save and torch.distributed.get_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "ds_config.json"), "w") as f:
             json.dump(ds_config, f, indent=2)
 
+    if args.eval_at_start and iteration == 0:
+        valid_losses.append(_log_eval(engine, valid_ds, args, device, 0, 0, metrics, "validation"))
+    if iteration >= args.train_iters:
+        print_rank0(f"the checkpoint is at iteration {iteration}, already --train-iters {args.train_iters}: "
+                    "nothing to train (raise --train-iters / TRAIN_ITERS to continue)")
     train_iter = iter(make_loader(train_ds, args, consumed))
     flops = flops_per_iteration(args, num_params)
-    train_losses, valid_losses = [], []
     last_checkpoint, saved_at = start["path"], iteration
     loss_acc = torch.zeros((), device=device)
     plain_fp32_engine = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
@@ -136,8 +147,11 @@ def pretrain(args) -> TrainResult:
 
     while iteration < args.train_iters:
         lr = scheduler.step(consumed)
-        for _ in range(args.gradient_accumulation_steps):
-            loss = lm_loss(engine, next(train_iter), device)
+        batches = [next(train_iter) for _ in range(args.gradient_accumulation_steps)]
+        if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
+            optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
+        for batch in batches:
+            loss = lm_loss(engine, batch, device)
             engine.backward(loss)
             if plain_fp32_engine and engine.is_gradient_accumulation_boundary():
                 # DeepSpeed computes this norm for clipping but keeps it only for ZeRO/bf16/fp16.
@@ -182,7 +196,8 @@ def pretrain(args) -> TrainResult:
             window_start = time.time()  # evaluation time is not training time
 
         if args.save_interval and iteration % args.save_interval == 0:
-            last_checkpoint = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
+            with optimizer_hooks.evaluation_weights(optimizer, engine):
+                last_checkpoint = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
             saved_at = iteration
             print_rank0(f"saved checkpoint {last_checkpoint}")
             window_start = time.time()
@@ -194,7 +209,8 @@ def pretrain(args) -> TrainResult:
     if args.eval_iters and test_ds is not None:
         _log_eval(engine, test_ds, args, device, iteration, consumed, metrics, "test")
     if args.save and saved_at != iteration:
-        last_checkpoint = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
+        with optimizer_hooks.evaluation_weights(optimizer, engine):
+            last_checkpoint = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
         print_rank0(f"saved checkpoint {last_checkpoint}")
     metrics.close()
     return TrainResult(iteration, consumed, train_losses, valid_losses, last_checkpoint, tokens_per_second)

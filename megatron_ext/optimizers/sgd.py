@@ -1,0 +1,46 @@
+"""``sgd``: SGD with (optionally Nesterov) momentum, ``torch.optim.SGD``.
+
+Weight decay is torch's: an L2 term added to the gradient (``g += wd * p``) before momentum, as in
+Megatron-DeepSpeed's ``--optimizer sgd``. ``apex.sgd`` (apex's FusedSGD, same update rule) is an
+alias. Momentum 0 gives plain SGD.
+"""
+import torch
+
+from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.registry import Arg
+
+SGD_MOMENTUM = Arg("--sgd-momentum", type=float, default=0.9, help="SGD momentum (Megatron default 0.9)")
+SGD_ARGS = (
+    SGD_MOMENTUM,
+    Arg("--sgd-nesterov", action="store_true", default=False, help="Nesterov momentum (needs --sgd-momentum > 0)"),
+    Arg("--sgd-dampening", type=float, default=0.0, help="dampening of the momentum (torch SGD)"),
+)
+
+
+def validate_sgd_args(args):
+    if not 0.0 <= args.sgd_momentum < 1.0:
+        raise ValueError(f"--sgd-momentum must be in [0, 1), got {args.sgd_momentum}")
+    if not 0.0 <= args.sgd_dampening <= 1.0:
+        raise ValueError(f"--sgd-dampening must be in [0, 1], got {args.sgd_dampening}")
+    if args.sgd_nesterov and (args.sgd_momentum <= 0 or args.sgd_dampening != 0):
+        raise ValueError("--sgd-nesterov needs --sgd-momentum > 0 and --sgd-dampening 0")
+
+
+@OPTIMIZERS.register(
+    "sgd",
+    description="SGD with momentum/Nesterov, L2-coupled weight decay (torch.optim.SGD)",
+    aliases=("apex.sgd",),
+    arguments=SGD_ARGS,
+)
+def build_sgd(param_groups, args):
+    return torch.optim.SGD(
+        param_groups,
+        lr=args.lr,
+        momentum=args.sgd_momentum,
+        dampening=args.sgd_dampening,
+        nesterov=args.sgd_nesterov,
+        weight_decay=args.weight_decay,
+    )
+
+
+build_sgd.validate_args = validate_sgd_args
