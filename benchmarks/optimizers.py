@@ -1,0 +1,146 @@
+"""Optimizer measurements, each against its baseline in the same run:
+
+1. step time of every registered optimizer relative to AdamW on the same megatron-core model
+   (the optimizer's ``step()`` alone, fixed random gradients, median of --step-repeats);
+2. Muon's Newton-Schulz: batched over same-shaped matrices vs the straightforward per-matrix loop;
+3. convergence on the demo corpus: steps Muon needs to reach AdamW's final validation loss
+   (same model, data, LR schedule and LR; Moonlight scaling lets Muon reuse AdamW's LR).
+
+    python benchmarks/optimizers.py [--skip-convergence] [--iters 300]
+
+Targets: Muon step <= 1.5x AdamW's on CPU; Muon reaches AdamW's final loss in <= 0.8x the steps.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "128"]
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_times(repeats):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.arguments import parse_args
+    from megatron_ext.model import build_model
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.optimizers.param_groups import build_param_groups
+    from megatron_ext.platform import init_distributed
+    from megatron_ext.training.trainer import set_seeds
+
+    init_distributed()
+    ps.initialize_model_parallel()
+    results = {}
+    for name in OPTIMIZERS.names():
+        args = parse_args(MODEL + ["--mock-data", "--train-iters", "1", "--optimizer", name, "--zero-stage", "0"],
+                          world_size=1)
+        set_seeds(1)
+        model = build_model(args, 4096)
+        groups = build_param_groups(model)
+        opt = OPTIMIZERS.get(name).obj(groups, args)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()  # state allocation outside the timing
+        results[name] = _median_time(opt.step, repeats)
+    return results
+
+
+def newton_schulz_times(repeats):
+    from megatron_ext.optimizers.muon import newton_schulz
+
+    # the hidden matrices of MODEL: per layer qkv (768x256), proj (256x256), fc1 (1536x256), fc2 (256x768)
+    shapes = [(768, 256), (256, 256), (1536, 256), (256, 768)] * 4
+    mats = [torch.randn(s) for s in shapes]
+
+    def loop():
+        for m in mats:
+            newton_schulz(m)
+
+    def batched():
+        by_shape = {}
+        for m in mats:
+            by_shape.setdefault(tuple(m.shape), []).append(m)
+        for group in by_shape.values():
+            newton_schulz(torch.stack(group))
+
+    loop(), batched()  # warm-up
+    return _median_time(loop, repeats), _median_time(batched, repeats)
+
+
+def convergence(iters):
+    from megatron_ext.launcher.demo import prepare
+
+    demo = prepare(os.path.join(REPO, "data", "demo"))
+    finals = {}
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for opt in ("adamw", "muon"):
+            metrics = os.path.join(tmp, f"{opt}.jsonl")
+            cmd = [sys.executable, "-m", "megatron_ext.train", *MODEL, "--micro-batch-size", "8",
+                   "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", str(iters // 20),
+                   "--lr-decay-style", "cosine", "--min-lr", "3e-4", "--weight-decay", "0.1",
+                   "--eval-interval", str(max(1, iters // 20)), "--eval-iters", "8", "--split", "98,2,0",
+                   "--data-file-list", demo["data_file_list"], "--tokenizer-type", demo["tokenizer_type"],
+                   "--tokenizer-model", demo["tokenizer_model"], "--optimizer", opt, "--zero-stage", "1",
+                   "--log-interval", "50", "--metrics-file", metrics]
+            # a fresh rendezvous: this process's own (from the step-time part) is still alive
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, env=env)
+            with open(metrics) as f:
+                valid = [json.loads(line) for line in f if '"validation"' in line]
+            curves[opt] = [(r["iteration"], r["lm_loss"]) for r in valid]
+            finals[opt] = valid[-1]["lm_loss"]
+    target = finals["adamw"]
+    reached = next((it for it, loss in curves["muon"] if loss <= target), None)
+    return finals, curves, reached
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step-repeats", type=int, default=20)
+    p.add_argument("--iters", type=int, default=300, help="training iterations of the convergence runs")
+    p.add_argument("--skip-convergence", action="store_true")
+    opts = p.parse_args()
+
+    times = step_times(opts.step_repeats)
+    base = times["adamw"]
+    print(f"optimizer step time vs adamw ({' '.join(MODEL)}; adamw {1000 * base:.1f} ms):")
+    for name, t in sorted(times.items(), key=lambda kv: kv[1]):
+        print(f"  {name:<20} {1000 * t:8.1f} ms   x{t / base:5.2f}")
+    print(f"  muon / adamw = {times['muon'] / base:.2f}  (target <= 1.5)")
+
+    loop, batched = newton_schulz_times(opts.step_repeats)
+    print(f"Newton-Schulz of the 16 hidden matrices: per-matrix loop {1000 * loop:.1f} ms, batched by shape "
+          f"{1000 * batched:.1f} ms, speed-up x{loop / batched:.2f}")
+
+    if not opts.skip_convergence:
+        finals, curves, reached = convergence(opts.iters)
+        print(f"convergence on the demo corpus ({opts.iters} iterations each):")
+        for opt, curve in curves.items():
+            print(f"  {opt:<6} validation loss: " + ", ".join(f"{it}:{loss:.3f}" for it, loss in curve))
+        if reached is None:
+            print(f"  muon never reached adamw's final loss {finals['adamw']:.4f} (final {finals['muon']:.4f})")
+        else:
+            print(f"  muon reached adamw's final loss {finals['adamw']:.4f} at iteration {reached}: "
+                  f"{reached / opts.iters:.2f}x the steps (target <= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""``muon``: Muon for the hidden weight matrices, AdamW for everything else.
+
+Written here rather than taken from a library: torch.optim.Muon, the reference ``muon-optimizer``
+and DeepSpeed's ZeRO-integrated Muon all expect each weight as one local 2-D tensor, which ZeRO 1/2
+(flat partitions) and megatron-core tensor parallelism (shards) do not give. This one gets the
+whole matrix back through ``full_matrices`` and so updates every matrix as a whole under ZeRO 0/1/2,
+fp32 and bf16, data and tensor parallel.
+
+Update of a hidden matrix (Keller Jordan's Muon; Moonlight's RMS matching, arXiv 2502.16982):
+  m = beta m + (1 - beta) g;  u = (1 - beta) g + beta m  (Nesterov) or u = m
+  O = NewtonSchulz5(u)         X0 = u / (||u||_F + 1e-7), transposed when rows > cols,
+                               X <- aX + (b A + c A^2) X with A = X X^T, (a, b, c) = (3.4445, -4.7750, 2.0315)
+  scale = 0.2 sqrt(max(rows, cols))  (moonlight: update RMS of AdamW's, so AdamW's lr/wd carry over)
+        | max(1, rows / cols)^0.5    (keller)
+  p <- p (1 - lr wd);  p <- p - lr * lr_scale * scale * O
+Roles come from the shared param grouping (``role == "hidden"``), never from sizes. The momentum
+is element-wise, so under ZeRO it stays on this rank's shard; only the Nesterov direction is
+gathered for Newton-Schulz, which runs on every matrix, batched by shape.
+
+The state is named like AdamW's (``exp_avg`` for the momentum) so DeepSpeed's universal checkpoint
+conversion, which knows Adam's state names, carries it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_ext.argtypes import nonneg_float, positive_int
+from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of, tp_full, tp_shard
+from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+from megatron_ext.registry import Arg
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def _coefficients(text: str) -> Tuple[float, float, float]:
+    try:
+        a, b, c = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers a,b,c, got {text!r}") from None
+    return a, b, c
+
+
+MUON_ARGS = (
+    Arg("--muon-momentum", type=float, default=0.95, help="Muon momentum beta"),
+    Arg("--muon-nesterov", action=argparse.BooleanOptionalAction, default=True,
+        help="Nesterov momentum (--no-muon-nesterov: plain momentum)"),
+    Arg("--muon-ns-steps", type=positive_int, default=5, help="Newton-Schulz iterations"),
+    Arg("--muon-ns-coefficients", type=_coefficients, default=NS_COEFFICIENTS,
+        help="Newton-Schulz quintic coefficients a,b,c"),
+    Arg("--muon-ns-dtype", choices=["bf16", "fp32"], default="bf16",
+        help="precision of the Newton-Schulz iteration (bf16 as in the reference)"),
+    Arg("--muon-scaling", choices=["moonlight", "keller"], default="moonlight",
+        help="moonlight: 0.2*sqrt(max(rows,cols)), AdamW's lr and weight decay carry over; "
+             "keller: max(1,rows/cols)^0.5, wants a larger lr (see --muon-lr-scale)"),
+    Arg("--muon-lr-scale", type=nonneg_float, default=1.0,
+        help="the Muon (hidden-matrix) groups' lr = --lr x this (the schedule moves it with --lr)"),
+    Arg("--muonadamw-beta1", type=float, default=0.9, help="beta1 of the AdamW part"),
+    Arg("--muonadamw-beta2", type=float, default=0.95, help="beta2 of the AdamW part"),
+    Arg("--muonadamw-eps", type=float, default=1e-8, help="epsilon of the AdamW part"),
+)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal factor U V^T of ``g`` ([..., rows, cols], batched) by the quintic
+    Newton-Schulz iteration; returns ``g``'s dtype."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    transposed = g.size(-2) > g.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def shape_scale(rows: int, cols: int, scaling: str) -> float:
+    if scaling == "moonlight":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+class Muon(torch.optim.Optimizer):
+    """Hybrid optimizer: groups with ``use_muon`` get Muon, the others AdamW."""
+
+    def __init__(self, param_groups, lr=1e-3, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
+                 ns_coefficients=NS_COEFFICIENTS, ns_dtype=torch.bfloat16, scaling="moonlight",
+                 adam_betas=(0.9, 0.95), adam_eps=1e-8):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        betas=adam_betas, eps=adam_eps, use_muon=False)
+        super().__init__(param_groups, defaults)
+        self.ns_steps, self.ns_coefficients, self.ns_dtype, self.scaling = ns_steps, ns_coefficients, ns_dtype, scaling
+        # Keyed by the group's own "group_index": ZeRO's step swaps in one group at a time (list
+        # positions shift) and loading a checkpoint replaces the group dicts (ids change).
+        for i, group in enumerate(self.param_groups):
+            group.setdefault("group_index", i)
+        self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts
+        self._model_params: Dict[int, List[torch.Tensor]] = {}  # the model tensors behind our tensors
+
+    # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
+    def engine_ready(self, engine) -> None:
+        stage = zero_stage(engine)
+        if stage == 3:
+            raise UnsupportedEngineSetting("--optimizer muon supports --zero-stage 0, 1 and 2, not 3")
+        offload = engine.zero_optimization() and engine.zero_offload_optimizer()
+        if offload:
+            raise UnsupportedEngineSetting("--optimizer muon does not support --cpu-optimizer (ZeRO-Offload)")
+        by_index = flat_layouts(engine) or {}
+        model_params = model_params_of(engine)
+        for i, group in enumerate(self.param_groups):
+            if i in by_index:
+                self._layouts[group["group_index"]] = by_index[i]
+            self._model_params[group["group_index"]] = model_params[i]
+
+    # -- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _momentum_direction(self, p: torch.Tensor, group) -> torch.Tensor:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p)
+        m = state["exp_avg"]
+        beta = group["momentum"]
+        m.lerp_(p.grad, 1 - beta)
+        return p.grad.lerp(m, beta) if group["nesterov"] else m.clone()
+
+    def _muon_group(self, group) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        layout = self._layouts.get(group["group_index"])
+        if layout is not None:  # ZeRO 1/2: one flat partition of the whole group
+            (flat,) = params
+            full = layout.gather(self._momentum_direction(flat, group))
+            matrices = [full.narrow(0, e.offset, e.numel).view(e.shape) for e in layout.entries]
+            owners = [e.model_param for e in layout.entries]
+            updates = self._orthogonalized(matrices, owners)
+            full_update = torch.zeros_like(full)
+            for e, u in zip(layout.entries, updates):
+                full_update.narrow(0, e.offset, e.numel).copy_(u.reshape(-1))
+            self._apply(flat, layout.local(full_update), group)
+            return
+        owners = self._model_params.get(group["group_index"], group["params"])
+        owner_of = {id(p): o for p, o in zip(group["params"], owners)}
+        directions = [self._momentum_direction(p, group) for p in params]
+        updates = self._orthogonalized(directions, [owner_of.get(id(p), p) for p in params])
+        for p, u in zip(params, updates):
+            self._apply(p, u, group)
+
+    def _orthogonalized(self, shards: List[torch.Tensor], owners: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Newton-Schulz on every whole matrix (TP shards gathered), batched by shape; returns the
+        scaled update of each input, shaped like it."""
+        full = [tp_full(s, o) for s, o in zip(shards, owners)]
+        by_shape = defaultdict(list)
+        for i, f in enumerate(full):
+            if f.dim() != 2:
+                raise RuntimeError(f"muon: hidden parameter of shape {tuple(f.shape)} is not a matrix")
+            by_shape[tuple(f.shape)].append(i)
+        out: List[Optional[torch.Tensor]] = [None] * len(full)
+        for (rows, cols), idx in by_shape.items():
+            ortho = newton_schulz(torch.stack([full[i] for i in idx]), self.ns_steps, self.ns_coefficients,
+                                  self.ns_dtype)
+            ortho.mul_(shape_scale(rows, cols, self.scaling))
+            for k, i in enumerate(idx):
+                out[i] = tp_shard(ortho[k], owners[i])
+        return out
+
+    @staticmethod
+    def _apply(p: torch.Tensor, update: torch.Tensor, group) -> None:
+        lr = group["lr"]
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.reshape(p.shape), alpha=-lr)
+
+    def _adamw_group(self, group) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            step = state["step"].item()
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+
+
+def validate_muon_args(args) -> None:
+    for flag, value in (("--muon-momentum", args.muon_momentum), ("--muonadamw-beta1", args.muonadamw_beta1),
+                        ("--muonadamw-beta2", args.muonadamw_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    if not args.muonadamw_eps > 0:
+        raise ValueError(f"--muonadamw-eps must be > 0, got {args.muonadamw_eps}")
+    if args.zero_stage == 3:
+        raise ValueError("--optimizer muon supports --zero-stage 0, 1 and 2, not 3")
+    if args.cpu_optimizer:
+        raise ValueError("--optimizer muon does not support --cpu-optimizer (ZeRO-Offload)")
+
+
+@OPTIMIZERS.register("muon", aliases=["muonadamw"], arguments=MUON_ARGS,
+                     description="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices, AdamW on the "
+                                 "rest; whole matrices under ZeRO 0/1/2 and tensor parallel")
+def build_muon(param_groups, args):
+    for group in param_groups:
+        group["use_muon"] = group.get("role") == "hidden"
+        if group["use_muon"]:
+            group["lr_mult"] = group.get("lr_mult", 1.0) * args.muon_lr_scale
+    return Muon(param_groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
+                nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps, ns_coefficients=args.muon_ns_coefficients,
+                ns_dtype=torch.bfloat16 if args.muon_ns_dtype == "bf16" else torch.float32,
+                scaling=args.muon_scaling, adam_betas=(args.muonadamw_beta1, args.muonadamw_beta2),
+                adam_eps=args.muonadamw_eps)
+
+
+build_muon.validate_args = validate_muon_args
