@@ -2,6 +2,7 @@
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 ADAM_ARGS = (
@@ -12,11 +13,8 @@ ADAM_ARGS = (
 
 
 def validate_adam_args(args):
-    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
-    if not args.adam_eps > 0:
-        raise ValueError(f"--adam-eps must be > 0, got {args.adam_eps}")
+    check_betas(args, "--adam-beta1", "--adam-beta2")
+    check_positive(args, "--adam-eps")
 
 
 # Megatron-DeepSpeed's apex.adam is apex FusedAdam in its default adam_w_mode: decoupled decay.

@@ -11,6 +11,7 @@ added to the gradient). Element-wise, so exact on DeepSpeed's flat ZeRO partitio
 import argparse
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 ADOPT_ARGS = (
@@ -25,11 +26,8 @@ ADOPT_ARGS = (
 
 
 def validate_adopt_args(args):
-    for flag, value in (("--adopt-beta1", args.adopt_beta1), ("--adopt-beta2", args.adopt_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
-    if not args.adopt_eps > 0:
-        raise ValueError(f"--adopt-eps must be > 0, got {args.adopt_eps}")
+    check_betas(args, "--adopt-beta1", "--adopt-beta2")
+    check_positive(args, "--adopt-eps")
 
 
 def _clip(exponent):

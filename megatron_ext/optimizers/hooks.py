@@ -148,7 +148,9 @@ def _full_vocab_logits(logits: torch.Tensor) -> torch.Tensor:
     """[b, s, V/tp] vocabulary-parallel logits -> [b, s, V] on every tensor-parallel rank
     (autograd: the backward keeps this rank's slice of the gradient)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
 
     if ps.get_tensor_model_parallel_world_size() == 1:
         return logits

@@ -6,6 +6,7 @@ ZeRO partitions. Lion's update has unit magnitude per element: its lr is typical
 than AdamW's and its weight decay 3-10x larger.
 """
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.validation import check_betas
 from megatron_ext.registry import Arg
 
 LION_ARGS = (
@@ -15,9 +16,7 @@ LION_ARGS = (
 
 
 def validate_lion_args(args):
-    for flag, value in (("--lion-beta1", args.lion_beta1), ("--lion-beta2", args.lion_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    check_betas(args, "--lion-beta1", "--lion-beta2")
 
 
 @OPTIMIZERS.register(

@@ -31,8 +31,14 @@ import torch
 
 from megatron_ext.argtypes import nonneg_float, positive_int
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of, tp_full, tp_shard
+from megatron_ext.optimizers.full_matrices import (
+    flat_layouts,
+    model_params_of,
+    tp_full,
+    tp_shard,
+)
 from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+from megatron_ext.optimizers.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -214,12 +220,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def validate_muon_args(args) -> None:
-    for flag, value in (("--muon-momentum", args.muon_momentum), ("--muonadamw-beta1", args.muonadamw_beta1),
-                        ("--muonadamw-beta2", args.muonadamw_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
-    if not args.muonadamw_eps > 0:
-        raise ValueError(f"--muonadamw-eps must be > 0, got {args.muonadamw_eps}")
+    check_betas(args, "--muon-momentum", "--muonadamw-beta1", "--muonadamw-beta2")
+    check_positive(args, "--muonadamw-eps")
     if args.zero_stage == 3:
         raise ValueError("--optimizer muon supports --zero-stage 0, 1 and 2, not 3")
     if args.cpu_optimizer:

@@ -23,6 +23,7 @@ switched off for the curvature pass only (clipping would rescale the estimate).
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 SOPHIAG_ARGS = (
@@ -36,13 +37,8 @@ SOPHIAG_ARGS = (
 
 
 def validate_sophiag_args(args):
-    for flag, value in (("--sophiag-beta1", args.sophiag_beta1), ("--sophiag-beta2", args.sophiag_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
-    if not args.sophiag_rho > 0:
-        raise ValueError(f"--sophiag-rho must be > 0, got {args.sophiag_rho}")
-    if not args.sophiag_eps > 0:
-        raise ValueError(f"--sophiag-eps must be > 0, got {args.sophiag_eps}")
+    check_betas(args, "--sophiag-beta1", "--sophiag-beta2")
+    check_positive(args, "--sophiag-rho", "--sophiag-eps")
     if args.sophiag_hessian_interval <= 0:
         raise ValueError(f"--sophiag-hessian-interval must be a positive integer, got {args.sophiag_hessian_interval}")
 
