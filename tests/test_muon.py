@@ -48,7 +48,7 @@ def test_one_step_equals_the_published_update(scaling, nesterov):
     for p, g in zip(params, grads):
         p.grad = g.clone()
     lr, wd, beta = 0.02, 0.1, 0.95
-    groups = [{"params": params[:2], "use_muon": True}, {"params": params[2:], "use_muon": False}]
+    groups = [{"params": params[:2], "use_matrix": True}, {"params": params[2:], "use_matrix": False}]
     opt = Muon(groups, lr=lr, weight_decay=wd, momentum=beta, nesterov=nesterov, ns_dtype=torch.float32,
                scaling=scaling, adam_betas=(0.9, 0.95), adam_eps=1e-8)
     opt.step()
@@ -80,7 +80,7 @@ args = parse_args('--mock-data --train-iters 1 --optimizer muon --muon-lr-scale 
 init_distributed(); ps.initialize_model_parallel(); set_seeds(1)
 model = build_model(args, 1000)
 opt = OPTIMIZERS.get('muon').obj(build_param_groups(model), args)
-print(json.dumps([[g['use_muon'], g['lr_mult'], g['param_names']] for g in opt.param_groups]))
+print(json.dumps([[g['use_matrix'], g['lr_mult'], g['param_names']] for g in opt.param_groups]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     groups = json.loads(out.stdout.strip().splitlines()[-1])

@@ -59,6 +59,12 @@ class FlatLayout:
         dist.all_gather(parts, local.contiguous(), group=self.group)  # (gloo lacks all_gather_into_tensor)
         return torch.cat(parts)
 
+    def gather_many(self, locals_: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Several flat partitions at once (one collective) -> each one's full flat tensor."""
+        n = len(locals_)
+        gathered = self.gather(torch.cat(locals_))  # rank-major: [rank][tensor][partition]
+        return list(gathered.view(self.world, n, self.partition_size).transpose(0, 1).reshape(n, -1))
+
     def local(self, full: torch.Tensor) -> torch.Tensor:
         return full.narrow(0, self.rank * self.partition_size, self.partition_size)
 

@@ -25,19 +25,14 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from megatron_ext.argtypes import nonneg_float, positive_int
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.full_matrices import (
-    flat_layouts,
-    model_params_of,
-    tp_full,
-    tp_shard,
-)
-from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+from megatron_ext.optimizers.full_matrices import tp_full, tp_shard
+from megatron_ext.optimizers.hybrid import HybridMatrixOptimizer
 from megatron_ext.optimizers.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -96,88 +91,31 @@ def shape_scale(rows: int, cols: int, scaling: str) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-class Muon(torch.optim.Optimizer):
-    """Hybrid optimizer: groups with ``use_muon`` get Muon, the others AdamW."""
+class Muon(HybridMatrixOptimizer):
+    """Hybrid optimizer: groups with ``use_matrix`` get Muon, the others AdamW."""
+
+    name = "muon"
 
     def __init__(self, param_groups, lr=1e-3, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
                  ns_coefficients=NS_COEFFICIENTS, ns_dtype=torch.bfloat16, scaling="moonlight",
                  adam_betas=(0.9, 0.95), adam_eps=1e-8):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        betas=adam_betas, eps=adam_eps, use_muon=False)
+                        betas=adam_betas, eps=adam_eps, use_matrix=False)
         super().__init__(param_groups, defaults)
         self.ns_steps, self.ns_coefficients, self.ns_dtype, self.scaling = ns_steps, ns_coefficients, ns_dtype, scaling
-        # Keyed by the group's own "group_index": ZeRO's step swaps in one group at a time (list
-        # positions shift) and loading a checkpoint replaces the group dicts (ids change).
-        for i, group in enumerate(self.param_groups):
-            group.setdefault("group_index", i)
-        self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts
-        self._model_params: Dict[int, List[torch.Tensor]] = {}  # the model tensors behind our tensors
 
-    # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
-    def engine_ready(self, engine) -> None:
-        stage = zero_stage(engine)
-        if stage == 3:
-            raise UnsupportedEngineSetting("--optimizer muon supports --zero-stage 0, 1 and 2, not 3")
-        offload = engine.zero_optimization() and engine.zero_offload_optimizer()
-        if offload:
-            raise UnsupportedEngineSetting("--optimizer muon does not support --cpu-optimizer (ZeRO-Offload)")
-        by_index = flat_layouts(engine) or {}
-        model_params = model_params_of(engine)
-        for i, group in enumerate(self.param_groups):
-            if i in by_index:
-                self._layouts[group["group_index"]] = by_index[i]
-            self._model_params[group["group_index"]] = model_params[i]
-
-    # -- the step ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group(group)
-            else:
-                self._adamw_group(group)
-        return loss
-
-    def _momentum_direction(self, p: torch.Tensor, group) -> torch.Tensor:
-        state = self.state[p]
+    def elementwise(self, p, group, state):
+        """Momentum (on this rank's shard) and the Nesterov direction."""
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p)
         m = state["exp_avg"]
         beta = group["momentum"]
         m.lerp_(p.grad, 1 - beta)
-        return p.grad.lerp(m, beta) if group["nesterov"] else m.clone()
+        return [p.grad.lerp(m, beta) if group["nesterov"] else m.clone()]
 
-    def _muon_group(self, group) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        layout = self._layouts.get(group["group_index"])
-        if layout is not None:  # ZeRO 1/2: one flat partition of the whole group
-            (flat,) = params
-            full = layout.gather(self._momentum_direction(flat, group))
-            matrices = [full.narrow(0, e.offset, e.numel).view(e.shape) for e in layout.entries]
-            owners = [e.model_param for e in layout.entries]
-            updates = self._orthogonalized(matrices, owners)
-            full_update = torch.zeros_like(full)
-            for e, u in zip(layout.entries, updates):
-                full_update.narrow(0, e.offset, e.numel).copy_(u.reshape(-1))
-            self._apply(flat, layout.local(full_update), group)
-            return
-        owners = self._model_params.get(group["group_index"], group["params"])
-        owner_of = {id(p): o for p, o in zip(group["params"], owners)}
-        directions = [self._momentum_direction(p, group) for p in params]
-        updates = self._orthogonalized(directions, [owner_of.get(id(p), p) for p in params])
-        for p, u in zip(params, updates):
-            self._apply(p, u, group)
-
-    def _orthogonalized(self, shards: List[torch.Tensor], owners: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Newton-Schulz on every whole matrix (TP shards gathered), batched by shape; returns the
-        scaled update of each input, shaped like it."""
-        full = [tp_full(s, o) for s, o in zip(shards, owners)]
+    def matrix_updates(self, inputs, owners, group, states):
+        """Newton-Schulz on every whole matrix (TP shards gathered), batched by shape."""
+        full = [tp_full(direction, o) for (direction,), o in zip(inputs, owners)]
         by_shape = defaultdict(list)
         for i, f in enumerate(full):
             if f.dim() != 2:
@@ -191,32 +129,6 @@ class Muon(torch.optim.Optimizer):
             for k, i in enumerate(idx):
                 out[i] = tp_shard(ortho[k], owners[i])
         return out
-
-    @staticmethod
-    def _apply(p: torch.Tensor, update: torch.Tensor, group) -> None:
-        lr = group["lr"]
-        if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.reshape(p.shape), alpha=-lr)
-
-    def _adamw_group(self, group) -> None:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            step = state["step"].item()
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
 
 
 def validate_muon_args(args) -> None:
@@ -233,8 +145,8 @@ def validate_muon_args(args) -> None:
                                  "rest; whole matrices under ZeRO 0/1/2 and tensor parallel")
 def build_muon(param_groups, args):
     for group in param_groups:
-        group["use_muon"] = group.get("role") == "hidden"
-        if group["use_muon"]:
+        group["use_matrix"] = group.get("role") == "hidden"
+        if group["use_matrix"]:
             group["lr_mult"] = group.get("lr_mult", 1.0) * args.muon_lr_scale
     return Muon(param_groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
                 nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps, ns_coefficients=args.muon_ns_coefficients,

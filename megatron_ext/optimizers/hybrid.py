@@ -1,0 +1,123 @@
+"""Base class of hybrid optimizers (Muon, Shampoo): a matrix method for the hidden weight
+matrices, AdamW for everything else, correct under ZeRO 0/1/2, bf16 and tensor parallelism.
+
+A subclass gives two pieces:
+* ``elementwise(p, group, state) -> [tensors]``: the element-wise part of its update (momentum,
+  second moments...), on whatever the engine hands over (a weight, an fp32 copy, or ZeRO's flat
+  partition). Element-wise state therefore stays sharded under ZeRO.
+* ``matrix_updates(inputs, owners, group, states) -> [updates]``: ``inputs[k]`` is the list of the
+  element-wise tensors of matrix ``k`` as WHOLE matrices (ZeRO partitions gathered, TP shards
+  gathered by the subclass with ``tp_full``); it returns each matrix's update shaped like the
+  matrix given (the subclass takes its TP shard back with ``tp_shard``). With
+  ``keeps_matrix_state``, ``states[k]`` is a dict that persists across steps and checkpoints.
+The base applies ``p <- p (1 - lr wd) - lr update``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of
+from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+
+
+class HybridMatrixOptimizer(torch.optim.Optimizer):
+    name = "hybrid"
+    keeps_matrix_state = False  # True: matrix_updates gets a persistent dict per matrix
+
+    def __init__(self, param_groups, defaults):
+        super().__init__(param_groups, defaults)
+        # Keyed by the group's own "group_index": ZeRO's step swaps in one group at a time (list
+        # positions shift) and loading a checkpoint replaces the group dicts (ids change).
+        for i, group in enumerate(self.param_groups):
+            group.setdefault("group_index", i)
+        self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts
+        self._model_params: Dict[int, List[torch.Tensor]] = {}  # the model tensors behind ours
+
+    # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
+    def engine_ready(self, engine) -> None:
+        if zero_stage(engine) == 3:
+            raise UnsupportedEngineSetting(f"--optimizer {self.name} supports --zero-stage 0, 1 and 2, not 3")
+        if engine.zero_optimization() and engine.zero_offload_optimizer():
+            raise UnsupportedEngineSetting(f"--optimizer {self.name} does not support --cpu-optimizer (ZeRO-Offload)")
+        by_index = flat_layouts(engine) or {}
+        model_params = model_params_of(engine)
+        for i, group in enumerate(self.param_groups):
+            if i in by_index:
+                self._layouts[group["group_index"]] = by_index[i]
+            self._model_params[group["group_index"]] = model_params[i]
+
+    # -- subclass interface ---------------------------------------------------------------------
+    def elementwise(self, p: torch.Tensor, group, state) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def matrix_updates(self, inputs, owners, group, states) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    # -- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_matrix"]:
+                self._matrix_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _matrix_group(self, group) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        layout = self._layouts.get(group["group_index"])
+        if layout is not None:  # ZeRO 1/2: one flat partition holds the whole group
+            (flat,) = params
+            state = self.state[flat]
+            local = self.elementwise(flat, group, state)
+            full = layout.gather_many(local)
+            inputs = [[f.narrow(0, e.offset, e.numel).view(e.shape) for f in full] for e in layout.entries]
+            matrices = (state.setdefault("matrices", [{} for _ in layout.entries]) if self.keeps_matrix_state
+                        else [None] * len(layout.entries))
+            updates = self.matrix_updates(inputs, [e.model_param for e in layout.entries], group, matrices)
+            full_update = torch.zeros_like(full[0])
+            for e, u in zip(layout.entries, updates):
+                full_update.narrow(0, e.offset, e.numel).copy_(u.reshape(-1))
+            self._apply(flat, layout.local(full_update), group)
+            return
+        owners = self._model_params.get(group["group_index"], group["params"])
+        owner_of = {id(p): o for p, o in zip(group["params"], owners)}
+        inputs = [self.elementwise(p, group, self.state[p]) for p in params]
+        matrices = [self.state[p].setdefault("matrix", {}) if self.keeps_matrix_state else None for p in params]
+        updates = self.matrix_updates(inputs, [owner_of.get(id(p), p) for p in params], group, matrices)
+        for p, u in zip(params, updates):
+            self._apply(p, u, group)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, update: torch.Tensor, group) -> None:
+        lr = group["lr"]
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.reshape(p.shape), alpha=-lr)
+
+    def _adamw_group(self, group) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            step = state["step"].item()
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
