@@ -119,3 +119,10 @@ def test_bad_values_are_one_line(extra, message):
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_bf16_tracks_fp32(tmp_path, zero0):
+    path = tmp_path / "m.jsonl"
+    run_trainer(STEPS + ["--micro-batch-size", "4", "--zero-stage", "1", "--bf16", "--metrics-file", str(path)])
+    m = read_metrics(path)
+    assert m[4]["lm_loss"] == pytest.approx(zero0[4]["lm_loss"], abs=5e-3)
