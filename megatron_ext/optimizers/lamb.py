@@ -10,11 +10,12 @@ follows FusedLamb's definition, per parameter tensor, at step t::
     r = ||p|| / ||u||  clamped to [--lamb-min-coeff, --lamb-max-coeff]  (1 if either norm is 0)
     p -= lr * r * u
 
-The trust ratio is a per-TENSOR norm ratio, so LAMB needs whole tensors: DeepSpeed ZeRO 1/2/3
-flatten each param group into 1-D partitions, which would turn it into one ratio per group (per
-rank). Those settings are refused (``--zero-stage 0`` works in fp32, bf16 and fp16: DeepSpeed's
-FP16/BF16 wrappers there keep one fp32 master per tensor). With tensor parallelism a sharded
-matrix's norms are taken over the full matrix (all-reduced across the tensor-parallel group).
+The trust ratio is a per-TENSOR norm ratio. DeepSpeed ZeRO 1/2 flatten each param group into one
+1-D partition per rank, so there the optimizer learns the flat layout (``full_matrices.FlatLayout``,
+in the ``engine_ready`` hook): each rank sums the squares of its slice of every tensor, one
+all-reduce over the data-parallel group completes the per-tensor norms, and each slice is scaled by
+its own tensor's ratio. ZeRO 3 (per-parameter partitioning) is refused. With tensor parallelism a
+sharded matrix's norms are taken over the full matrix (all-reduced across the tensor-parallel group).
 """
 import argparse
 
@@ -22,6 +23,7 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
+from megatron_ext.optimizers.full_matrices import flat_layouts
 from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
 from megatron_ext.registry import Arg
 
@@ -32,7 +34,7 @@ LAMB_ARGS = ADAM_ARGS + (
         help="Adam bias correction of m and v (default on, as DeepSpeed's FusedLamb)"),
 )
 
-_NEEDS_WHOLE = "--optimizer lamb needs whole tensors for its per-tensor trust ratio, but ZeRO {stage} flattens them; use --zero-stage 0"
+_NEEDS_WHOLE = "--optimizer lamb supports --zero-stage 0, 1 and 2, not {stage} (per-tensor trust ratios over ZeRO 3 partitions)"
 
 
 def validate_lamb_args(args):
@@ -41,8 +43,8 @@ def validate_lamb_args(args):
         raise ValueError(
             f"--lamb-min-coeff ({args.lamb_min_coeff}) must be >= 0 and <= --lamb-max-coeff ({args.lamb_max_coeff})"
         )
-    if getattr(args, "zero_stage", 0):
-        raise ValueError(_NEEDS_WHOLE.format(stage=args.zero_stage))
+    if getattr(args, "zero_stage", 0) == 3:
+        raise ValueError(_NEEDS_WHOLE.format(stage=3))
 
 
 def _tp_parallel(p) -> bool:
@@ -55,21 +57,54 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, min_coeff=min_coeff, max_coeff=max_coeff)
         super().__init__(params, defaults)
-        self._shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
         # Whether each tensor is a tensor-parallel shard, by position: DeepSpeed's bf16/fp16
         # wrappers replace the params by fp32 copies (same order) that lack megatron's attribute.
         self._tp_flags = [[_tp_parallel(p) for p in g["params"]] for g in self.param_groups]
         self._tp_group = None
+        # ZeRO 1/2 flat layouts, keyed by the group's own "group_index" (ZeRO steps one group at
+        # a time, and loading a checkpoint replaces the group dicts).
+        for i, group in enumerate(self.param_groups):
+            group.setdefault("group_index", i)
+        self._layouts = {}
 
     # hook protocol (megatron_ext.optimizers.hooks)
     def engine_ready(self, engine):
-        shapes = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
-        if zero_stage(engine) or shapes != self._shapes:
-            raise UnsupportedEngineSetting(_NEEDS_WHOLE.format(stage=zero_stage(engine)))
+        stage = zero_stage(engine)
+        if stage == 3:
+            raise UnsupportedEngineSetting(_NEEDS_WHOLE.format(stage=stage))
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
             self._tp_group = ps.get_tensor_model_parallel_group()
+        for i, layout in (flat_layouts(engine) or {}).items():
+            self._layouts[self.param_groups[i]["group_index"]] = layout
+
+    def _flat_ratios(self, layout, p, update, group) -> torch.Tensor:
+        """Per-element trust ratios for a ZeRO flat partition: each element gets its tensor's."""
+        start = layout.rank * layout.partition_size
+        pieces = []  # (entry, local offset, length) of each tensor's part in this partition
+        for e in layout.entries:
+            lo, hi = max(e.offset, start), min(e.offset + e.numel, start + layout.partition_size)
+            pieces.append((e, lo - start, max(0, hi - lo)))
+        sq = torch.zeros(len(pieces), 2, dtype=torch.float32, device=p.device)
+        for k, (_, off, n) in enumerate(pieces):
+            if n:
+                sq[k, 0] = p.narrow(0, off, n).float().pow(2).sum()
+                sq[k, 1] = update.narrow(0, off, n).float().pow(2).sum()
+        if layout.world > 1:
+            torch.distributed.all_reduce(sq, group=layout.group)
+        if self._tp_group is not None:
+            tp = torch.tensor([_tp_parallel(e.model_param) for e, _, _ in pieces], device=p.device)
+            summed = sq.clone()
+            torch.distributed.all_reduce(summed, group=self._tp_group)
+            sq = torch.where(tp[:, None], summed, sq)
+        norms = sq.sqrt()
+        ratios = torch.ones_like(p)
+        for k, (_, off, n) in enumerate(pieces):
+            w_norm, u_norm = norms[k]
+            if n and w_norm > 0 and u_norm > 0:
+                ratios.narrow(0, off, n).fill_(float((w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])))
+        return ratios
 
     def _norms(self, p, u, tensor_parallel):
         sq = torch.stack([p.float().pow(2).sum(), u.float().pow(2).sum()])
@@ -85,6 +120,7 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
+            layout = self._layouts.get(group["group_index"])
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -106,6 +142,9 @@ class Lamb(torch.optim.Optimizer):
                 update = (m / c1) / ((v / c2).sqrt() + group["eps"])
                 if group["weight_decay"] != 0:
                     update.add_(p, alpha=group["weight_decay"])
+                if layout is not None:  # ZeRO 1/2: p is this rank's flat partition of the group
+                    p.addcmul_(update, self._flat_ratios(layout, p, update, group), value=-group["lr"])
+                    continue
                 w_norm, u_norm = self._norms(p, update, self._tp_flags[gi][pi])
                 if w_norm > 0 and u_norm > 0:
                     ratio = float((w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"]))
@@ -119,7 +158,7 @@ class Lamb(torch.optim.Optimizer):
 @OPTIMIZERS.register(
     "lamb",
     description="LAMB: Adam update scaled per tensor by a clamped trust ratio ||p||/||u|| "
-    "(own, DeepSpeed FusedLamb semantics; ZeRO 0 only)",
+    "(own, DeepSpeed FusedLamb semantics; ZeRO 0/1/2)",
     aliases=("ds.fusedlamb",),
     arguments=LAMB_ARGS,
 )
