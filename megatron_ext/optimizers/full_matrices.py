@@ -19,7 +19,7 @@ tensor-parallel shards, hence this module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -98,22 +98,34 @@ def tp_shard(full: torch.Tensor, model_param: torch.Tensor) -> torch.Tensor:
     return full.chunk(world, dim=model_param.partition_dim)[ps.get_tensor_model_parallel_rank()]
 
 
-def model_params_of(engine) -> Dict[int, List[torch.Tensor]]:
-    """For each param-group index: the model parameters behind the optimizer's tensors, in the
-    order the engine laid them out (ZeRO's flattening order, or the fp32 copies' order)."""
+def number_groups(param_groups) -> None:
+    """Give every param group a ``group_index`` (its position at construction). Per-group lookups
+    key on it, not on the list position or the dict's identity: ZeRO's step swaps in one group at a
+    time (positions shift) and loading a checkpoint replaces the group dicts (ids change)."""
+    for i, group in enumerate(param_groups):
+        group.setdefault("group_index", i)
+
+
+def model_params_of(engine, param_groups) -> Dict[int, List[torch.Tensor]]:
+    """By ``group_index``: the model parameters behind the optimizer's tensors, in the order the
+    engine laid them out (ZeRO's flattening order, or the fp32 copies' order)."""
     wrapper = engine.optimizer
     if hasattr(wrapper, "round_robin_bit16_groups"):  # ZeRO 1/2
-        return dict(enumerate(wrapper.round_robin_bit16_groups))
-    if hasattr(wrapper, "fp16_groups"):  # FP16_UnfusedOptimizer (bf16/fp16 without ZeRO)
-        return dict(enumerate(wrapper.fp16_groups))
-    return {i: list(g["params"]) for i, g in enumerate(engine.basic_optimizer.param_groups)}
+        by_position = wrapper.round_robin_bit16_groups
+    elif hasattr(wrapper, "fp16_groups"):  # FP16_UnfusedOptimizer (bf16/fp16 without ZeRO)
+        by_position = wrapper.fp16_groups
+    else:
+        by_position = [list(g["params"]) for g in param_groups]
+    return {g["group_index"]: list(params) for g, params in zip(param_groups, by_position)}
 
 
-def flat_layouts(engine) -> Optional[Dict[int, FlatLayout]]:
-    """ZeRO 1/2: the flat layout of every param group; None when groups are not flattened."""
+def flat_layouts(engine, param_groups) -> Dict[int, FlatLayout]:
+    """ZeRO 1/2: the flat layout of every param group, by ``group_index``; empty when the engine
+    does not flatten groups."""
     wrapper = engine.optimizer
     if not hasattr(wrapper, "round_robin_bit16_groups"):
-        return None
-    groups = model_params_of(engine)
-    return {i: FlatLayout(groups[i], wrapper.partition_size[i], wrapper.real_dp_process_group[i])
-            for i in groups}
+        return {}
+    model_params = model_params_of(engine, param_groups)
+    return {g["group_index"]: FlatLayout(model_params[g["group_index"]], wrapper.partition_size[i],
+                                         wrapper.real_dp_process_group[i])
+            for i, g in enumerate(param_groups)}

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of
+from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of, number_groups
 from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
 
 
@@ -28,11 +28,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups, defaults):
         super().__init__(param_groups, defaults)
-        # Keyed by the group's own "group_index": ZeRO's step swaps in one group at a time (list
-        # positions shift) and loading a checkpoint replaces the group dicts (ids change).
-        for i, group in enumerate(self.param_groups):
-            group.setdefault("group_index", i)
-        self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts
+        number_groups(self.param_groups)
+        self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts, by group_index
         self._model_params: Dict[int, List[torch.Tensor]] = {}  # the model tensors behind ours
 
     # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
@@ -41,12 +38,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             raise UnsupportedEngineSetting(f"--optimizer {self.name} supports --zero-stage 0, 1 and 2, not 3")
         if engine.zero_optimization() and engine.zero_offload_optimizer():
             raise UnsupportedEngineSetting(f"--optimizer {self.name} does not support --cpu-optimizer (ZeRO-Offload)")
-        by_index = flat_layouts(engine) or {}
-        model_params = model_params_of(engine)
-        for i, group in enumerate(self.param_groups):
-            if i in by_index:
-                self._layouts[group["group_index"]] = by_index[i]
-            self._model_params[group["group_index"]] = model_params[i]
+        self._layouts = flat_layouts(engine, self.param_groups)
+        self._model_params = model_params_of(engine, self.param_groups)
 
     # -- subclass interface ---------------------------------------------------------------------
     def elementwise(self, p: torch.Tensor, group, state) -> List[torch.Tensor]:

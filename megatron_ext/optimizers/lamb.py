@@ -23,7 +23,7 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
-from megatron_ext.optimizers.full_matrices import flat_layouts
+from megatron_ext.optimizers.full_matrices import flat_layouts, number_groups
 from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
 from megatron_ext.registry import Arg
 
@@ -61,11 +61,8 @@ class Lamb(torch.optim.Optimizer):
         # wrappers replace the params by fp32 copies (same order) that lack megatron's attribute.
         self._tp_flags = [[_tp_parallel(p) for p in g["params"]] for g in self.param_groups]
         self._tp_group = None
-        # ZeRO 1/2 flat layouts, keyed by the group's own "group_index" (ZeRO steps one group at
-        # a time, and loading a checkpoint replaces the group dicts).
-        for i, group in enumerate(self.param_groups):
-            group.setdefault("group_index", i)
-        self._layouts = {}
+        number_groups(self.param_groups)
+        self._layouts = {}  # ZeRO 1/2 flat layouts, by group_index
 
     # hook protocol (megatron_ext.optimizers.hooks)
     def engine_ready(self, engine):
@@ -76,8 +73,7 @@ class Lamb(torch.optim.Optimizer):
 
         if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
             self._tp_group = ps.get_tensor_model_parallel_group()
-        for i, layout in (flat_layouts(engine) or {}).items():
-            self._layouts[self.param_groups[i]["group_index"]] = layout
+        self._layouts = flat_layouts(engine, self.param_groups)
 
     def _flat_ratios(self, layout, p, update, group) -> torch.Tensor:
         """Per-element trust ratios for a ZeRO flat partition: each element gets its tensor's."""
