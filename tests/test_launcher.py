@@ -116,6 +116,12 @@ def test_train_tokens_arithmetic_and_iters_win(tmp_path):
     assert args.global_batch_size == 4 and args.train_iters == 100000 // (64 * 4) == 390
     assert settings["GLOBAL_BATCH"] == "4" and settings["TRAIN_ITERS"] == "390"
     assert "= 390 (99840 tokens trained, 160 dropped by rounding)" in proc.stdout
+    # an extra --train-iters wins, and the note says so instead of claiming the division gave it
+    proc = launch(env, extra=["--train-iters", "10"])
+    args, _, _ = resolved(proc)
+    assert args.train_iters == 10
+    assert "note: --train-iters 10 wins over TRAIN_TOKENS=100000" in proc.stdout
+    assert "TRAIN_TOKENS=100000 -> TRAIN_ITERS" not in proc.stdout
 
 
 def test_global_batch_and_two_process_torchrun(tmp_path):

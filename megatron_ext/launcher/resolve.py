@@ -244,11 +244,8 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
                     f"TRAIN_TOKENS={tokens} is less than one iteration of SEQ={seq} x GLOBAL_BATCH={global_batch} "
                     f"= {tokens_per_iter} tokens"
                 )
-            notes.append(
-                f"TRAIN_TOKENS={tokens} -> TRAIN_ITERS = {tokens} // ({seq} x {global_batch}) = {iters} "
-                f"({iters * tokens_per_iter} tokens trained, {tokens - iters * tokens_per_iter} dropped by rounding)"
-            )
-            iters_src = f"{tokens_src} TRAIN_TOKENS // (SEQ x GLOBAL_BATCH)"
+            # the note on the rounding is written once the final batch is known (_final_batch_and_length)
+            iters_src = "TRAIN_TOKENS // (SEQ x GLOBAL_BATCH)" + (" (default TRAIN_TOKENS)" if tokens_src == "default" else "")
         note("TRAIN_ITERS", iters, iters_src)
     note("TRAIN_TOKENS (trained)", iters * tokens_per_iter, "TRAIN_ITERS x SEQ x GLOBAL_BATCH")
 
@@ -432,12 +429,15 @@ def _final_batch_and_length(settings, notes, args, tokens) -> None:
     for i, (key, value, src) in enumerate(settings):
         if key in final and final[key] != value:
             settings[i] = (key, final[key], src + ", after extra arguments")
-    notes[:] = [n for n in notes if not n.startswith("TRAIN_TOKENS=")]
-    if args.train_tokens is not None and args.train_tokens == tokens:
-        dropped = tokens - args.train_iters * tokens_per_iter
-        notes.append(f"TRAIN_TOKENS={tokens} -> TRAIN_ITERS = {tokens} // ({args.seq_length} x "
-                     f"{args.global_batch_size}) = {args.train_iters} ({args.train_iters * tokens_per_iter} tokens "
-                     f"trained, {dropped} dropped by rounding)")
+    if args.train_tokens is None or args.train_tokens != tokens:
+        return
+    if args.train_iters != tokens // tokens_per_iter:  # an extra --train-iters wins over TRAIN_TOKENS
+        notes.append(f"--train-iters {args.train_iters} wins over TRAIN_TOKENS={tokens}")
+        return
+    dropped = tokens - args.train_iters * tokens_per_iter
+    notes.append(f"TRAIN_TOKENS={tokens} -> TRAIN_ITERS = {tokens} // ({args.seq_length} x "
+                 f"{args.global_batch_size}) = {args.train_iters} ({args.train_iters * tokens_per_iter} tokens "
+                 f"trained, {dropped} dropped by rounding)")
 
 
 def _parse_extra(parser, argv):
