@@ -147,15 +147,17 @@ def pretrain(args) -> TrainResult:
 
     while iteration < args.train_iters:
         lr = scheduler.step(consumed)
+        logging_now = (iteration + 1) % args.log_interval == 0 or iteration + 1 == args.train_iters
         batches = [next(train_iter) for _ in range(args.gradient_accumulation_steps)]
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
         for batch in batches:
             loss = lm_loss(engine, batch, device)
             engine.backward(loss)
-            if plain_fp32_engine and engine.is_gradient_accumulation_boundary():
+            if plain_fp32_engine and logging_now and engine.is_gradient_accumulation_boundary():
                 # DeepSpeed computes this norm for clipping but keeps it only for ZeRO/bf16/fp16.
-                # max_norm=inf: measure only (TP-aware), DeepSpeed does the clipping.
+                # max_norm=inf: measure only (TP-aware), DeepSpeed does the clipping. An extra
+                # pass and all-reduce, so only on iterations that are logged.
                 own_grad_norm = float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
             engine.step()
             loss_acc += loss.detach()
@@ -163,7 +165,7 @@ def pretrain(args) -> TrainResult:
         consumed += args.global_batch_size
         window_iters += 1
 
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if logging_now:
             loss_value = _dp_mean(loss_acc / (args.gradient_accumulation_steps * window_iters))
             accelerator.synchronize()
             elapsed = time.time() - window_start
