@@ -41,6 +41,13 @@ def nonneg_float(value: str) -> float:
     return v
 
 
+def positive_float(value: str) -> float:
+    v = finite_float(value)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return v
+
+
 def fraction(value: str) -> float:
     v = finite_float(value)
     if not 0.0 <= v <= 1.0:

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_ext import moe_mtp
+
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron pads the vocabulary so every tensor-parallel shard has the same width."""
@@ -13,7 +15,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_config(args, parametrization=None):
+def transformer_config(args, parametrization):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_ext.platform.accelerator import has_gpu
@@ -53,24 +55,27 @@ def transformer_config(args, parametrization=None):
     if args.recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=args.recompute_num_layers)
-    if parametrization is not None:
-        kwargs = parametrization.configure_model(kwargs)
-    return TransformerConfig(**kwargs)
+    kwargs.update(moe_mtp.config_kwargs(args))  # --num-experts, --mtp-num-layers, ... (megatron_ext/moe_mtp.py)
+    return TransformerConfig(**parametrization.configure_model(kwargs))
 
 
 def build_model(args, vocab_size: int, parametrization=None):
-    """A GPTModel for this rank's tensor-parallel shard. ``vocab_size`` is the unpadded size."""
+    """A GPTModel for this rank's tensor-parallel shard, initialised and wired by the
+    parametrization (default: the one ``args`` select). ``vocab_size`` is the unpadded size."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from megatron_ext.parametrizations import parametrization_for
+
+    parametrization = parametrization or parametrization_for(args)
     config = transformer_config(args, parametrization)
     args.padded_vocab_size = padded_vocab_size(
         vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
-    spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    return GPTModel(
+    spec, mtp_spec = moe_mtp.layer_specs(config, args.normalization)
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
+        mtp_block_spec=mtp_spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=True,
@@ -80,6 +85,8 @@ def build_model(args, vocab_size: int, parametrization=None):
         position_embedding_type=args.position_embedding_type,
         rotary_base=int(args.rope_theta),
     )
+    parametrization.attach(model)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -132,7 +132,11 @@ class Registry:
         for arg in arguments:
             for other in self._plugins.values():
                 for theirs in other.arguments:
-                    if theirs.dest == arg.dest and not theirs.same_as(arg):
+                    same_flag = bool(set(theirs.flags) & set(arg.flags))
+                    # Two different flags may write one dest on purpose (aliases such as
+                    # --enable-mup for --parametrization) when both name it explicitly.
+                    shared_dest = theirs.dest == arg.dest and not ("dest" in theirs.kwargs and "dest" in arg.kwargs)
+                    if (same_flag or shared_dest) and not theirs.same_as(arg):
                         raise RegistryError(
                             f"{self.family} '{name}' declares {arg.flags[0]} differently from "
                             f"'{other.name}'"
@@ -186,13 +190,13 @@ class Registry:
         """Add every plug-in's own flags to ``parser``, one group per plug-in."""
         seen = {}
         for plugin in self.plugins():
-            new = [a for a in plugin.arguments if a.dest not in seen]
+            new = [a for a in plugin.arguments if a.flags[0] not in seen]
             if not new:
                 continue
             group = parser.add_argument_group(f"{self.family} '{plugin.name}'", plugin.description)
             for arg in new:
                 group.add_argument(*arg.flags, **arg.kwargs)
-                seen[arg.dest] = plugin.name
+                seen[arg.flags[0]] = plugin.name
 
 
 def _key(name: str) -> str:

@@ -107,11 +107,13 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.parametrize("name, extra, nproc", [
     ("zero1", ["--zero-stage", "1", "--micro-batch-size", "4"], 1),
+    ("dp2-zero0", ["--zero-stage", "0", "--micro-batch-size", "2"], 2),
     ("dp2-zero1", ["--zero-stage", "1", "--micro-batch-size", "2"], 2),
     ("dp2-zero2", ["--zero-stage", "2", "--micro-batch-size", "1"], 2),
     ("tp2", ["--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
 ])
 def test_engine_settings_reproduce_the_single_process_muon(tmp_path, single_process, name, extra, nproc):
+    """With 2 data-parallel ranks each rank orthogonalises only the matrices it owns, then they swap."""
     path = tmp_path / "m.jsonl"
     run_trainer(STEPS + extra + ["--metrics-file", str(path)], nproc=nproc)
     m = read_metrics(path)
@@ -152,3 +154,16 @@ def test_unsupported_settings_and_bad_values_are_one_line(extra, message):
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_newton_schulz_work_is_split_evenly_and_identically_on_every_rank():
+    from megatron_ext.optimizers.hybrid import assign_owners, matrix_cost
+
+    shapes = [(768, 256), (256, 256), (1536, 256), (256, 768)] * 4
+    costs = [matrix_cost(s) for s in shapes]
+    owners = assign_owners(costs, 2)
+    assert owners == assign_owners(costs, 2)
+    load = [sum(c for c, r in zip(costs, owners) if r == rank) for rank in (0, 1)]
+    assert abs(load[0] - load[1]) <= max(costs) and min(load) > 0
+    assert assign_owners(costs, 1) == [0] * len(shapes)
+    assert sorted(set(assign_owners(costs[:1], 4))) == [0]  # more ranks than matrices: rank 0 owns it

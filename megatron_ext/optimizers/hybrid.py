@@ -11,15 +11,50 @@ A subclass gives two pieces:
   matrix given (the subclass takes its TP shard back with ``tp_shard``). With
   ``keeps_matrix_state``, ``states[k]`` is a dict that persists across steps and checkpoints.
 The base applies ``p <- p (1 - lr wd) - lr update``.
+
+Without matrix state (Muon) the matrix work is split across the data-parallel ranks: every rank
+would otherwise repeat the same Newton-Schulz on the same whole matrices. Each matrix gets one
+owner rank (balanced by cost), only the owner computes its update, and one collective hands every
+rank what it needs (reduce-scatter of its ZeRO partition, or all-reduce of the updates under ZeRO 0).
+Shampoo keeps per-matrix preconditioners, which ZeRO 0 checkpoints store once for all ranks, so
+its ranks all compute every matrix.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of, number_groups
 from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+
+
+def matrix_cost(shape: Sequence[int]) -> int:
+    """Relative cost of a matrix update: Newton-Schulz on rows x cols is ~ rows * cols * min(rows, cols)."""
+    rows, cols = shape[-2], shape[-1]
+    return rows * cols * min(rows, cols)
+
+
+def assign_owners(costs: Sequence[int], world: int) -> List[int]:
+    """Owner rank of each matrix, greedy largest-first onto the least-loaded rank. Deterministic, so
+    every rank (and every tensor-parallel peer, which must join the same collectives) agrees."""
+    load = [0] * world
+    owners = [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[k] = rank
+        load[rank] += costs[k]
+    return owners
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return None, 0, 1
+    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+    return group, dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
 class HybridMatrixOptimizer(torch.optim.Optimizer):
@@ -72,22 +107,50 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             state = self.state[flat]
             local = self.elementwise(flat, group, state)
             full = layout.gather_many(local)
-            inputs = [[f.narrow(0, e.offset, e.numel).view(e.shape) for f in full] for e in layout.entries]
-            matrices = (state.setdefault("matrices", [{} for _ in layout.entries]) if self.keeps_matrix_state
-                        else [None] * len(layout.entries))
-            updates = self.matrix_updates(inputs, [e.model_param for e in layout.entries], group, matrices)
+            entries = layout.entries
+            inputs = [[f.narrow(0, e.offset, e.numel).view(e.shape) for f in full] for e in entries]
+            matrices = (state.setdefault("matrices", [{} for _ in entries]) if self.keeps_matrix_state
+                        else [None] * len(entries))
+            mine = self._my_matrices([e.shape for e in entries], layout.rank, layout.world)
+            updates = self.matrix_updates([inputs[k] for k in mine], [entries[k].model_param for k in mine],
+                                          group, [matrices[k] for k in mine])
             full_update = torch.zeros_like(full[0])
-            for e, u in zip(layout.entries, updates):
-                full_update.narrow(0, e.offset, e.numel).copy_(u.reshape(-1))
-            self._apply(flat, layout.local(full_update), group)
+            for k, u in zip(mine, updates):
+                full_update.narrow(0, entries[k].offset, entries[k].numel).copy_(u.reshape(-1))
+            if self._splits_work(layout.world):  # the other owners' updates: sum of zeros and one owner's
+                local = torch.empty_like(flat)
+                dist.reduce_scatter_tensor(local, full_update, group=layout.group)
+            else:
+                local = layout.local(full_update)
+            self._apply(flat, local, group)
             return
         owners = self._model_params.get(group["group_index"], group["params"])
         owner_of = {id(p): o for p, o in zip(group["params"], owners)}
         inputs = [self.elementwise(p, group, self.state[p]) for p in params]
         matrices = [self.state[p].setdefault("matrix", {}) if self.keeps_matrix_state else None for p in params]
-        updates = self.matrix_updates(inputs, [owner_of.get(id(p), p) for p in params], group, matrices)
-        for p, u in zip(params, updates):
-            self._apply(p, u, group)
+        dp_group, dp_rank, dp_world = _data_parallel_group()
+        mine = self._my_matrices([p.shape for p in params], dp_rank, dp_world)
+        updates = self.matrix_updates([inputs[k] for k in mine], [owner_of.get(id(params[k]), params[k]) for k in mine],
+                                      group, [matrices[k] for k in mine])
+        if self._splits_work(dp_world):  # ZeRO 0: every rank holds every weight; share the owners' updates
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            views = flat.split([p.numel() for p in params])
+            for k, u in zip(mine, updates):
+                views[k].copy_(u.reshape(-1))
+            dist.all_reduce(flat, group=dp_group)
+            updates, mine = views, range(len(params))
+        for k, u in zip(mine, updates):
+            self._apply(params[k], u, group)
+
+    def _splits_work(self, world: int) -> bool:
+        return world > 1 and not self.keeps_matrix_state
+
+    def _my_matrices(self, shapes, rank: int, world: int) -> List[int]:
+        """Indices of the matrices this rank computes (all of them unless the work is split)."""
+        if not self._splits_work(world):
+            return list(range(len(shapes)))
+        owners = assign_owners([matrix_cost(s) for s in shapes], world)
+        return [k for k, r in enumerate(owners) if r == rank]
 
     @staticmethod
     def _apply(p: torch.Tensor, update: torch.Tensor, group) -> None:

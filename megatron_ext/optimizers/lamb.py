@@ -172,3 +172,13 @@ def build_lamb(param_groups, args):
 
 
 build_lamb.validate_args = validate_lamb_args
+
+
+def lamb_width_lr_exponents(args):
+    """muP for LAMB: the trust ratio sets |update| = lr |w|; a hidden matrix's |w|_F grows like
+    sqrt(width) under muP's init while Adam's muP update needs entries ~ 1/width, hence lr x m_N^-1/2.
+    Other roles: |w| and |u| grow alike, so their LR stays."""
+    return {"hidden": -0.5}
+
+
+build_lamb.width_lr_exponents = lamb_width_lr_exponents

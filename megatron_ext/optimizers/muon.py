@@ -156,3 +156,14 @@ def build_muon(param_groups, args):
 
 
 build_muon.validate_args = validate_muon_args
+
+
+def muon_width_lr_exponents(args):
+    """muP for Muon's hidden matrices. The orthogonalised update has spectral norm 1; Keller's
+    max(1, rows/cols)^0.5 is the spectral condition muP asks for, so its LR needs no width factor.
+    Moonlight's 0.2 sqrt(max(rows, cols)) grows like sqrt(width): m_N^-1/2 cancels it. Applying
+    Adam's 1/m_N on top would scale twice. The AdamW part keeps Adam's rules."""
+    return {"hidden": 0.0 if args.muon_scaling == "keller" else -0.5}
+
+
+build_muon.width_lr_exponents = muon_width_lr_exponents

@@ -2,9 +2,14 @@
 
 Roles are decided from the module a parameter belongs to (its megatron-core name), never from its
 size: ``embedding`` (word/position embeddings), ``output`` (the unembedding), ``norm`` (norm
-weights), ``bias``, and ``hidden`` (the 2-D weight matrices inside transformer blocks). Norm
-weights and biases get no weight decay. Each group carries ``role``, ``lr_mult`` and ``wd_mult``;
-a parametrization may change the multipliers per role.
+weights inside the blocks), ``final_norm`` (the norm before the output layer), ``bias``, and
+``hidden`` (the 2-D weight matrices inside transformer blocks). Norm weights and biases get no
+weight decay. Each group carries ``role``, ``lr_mult``, ``wd_mult`` and ``eps_mult``; a
+parametrization may change the multipliers per role (CompleteP treats the final norm unlike the
+block norms, hence its own role). ``router`` is an MoE layer's gate (experts x hidden): a small
+classifier over the experts rather than a hidden transform, so it stays with the element-wise
+optimizer (never Muon/Shampoo's matrix update) and keeps weight decay and the base LR under every
+parametrization. The experts' own weights are ``hidden`` matrices like a dense MLP's.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-ROLES = ("embedding", "output", "hidden", "norm", "bias")
+ROLES = ("embedding", "output", "hidden", "router", "norm", "final_norm", "bias")
+NO_DECAY_ROLES = ("norm", "final_norm", "bias")
 
 _NORM = re.compile(r"(^|\.)(\w*layernorm\w*|\w*_norm|norm)(\.|$)|layer_norm_weight$|layer_norm_bias$")
 
@@ -23,11 +29,13 @@ def param_role(name: str, param: torch.Tensor) -> str:
     if name.endswith(".bias") or name.endswith("layer_norm_bias"):
         return "bias"
     if _NORM.search(name):
-        return "norm"
+        return "final_norm" if "final_layernorm" in name or "final_norm" in name else "norm"
     if "embedding" in name:
         return "embedding"
     if name.startswith("output_layer") or ".output_layer." in name:
         return "output"
+    if name.endswith("mlp.router.weight"):
+        return "router"
     if param.dim() >= 2:
         return "hidden"
     return "norm"  # any other 1-D weight is a gain: treat like a norm (no decay)
@@ -49,10 +57,11 @@ def build_param_groups(
         role = param_role(name, param)
         group = groups.get(role)
         if group is None:
-            group = groups[role] = {"params": [], "param_names": [], "role": role, "lr_mult": 1.0, "wd_mult": 1.0}
+            group = groups[role] = {"params": [], "param_names": [], "role": role, "lr_mult": 1.0, "wd_mult": 1.0,
+                                    "eps_mult": 1.0}
             if multipliers is not None:
                 group.update(multipliers(role))
-            if role in ("norm", "bias"):
+            if role in NO_DECAY_ROLES:
                 group["wd_mult"] = 0.0
         group["params"].append(param)
         group["param_names"].append(name)

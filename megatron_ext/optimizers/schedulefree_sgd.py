@@ -11,7 +11,7 @@ from megatron_ext.optimizers.schedulefree_adamw import (
     start_in_train_mode,
     validate_schedulefree_common,
 )
-from megatron_ext.optimizers.sgd import SGD_MOMENTUM
+from megatron_ext.optimizers.sgd import SGD_MOMENTUM, sgd_width_lr_exponents
 
 
 def validate_sf_sgd_args(args):
@@ -51,3 +51,4 @@ def build_sf_sgd(param_groups, args):
 
 
 build_sf_sgd.validate_args = validate_sf_sgd_args
+build_sf_sgd.width_lr_exponents = sgd_width_lr_exponents

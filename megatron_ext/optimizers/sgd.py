@@ -26,6 +26,12 @@ def validate_sgd_args(args):
         raise ValueError("--sgd-nesterov needs --sgd-momentum > 0 and --sgd-dampening 0")
 
 
+def sgd_width_lr_exponents(args):
+    """muP for SGD (Tensor Programs V, Table 3, with the 1/m_N logit multiplier): hidden LR
+    constant; vector-like parameters (embeddings, norms, biases) and the output layer x m_N."""
+    return {"hidden": 0.0, "embedding": 1.0, "norm": 1.0, "final_norm": 1.0, "bias": 1.0, "output": 1.0}
+
+
 @OPTIMIZERS.register(
     "sgd",
     description="SGD with momentum/Nesterov, L2-coupled weight decay (torch.optim.SGD)",
@@ -44,3 +50,4 @@ def build_sgd(param_groups, args):
 
 
 build_sgd.validate_args = validate_sgd_args
+build_sgd.width_lr_exponents = sgd_width_lr_exponents

@@ -1,6 +1,12 @@
 """Initialisation / parametrization plug-ins (``--parametrization``). A plug-in is a
-``Parametrization`` subclass: it may change the megatron-core ``TransformerConfig`` (init scales,
-multipliers) and the per-role param-group options (lr/wd multipliers) for any optimizer."""
+``Parametrization`` subclass (``base.py``): it sets the init std of each parameter family, the
+per-role param-group multipliers (lr / weight decay / epsilon) for any optimizer, and forward
+multipliers (output logits, residual branches, attention scale)."""
 from megatron_ext.registry import Registry
 
 PARAMETRIZATIONS = Registry("parametrization", "init and parametrizations (--parametrization)", package=__name__)
+
+
+def parametrization_for(args):
+    """The parametrization object ``args`` select."""
+    return PARAMETRIZATIONS.get(args.parametrization or "sp").obj(args)

@@ -1,0 +1,48 @@
+"""``megatron-ext init-report [training flags]``: build the model the flags describe and print,
+per parameter family, the init std asked for next to the std measured on the built weights.
+
+Same parser, parametrization and model builder as the trainer, one process, no data needed."""
+from __future__ import annotations
+
+import sys
+
+PASS_THROUGH = True
+
+
+def add_parser(sub):
+    sub.add_parser("init-report", add_help=False,
+                   help="print requested vs measured init std of each parameter family for training flags")
+
+
+def run_argv(argv) -> int:
+    import warnings
+
+    from megatron_ext.arguments import normalise_argv, parse_args
+
+    argv = normalise_argv(list(argv))
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
+    if not any(a.split("=")[0] in ("--mock-data", "--data-path", "--data-file-list") for a in argv):
+        argv.append("--mock-data")  # the model does not need data; the parser wants a source
+    if not any(a.split("=")[0] in ("--train-iters", "--train-samples", "--train-tokens") for a in argv):
+        argv += ["--train-iters", "1"]  # nor a training length
+    args = parse_args(argv, world_size=1)
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
+    from megatron_ext.model import build_model
+    from megatron_ext.parametrizations import parametrization_for
+    from megatron_ext.parametrizations.report import format_init_report, init_report_rows
+    from megatron_ext.platform import init_distributed
+    from megatron_ext.training.trainer import set_seeds
+
+    init_distributed(args.distributed_backend)
+    ps.initialize_model_parallel()
+    set_seeds(args.seed)
+    parametrization = parametrization_for(args)
+    model = build_model(args, tokenizer_for(args, data_sources(args)).vocab_size, parametrization)
+    print(format_init_report(init_report_rows(model, parametrization), parametrization))
+    sys.stdout.flush()
+    return 0
