@@ -20,12 +20,15 @@ setup(
         # optimizer plug-ins: Lion and ADOPT (pytorch-optimizer), schedule-free AdamW/SGD
         "pytorch-optimizer==4.1.0",
         "schedulefree==1.4.1",
+        # experiment configs of `megatron-ext sweep --config` (already pulled in by tokenizers)
+        "pyyaml>=5.1,<7",
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.15,<3"],
         "wandb": ["wandb>=0.17,<1"],
         "plots": ["matplotlib>=3.8,<4"],
-        "test": ["pytest>=8,<10"],
+        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too
+        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4"],
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
 )

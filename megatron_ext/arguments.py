@@ -107,12 +107,35 @@ def _split(value: str) -> str:
     return ",".join(parts)
 
 
+def add_init_arguments(g) -> None:
+    from megatron_ext.parametrizations import PARAMETRIZATIONS
+    from megatron_ext.parametrizations.base import init_std
+
+    g.add_argument("--init-method-std", type=init_std, default=0.02,
+                   help="std of the weight init, or 'auto' = sqrt(2/(5*hidden)) (default 0.02); under mup/completep "
+                        "the std at the base width")
+    g.add_argument("--scaled-output-projection-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="each block's output projections (attention out, MLP down) at std/sqrt(2*layers) "
+                        "(default on; completep always drops it)")
+    g.add_argument("--adjust-word-embedding-init", action="store_true",
+                   help="initialise the word embeddings at --word-embedding-init-std instead of --init-method-std")
+    g.add_argument("--word-embedding-init-std", type=nonneg_float, default=math.sqrt(2 / 5),
+                   help="embedding std with --adjust-word-embedding-init (default sqrt(2/5) = 0.632, Spike No More)")
+    g.add_argument("--output-layer-init-std", type=nonneg_float, default=None,
+                   help="std of the untied output layer (default: --init-method-std)")
+    g.add_argument("--parametrization", type=PARAMETRIZATIONS.argument_type, default=None,
+                   help=f"one of: {', '.join(PARAMETRIZATIONS.names())} (default sp)")
+
+
 def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     registry.load_plugins()
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
+    from megatron_ext.moe_mtp import add_moe_mtp_arguments
     from megatron_ext.schedules.scheduler import add_schedule_arguments
+    from megatron_ext.training.evaluation import add_mc_eval_arguments
+    from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
     p = MegatronArgumentParser(
         prog=prog,
@@ -152,9 +175,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--attention-dropout", type=fraction, default=None)
     g.add_argument("--hidden-dropout", type=fraction, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
-    g.add_argument("--init-method-std", type=nonneg_float, default=0.02)
-    g.add_argument("--parametrization", type=PARAMETRIZATIONS.argument_type, default="sp",
-                   help=f"one of: {', '.join(PARAMETRIZATIONS.names())}")
+    add_init_arguments(p.add_argument_group("initialisation and parametrization"))
+    add_moe_mtp_arguments(p.add_argument_group("mixture of experts and multi-token prediction"))
 
     g = p.add_argument_group("data and tokenizer")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -215,10 +237,20 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=positive_int, default=None)
     g.add_argument("--no-save-rng", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load weights, iteration and schedule but start a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: fresh optimizer, schedule, iteration and data position")
+    g.add_argument("--universal-checkpoint", action="store_true",
+                   help="load the universal checkpoint 'latest_universal' names in --load (made by megatron-ext "
+                        "to-universal): any data-parallel and tensor-parallel size, ZeRO 1 or 2 (docs/checkpoints.md)")
+    g.add_argument("--keep-last", type=positive_int, default=None, metavar="N",
+                   help="after each complete save keep only N global_stepN checkpoints in --save: the one "
+                        "'latest' names and the newest others (docs/checkpoints.md)")
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=False,
+                   help="on SIGTERM or SIGUSR1 (batch walltime) every rank stops after the current iteration, "
+                        "saves and exits with code 0 (the launcher turns this on)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=positive_int, default=1000)
@@ -232,6 +264,9 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases (when wandb is installed)")
     g.add_argument("--wandb-exp-name", default=None)
+    add_mc_eval_arguments(p.add_argument_group("multiple-choice evaluation"))
+
+    add_lr_finder_arguments(p.add_argument_group("LR finder"))
 
     for family in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
         family.add_arguments(p)
@@ -261,6 +296,8 @@ def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool =
 
     ``check_files=False`` skips the checks of files named by the flags (data, tokenizer, DeepSpeed
     config): the launcher validates a command whose files it has yet to build."""
+    if args.parametrization is None:
+        args.parametrization = "sp"
     style = MODEL_STYLES[args.model_style]
     for key, value in style.items():
         if getattr(args, key) is None:
@@ -309,6 +346,12 @@ def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool =
         )
     if args.bf16 and args.fp16:
         raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
+    from megatron_ext.moe_mtp import validate_moe_mtp_args
+
+    try:
+        validate_moe_mtp_args(args)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
+    except ValueError as e:
+        raise ArgumentsError(str(e)) from None
 
     # Batch arithmetic.
     args.world_size = world_size
@@ -362,6 +405,10 @@ def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool =
         raise ArgumentsError("--save-interval needs --save DIR")
     if args.finetune and not args.load:
         raise ArgumentsError("--finetune needs --load DIR")
+    if args.universal_checkpoint and not args.load:
+        raise ArgumentsError("--universal-checkpoint needs --load DIR")
+    if args.keep_last is not None and not args.save:
+        raise ArgumentsError("--keep-last needs --save DIR")
     if check_files and args.deepspeed_config and not os.path.isfile(args.deepspeed_config):
         raise ArgumentsError(f"--deepspeed-config: no such file: {args.deepspeed_config}")
     if args.tensorboard_dir is None and args.save and not args.no_tensorboard:
@@ -392,6 +439,18 @@ def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool =
                 raise ArgumentsError(str(e)) from None
     try:
         build_schedule(args)  # validates the decay style's flags too; the whole curve must be servable before any work starts
+    except ValueError as e:
+        raise ArgumentsError(str(e)) from None
+    from megatron_ext.training.lr_finder import validate_lr_finder_args
+
+    try:
+        validate_lr_finder_args(args)
+    except ValueError as e:
+        raise ArgumentsError(str(e)) from None
+    from megatron_ext.training.evaluation import validate_mc_eval_args
+
+    try:
+        validate_mc_eval_args(args, check_files)  # --eval-mc-file is read and tokenized here, before any work
     except ValueError as e:
         raise ArgumentsError(str(e)) from None
     return args

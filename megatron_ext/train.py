@@ -9,11 +9,12 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     from megatron_ext.schedules.scheduler import ScheduleResumeError
+    from megatron_ext.training.checkpoint_loading import CheckpointLoadError
     from megatron_ext.training.trainer import pretrain
 
     try:
         pretrain(args)
-    except ScheduleResumeError as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
+    except (ScheduleResumeError, CheckpointLoadError) as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
             print(f"megatron_ext.train: error: {e}", file=sys.stderr, flush=True)
         return 2

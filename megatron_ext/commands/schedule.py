@@ -130,13 +130,9 @@ def run_argv(argv) -> int:
     steps = _steps(opts.steps, own) if opts.steps is not None else None
     plt = None
     if opts.plot:
-        try:
-            import matplotlib
+        from megatron_ext.plotting import MISSING, pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            own.error("--plot needs matplotlib (pip install 'megatron_ext[plots]')")
+        plt = pyplot() or own.error(f"--plot {MISSING}")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter: stdout is the table
             args, scheduler = build_scheduler(rest, opts.world_size)

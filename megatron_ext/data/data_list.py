@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 
@@ -21,6 +21,7 @@ class DataSource:
     weight: float
     prefix: str
     corpus: str
+    origin: str = field(default="", compare=False, repr=False)  # "FILE:LINE" it was read from, if any
 
 
 class DataListError(ValueError):
@@ -52,16 +53,17 @@ def _raise_problems(what: str, problems: List[str]) -> None:
         raise DataListError(f"{n} problem{'s' if n > 1 else ''} in {what}: " + "; ".join(problems))
 
 
-def parse_data_file_list(path: str) -> List[DataSource]:
-    """Parse a ``weight path-prefix [corpus]`` list file into sources (weights as written)."""
+def _read_lines(path: str) -> List[str]:
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except FileNotFoundError:
         raise DataListError(f"data file list not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataListError(f"cannot read data file list {path}: {e}") from None
 
+
+def _parse_lines(path: str, lines: Sequence[str]) -> Tuple[List[DataSource], List[str]]:
     sources, problems = [], []
     for lineno, line in enumerate(lines, 1):
         fields = line.split("#", 1)[0].split()
@@ -78,9 +80,24 @@ def parse_data_file_list(path: str) -> List[DataSource]:
             continue
         prefix = fields[1]
         corpus = fields[2] if len(fields) == 3 else os.path.basename(prefix)
-        sources.append(DataSource(weight, prefix, corpus))
+        sources.append(DataSource(weight, prefix, corpus, origin=where))
     if not sources and not problems:
         problems.append(f"{path}: no data sources (every line is blank or a comment)")
+    return sources, problems
+
+
+def read_data_file_list(path: str) -> Tuple[List[DataSource], List[str]]:
+    """(sources, problems) of one list file, without raising: for callers that report the
+    problems of several lists at once (an unreadable file is one problem)."""
+    try:
+        return _parse_lines(path, _read_lines(path))
+    except DataListError as e:
+        return [], [str(e)]
+
+
+def parse_data_file_list(path: str) -> List[DataSource]:
+    """Parse a ``weight path-prefix [corpus]`` list file into sources (weights as written)."""
+    sources, problems = _parse_lines(path, _read_lines(path))
     _raise_problems(f"data file list {path}", problems)
     return sources
 
@@ -113,10 +130,15 @@ def parse_data_path(tokens: Sequence[str]) -> List[DataSource]:
     return sources
 
 
+def missing_files(sources: Sequence[DataSource]) -> List[str]:
+    """Every missing ``.bin``/``.idx`` file, as ``FILE:LINE: path`` when the source came from a list."""
+    return [f"{s.origin}: {s.prefix}{ext}" if s.origin else f"{s.prefix}{ext}"
+            for s in sources for ext in (".bin", ".idx") if not os.path.isfile(s.prefix + ext)]
+
+
 def check_sources_exist(sources: Sequence[DataSource]) -> None:
     """Raise a DataListError naming every missing ``.bin``/``.idx`` file."""
-    missing = [f"{s.prefix}{ext}" for s in sources for ext in (".bin", ".idx")
-               if not os.path.isfile(s.prefix + ext)]
+    missing = missing_files(sources)
     if missing:
         n = len(missing)
         raise DataListError(f"{n} data file{'s' if n > 1 else ''} missing: " + "; ".join(missing))

@@ -116,4 +116,7 @@ def make_loader(dataset, args, consumed: int, total: Optional[int] = None):
         num_workers=args.num_workers,
         pin_memory=has_gpu(),
         persistent_workers=False,
+        # Its own generator: each iterator draws a base seed, which from the global stream would
+        # shift dropout's random numbers (a resumed run builds one more loader than the original).
+        generator=torch.Generator().manual_seed(args.seed + consumed),
     )

@@ -344,6 +344,9 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         "--tokenizer-type", tok_type,
         "--eval-interval", str(eval_interval), "--eval-iters", str(eval_iters),
         "--log-interval", str(log_interval), "--save-interval", str(save_interval), "--seed", str(seed),
+        # A walltime SIGTERM/SIGUSR1 saves and exits 0 instead of losing the work since the last save;
+        # --no-exit-signal-handler after the script turns it off.
+        "--exit-signal-handler",
     ]
     if dtype != "fp32":
         flags.append(f"--{dtype}")
@@ -357,6 +360,21 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         n, s = e.number("ACT_CKPT_NUM_LAYERS", 1, minimum=1)
         flags += ["--recompute-activations", "--recompute-num-layers", str(n)]
         note("USE_ACTIVATION_CHECKPOINTING", f"1 ({n} layer(s) per checkpoint)", "USE_ACTIVATION_CHECKPOINTING")
+    init_std, s = e.get("INIT_METHOD_STD")
+    if init_std is not None:  # 'auto' = sqrt(2/(5*HIDDEN)), what Megatron-DeepSpeed's launcher passes
+        flags += ["--init-method-std", init_std]
+        note("INIT_METHOD_STD", init_std, s)
+    base_width, s = e.number("MUP_BASE_WIDTH", None, minimum=1)
+    depth_base, s2 = e.number("DEPTH_BASE", None, minimum=1)
+    if depth_base is not None:  # depth transfer is CompleteP (which includes muP's width rules)
+        flags += ["--parametrization", "completep", "--depth-base", str(depth_base)]
+        note("DEPTH_BASE", f"{depth_base} (--parametrization completep)", s2)
+    elif base_width is not None:
+        flags += ["--parametrization", "mup"]
+    if base_width is not None:
+        flags += ["--mup-base-hidden", str(base_width)]
+        note("MUP_BASE_WIDTH", f"{base_width} (--parametrization {'completep' if depth_base else 'mup'})", s)
+    flags += _moe_mtp_flags(e, note)
     if e.flag("CPU_OPTIMIZER"):
         flags.append("--cpu-optimizer")
         note("CPU_OPTIMIZER", "1", "CPU_OPTIMIZER")
@@ -383,9 +401,14 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     args = _parse_extra(parser, flags + list(extra_args))
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     custom = (layers, hidden) != (preset["num_layers"], preset["hidden_size"])
+    gb = args.global_batch_size or (args.micro_batch_size * (args.gradient_accumulation_steps or 1)
+                                    * (world // args.tensor_model_parallel_size))
     name = (f"{arch}{'-custom' if custom else ''}-ws{world}-ds-stage{args.zero_stage}-nl{args.num_layers}"
-            f"-hs{args.hidden_size}-mb{args.micro_batch_size}-gb{args.global_batch_size}-seq{args.seq_length}"
-            f"-opt{args.optimizer}-lr{_fmt_lr(args.lr)}-tp{args.tensor_model_parallel_size}-{precision}")
+            f"-hs{args.hidden_size}-mb{args.micro_batch_size}-gb{gb}-seq{args.seq_length}"
+            f"-opt{args.optimizer}-lr{_fmt_lr(args.lr)}-tp{args.tensor_model_parallel_size}-{precision}"
+            # another expert count or MTP depth is another model: never resume the wrong one
+            + (f"-moe{args.num_experts}x{args.moe_router_topk or 2}" if args.num_experts else "")
+            + (f"-mtp{args.mtp_num_layers}" if args.mtp_num_layers else ""))
     save, save_src = e.get("SAVE")
     run_dir = os.path.abspath(args.save or save or os.path.join(repo, "checkpoints", name))
     load, load_src = e.get("LOAD")
@@ -415,6 +438,53 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         "torchrun" if "torch.distributed.run" in command else "python (single process)")
     note("LAUNCH_WITH", launcher, e.get("LAUNCH_WITH", "LAUNCH_CMD")[1] or "auto")
     return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, demo, notes)
+
+
+# MoE / MTP variables -> trainer flags (megatron_ext/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
+MOE_MTP_NUMBERS = (  # (variable, aliases...), flag, kind, minimum
+    (("NUM_EXPERTS",), "--num-experts", int, 1),
+    (("MOE_TOPK", "MOE_ROUTER_TOPK"), "--moe-router-topk", int, 1),
+    (("MOE_FFN_HIDDEN_SIZE",), "--moe-ffn-hidden-size", int, 1),
+    (("MOE_AUX_LOSS_COEFF",), "--moe-aux-loss-coeff", float, 0),
+    (("MOE_Z_LOSS_COEFF",), "--moe-z-loss-coeff", float, 0),
+    (("MOE_TOPK_SCALING_FACTOR", "MOE_ROUTED_SCALING_FACTOR"), "--moe-router-topk-scaling-factor", float, 0),
+    (("MOE_FIRST_K_DENSE", "FIRST_K_DENSE_REPLACE"), "--moe-first-k-dense", int, 1),
+    (("MTP_NUM_LAYERS", "NUM_MTP_PREDICTOR"), "--mtp-num-layers", int, 1),
+    (("MTP_LOSS_SCALING_FACTOR", "MTP_LOSS_COEFF"), "--mtp-loss-scaling-factor", float, 0),
+)
+MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
+    ("MOE_ROUTER_DTYPE", "--moe-router-dtype"),
+    ("MOE_SCORE_FUNCTION", "--moe-router-score-function"),
+    ("MOE_LOAD_BALANCING_TYPE", "--moe-router-load-balancing-type"),
+    ("MOE_LAYER_FREQ", "--moe-layer-freq"),
+)
+
+
+def _moe_mtp_flags(e: _Env, note) -> List[str]:
+    import argparse
+
+    from megatron_ext.moe_mtp import VALUE_TYPES
+
+    flags: List[str] = []
+    for names, flag, kind, minimum in MOE_MTP_NUMBERS:
+        value, src = e.number(names, None, kind=kind, minimum=minimum)
+        if value is not None:
+            flags += [flag, str(value)]  # str: a float's shortest exact spelling
+            note(names[0], value, src)
+    for name, flag in MOE_MTP_WORDS:
+        raw, _ = e.get(name)
+        if raw is None:
+            continue
+        try:
+            VALUE_TYPES[flag](raw)
+        except argparse.ArgumentTypeError as err:
+            raise LaunchError(f"{name}={raw!r}: {err}") from None
+        flags += [flag, raw]
+        note(name, raw, name)
+    if e.flag("MOE_ROUTER_PRE_SOFTMAX"):
+        flags.append("--moe-router-pre-softmax")
+        note("MOE_ROUTER_PRE_SOFTMAX", "1", "MOE_ROUTER_PRE_SOFTMAX")
+    return flags
 
 
 def _final_batch_and_length(settings, notes, args, tokens) -> None:

@@ -36,12 +36,18 @@ plug-in may define any of these methods (all optional):
     ``begin_curvature_pass`` and ``end_curvature_pass`` the optimizer's ``step()`` must update only
     its curvature estimate from the gradients it receives (``num_tokens`` is the number of
     loss tokens in the whole global batch, the ``B`` of the estimator), never the weights.
+
+``universal_checkpoint_loaded() -> Optional[str]``
+    Called after the optimizer state was restored from a universal checkpoint (DeepSpeed's
+    ``ds_to_universal`` carries only ``exp_avg``/``exp_avg_sq``/``step`` per element). An optimizer
+    with state that cannot be resharded (Shampoo's factor matrices) drops that state here so it is
+    re-created, and returns a one-line warning saying so (printed once, by rank 0).
 """
 from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -62,6 +68,11 @@ def engine_ready(optimizer, engine) -> None:
 
 def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if engine.zero_optimization() else 0
+
+
+# -- universal checkpoint loaded ---------------------------------------------------------------
+def universal_checkpoint_loaded(optimizer) -> Optional[str]:
+    return optimizer.universal_checkpoint_loaded() if _has(optimizer, "universal_checkpoint_loaded") else None
 
 
 # -- master -> model weights -------------------------------------------------------------------

@@ -78,6 +78,17 @@ class Shampoo(HybridMatrixOptimizer):
         self.frequency = precondition_frequency
         self.start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
 
+    def universal_checkpoint_loaded(self) -> str:
+        """Hook (optimizers/hooks.py): a universal checkpoint carries the element-wise state only.
+        The factors are whole matrices laid out for the saving run's TP sharding and cannot be
+        resharded, so they start afresh (their own step count too: grafting until recomputed)."""
+        for state in self.state.values():
+            state.pop("matrices", None)  # ZeRO 1/2: one list per flat partition
+            state.pop("matrix", None)
+        return ("shampoo: the preconditioner factors (L, R and their inverse roots) cannot be resharded and were "
+                "re-initialised; momentum and the Adam-grafting moments were loaded from the universal checkpoint "
+                f"(Adam-grafted steps until the factors are recomputed, {self.start} steps from now)")
+
     def elementwise(self, p, group, state):
         """Momentum and the Adam grafting direction, on this rank's shard; returns [g, m_hat, A]."""
         beta1, _ = group["shampoo_betas"]

@@ -53,6 +53,7 @@ class SophiaG(torch.optim.Optimizer):
                         hessian_interval=hessian_interval, step=0, hessian_updates=0)
         super().__init__(params, defaults)
         self._curvature_tokens = None  # set during a curvature pass
+        self._refresh_due = False  # an extra curvature pass before the next step (after a universal load)
 
     # -- hook protocol (megatron_ext.optimizers.hooks) ----------------------------------------
     def engine_ready(self, engine):
@@ -68,13 +69,24 @@ class SophiaG(torch.optim.Optimizer):
 
     def curvature_pass_due(self) -> bool:
         group = self.param_groups[0]
-        return group["step"] % group["hessian_interval"] == 0
+        return self._refresh_due or group["step"] % group["hessian_interval"] == 0
 
     def begin_curvature_pass(self, num_tokens: float) -> None:
         self._curvature_tokens = float(num_tokens)
 
     def end_curvature_pass(self) -> None:
         self._curvature_tokens = None
+        self._refresh_due = False
+
+    def universal_checkpoint_loaded(self) -> str:
+        """DeepSpeed's universal conversion carries ``exp_avg`` but not the Hessian estimate: it
+        starts from zero and is refreshed before the next step."""
+        for state in self.state.values():
+            if "exp_avg" in state and "hessian" not in state:
+                state["hessian"] = torch.zeros_like(state["exp_avg"])
+        self._refresh_due = True
+        return ("sophiag: the universal checkpoint does not carry the Hessian estimate; it was re-initialised "
+                "and is refreshed before the next step (momentum was loaded)")
 
     # -- update -------------------------------------------------------------------------------
     @staticmethod

@@ -1,8 +1,9 @@
 """megatron-core 0.16.1 hard-codes CUDA in a few places that ordinary CPU training reaches
 (RNG state save/restore, the tensor-parallel RNG tracker, RoPE's device placement, the default
-causal mask, the MoE utilities without Transformer Engine). When CUDA is absent we redirect exactly those entry points
-to their CPU equivalents. This is the only module that patches third-party code; `apply()` is
-idempotent and a no-op on machines with CUDA."""
+causal mask). When CUDA is absent we redirect exactly those entry points to their CPU
+equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
+is defined here. This is the only module that patches third-party code; `apply()` is idempotent
+and, on machines with CUDA, does only the Transformer Engine part."""
 import importlib
 
 import torch
@@ -15,6 +16,7 @@ def apply() -> bool:
     global _applied
     if _applied:
         return True
+    _define_moe_te_general_gemm()  # a Transformer Engine gap, not a CUDA one: GPUs without TE need it too
     if torch.cuda.is_available():
         return False
 
@@ -48,12 +50,6 @@ def apply() -> bool:
     transformer_utils.get_default_causal_mask = cpu_causal_mask
     fused_softmax.get_default_causal_mask = cpu_causal_mask
 
-    # Without Transformer Engine the MoE utilities reference an undefined name.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
     # DeepSpeed JIT-compiles a shared-memory collective op (~30 s of g++) at the first
     # init_distributed on CPU; gloo works without it.
     # (``import deepspeed.comm.torch as m`` would bind the real torch: deepspeed.comm re-exports it.)
@@ -61,3 +57,12 @@ def apply() -> bool:
 
     _applied = True
     return True
+
+
+def _define_moe_te_general_gemm() -> None:
+    """Without Transformer Engine, megatron-core's MoE router references an undefined
+    ``te_general_gemm`` (NameError); ``None`` selects its plain matmul path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

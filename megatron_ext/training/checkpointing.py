@@ -4,12 +4,18 @@ rank, the LR schedule, and ``universal_checkpoint_info``. Megatron's
 ``latest_checkpointed_iteration.txt`` is written beside DeepSpeed's ``latest``."""
 from __future__ import annotations
 
+import glob
 import os
 import random
-from typing import Any, Dict, Optional
+import re
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from megatron_ext.fileio import TMP_PREFIX, fsync_dir, write_text_atomically
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -20,39 +26,54 @@ def tag_for(iteration: int) -> str:
 
 
 def universal_checkpoint_info(args) -> Dict[str, Any]:
-    """What ``ds_to_universal`` needs to merge/split megatron-core GPT tensors across TP sizes."""
+    """What ``ds_to_universal`` needs to merge/split megatron-core GPT tensors across TP sizes.
+    A parameter may match at most one pattern of each kind (the converter asserts it); patterns
+    that match no parameter of the model are dropped at conversion (``training/universal.py``)."""
     from deepspeed.checkpoint import constants as c
 
-    return {
+    info = {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         c.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r".*layernorm\.(weight|bias)$",
-            r".*final_layernorm\.(weight|bias)$",
+            r".*layernorm\.(weight|bias)$",  # also final_layernorm, q/k_layernorm
             r".*linear_proj\.bias$",
             r".*linear_fc2\.bias$",
             r".*position_embeddings\.weight$",
+            r".*router\.weight$",  # MoE router
+            r".*(enorm|hnorm)\.weight$",  # MTP input norms
         ],
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
         c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*output_layer\.weight$"],
         c.ORIGINAL_VOCAB_SIZE: args.vocab_size_unpadded,
         c.PADDED_VOCAB_SIZE: args.padded_vocab_size,
     }
+    if getattr(args, "swiglu", False):
+        # SwiGLU's fused gate/up: a TP shard is [gate_r; up_r], the whole matrix [gate; up].
+        info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*linear_fc1\.(weight|bias)$"]
+    return info
 
 
 def rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     from megatron_ext.platform.accelerator import _accel, has_gpu
 
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
+        # megatron-core's per-TP-rank streams (dropout inside tensor-parallel regions)
+        "tensor_parallel": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
     }
     if has_gpu():
         state["accelerator"] = _accel().get_rng_state()
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], tensor_parallel: bool = True) -> None:
+    """``tensor_parallel=False`` keeps the freshly seeded tensor-parallel streams (after a TP size
+    change a saved stream belongs to another TP rank: ranks would share dropout masks)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     from megatron_ext.platform.accelerator import _accel, has_gpu
 
     random.setstate(state["random"])
@@ -60,6 +81,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if has_gpu() and "accelerator" in state:
         _accel().set_rng_state(state["accelerator"])
+    if tensor_parallel and state.get("tensor_parallel"):
+        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tensor_parallel"].items()})
 
 
 def _gather_rng_states():
@@ -72,7 +95,13 @@ def _gather_rng_states():
 
 
 def save_checkpoint(engine, args, iteration: int, consumed_samples: int, scheduler) -> str:
-    """Write ``<save>/global_step<iteration>``; returns the tag directory."""
+    """Write ``<save>/global_step<iteration>`` crash-safely; returns the tag directory.
+
+    Every rank writes its files into a hidden staging tag (``.incomplete.global_stepN``). Once all
+    of them are done, rank 0 renames the complete directory into place, then replaces ``latest``
+    and ``latest_checkpointed_iteration.txt`` (each a complete temporary file ``os.replace``d), and
+    only then prunes old checkpoints (``--keep-last``). A kill at any moment therefore leaves
+    ``latest`` naming a complete checkpoint: the new one or the previous one."""
     client_state = {
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -85,15 +114,108 @@ def save_checkpoint(engine, args, iteration: int, consumed_samples: int, schedul
     rng = _gather_rng_states()
     if not args.no_save_rng:
         client_state["rng_state"] = rng
+    if engine.checkpoint_engine.is_decoupled():  # files still being written when its save returns
+        raise RuntimeError("crash-safe saves need DeepSpeed's synchronous checkpoint engine: remove the "
+                           "asynchronous (decoupled/datastates) checkpoint engine from --deepspeed-config")
     tag = tag_for(iteration)
-    engine.save_checkpoint(args.save, tag=tag, client_state=client_state, save_latest=True)
-    if torch.distributed.get_rank() == 0:
-        tracker = os.path.join(args.save, TRACKER_FILE)
-        with open(tracker + ".tmp", "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker + ".tmp", tracker)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        os.makedirs(args.save, exist_ok=True)
+        discard_leftovers(args.save)  # of a save that was killed; never read, only in the way
+    torch.distributed.barrier()
+    # save_latest=False: DeepSpeed would write `latest` in place, before our rename.
+    engine.save_checkpoint(args.save, tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
+    # DeepSpeed's save ends with a barrier: every rank's files are in the staging directory.
+    if rank0:
+        publish_checkpoint(args.save, TMP_PREFIX + tag, tag, iteration)
+        if args.keep_last:
+            prune_checkpoints(args.save, args.keep_last)
     torch.distributed.barrier()
     return os.path.join(args.save, tag)
+
+
+# A checkpoint on its way out (replaced, or pruned by --keep-last) is renamed to this prefix first,
+# so a kill while deleting it leaves a hidden leftover, never a half-deleted global_stepN.
+DISCARD_PREFIX = ".discard."
+_TAG_PATTERN = re.compile(r"global_step(\d+)")
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directories in one atomic step where the OS and filesystem can; False otherwise."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd = -100
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    except (AttributeError, OSError):  # no renameat2 in this libc
+        return False
+
+
+def _discard(save_dir: str, name: str) -> None:
+    """Rename ``name`` out of the way (one atomic step), then delete it."""
+    aside = os.path.join(save_dir, f"{DISCARD_PREFIX}{name}.{os.getpid()}.{time.time_ns()}")
+    os.rename(os.path.join(save_dir, name), aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_checkpoint(save_dir: str, staging: str, tag: str, iteration: int) -> None:
+    """Make the complete staging directory ``tag`` and point ``latest`` (then Megatron's tracker
+    file) at it. Each step is one rename, so ``latest`` always names a complete checkpoint."""
+    staged, final = os.path.join(save_dir, staging), os.path.join(save_dir, tag)
+    if not os.path.lexists(final):
+        os.rename(staged, final)
+    elif _exchange(staged, final):  # an older save of the same iteration: swapped out in one step
+        _discard(save_dir, staging)
+    else:  # the old one is missing for an instant; only matters if `latest` named it
+        _discard(save_dir, tag)
+        os.rename(staged, final)
+    fsync_dir(save_dir)  # the rename is on disk before `latest` names it
+    write_text_atomically(os.path.join(save_dir, "latest"), tag)
+    write_text_atomically(os.path.join(save_dir, TRACKER_FILE), str(iteration))
+
+
+def discard_leftovers(save_dir: str) -> None:
+    """Delete what killed saves left behind: staging directories, temporary files, half-deleted
+    checkpoints (all hidden names that loading never reads)."""
+    for name in os.listdir(save_dir):
+        if not name.startswith((TMP_PREFIX, DISCARD_PREFIX)):
+            continue
+        path = os.path.join(save_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def own_checkpoints(save_dir: str) -> List[Tuple[int, str]]:
+    """``(iteration, name)`` of the checkpoints ``--keep-last`` may prune, oldest first: real
+    directories named exactly ``global_step<N>`` holding a DeepSpeed model-states file. Anything
+    else (``global_stepN_universal``, links, folders made by hand) is never touched."""
+    found = []
+    for name in os.listdir(save_dir):
+        match = _TAG_PATTERN.fullmatch(name)
+        path = os.path.join(save_dir, name)
+        if match and os.path.isdir(path) and not os.path.islink(path) and \
+                glob.glob(os.path.join(glob.escape(path), "mp_rank_*_model_states.pt")):
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
+    """Delete all but ``keep`` checkpoints: the one ``latest`` names and the highest iterations
+    among the rest. Returns the names deleted."""
+    latest = latest_tag(save_dir)
+    others = [name for _, name in own_checkpoints(save_dir) if name != latest]
+    kept = keep - 1 if latest is not None else keep
+    doomed = others[:max(len(others) - kept, 0)]
+    for name in doomed:
+        _discard(save_dir, name)
+    return doomed
 
 
 def latest_tag(load_dir: str) -> Optional[str]:
@@ -110,11 +232,21 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_ext.training import checkpoint_loading as loading
+    from megatron_ext.training.metrics import print_rank0
+
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
-    tag = latest_tag(args.load)
-    if tag is None:
-        return start
     load_optim = not (args.no_load_optim or args.finetune)
+    chosen = loading.choose_checkpoint(args, load_optim, say=print_rank0)
+    if chosen is None:
+        return start
+    tag, universal = chosen
+    if universal:
+        loading.check_universal(engine, args, tag)
+    else:
+        loading.check_native(engine, args, tag, load_optim)
+    engine._config.load_universal_checkpoint = universal  # the run's own newer native checkpoint may win
+    fresh_optimizer = loading.optimizer_hyperparameters(engine)
     path, client = engine.load_checkpoint(
         args.load,
         tag=tag,
@@ -125,6 +257,12 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     if path is None:
         raise RuntimeError(f"--load {args.load}: could not load checkpoint '{tag}'")
     start["path"] = os.path.dirname(path)  # DeepSpeed returns the model-states file inside the tag
+    if universal and not load_optim:  # DeepSpeed's universal path restores the optimizer regardless
+        loading.discard_optimizer_state(engine, fresh_optimizer)
+    elif universal:
+        warning = loading.universal_state_warning(engine, args, tag)
+        if warning:
+            print_rank0(f"warning: {warning}")
     if args.finetune:
         return start
     start["iteration"] = client["iteration"]
@@ -132,6 +270,9 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     scheduler.load_state_dict({**client["lr_scheduler"], "position": start["consumed_samples"]})
     states = client.get("rng_state")
     if states and not args.no_load_rng:
+        # One state per data-parallel rank of the saving run (all equal: every rank is seeded alike
+        # and draws alike). At another DP size a rank beyond the saved ones takes rank 0's.
         dp_rank = ps.get_data_parallel_rank()
-        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+        same_tp = int(client.get("mp_world_size", 1)) == ps.get_tensor_model_parallel_world_size()
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0], tensor_parallel=same_tp)
     return start

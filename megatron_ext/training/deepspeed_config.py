@@ -53,4 +53,11 @@ def build_deepspeed_config(args) -> dict:
                 )
         config = _merge(config, {k: v for k, v in user.items() if k not in BATCH_KEYS})
         args.zero_stage = config.get("zero_optimization", {}).get("stage", args.zero_stage)
+    if getattr(args, "universal_checkpoint", False):
+        config = _merge(config, {"checkpoint": {"load_universal": True}})
+    args.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
+    if args.universal_checkpoint and args.zero_stage not in (1, 2):
+        # Verified: ZeRO 0 fails reading the optimizer state, ZeRO 3 finds no model-states files.
+        raise DeepSpeedConfigError(f"--universal-checkpoint needs --zero-stage 1 or 2 (DeepSpeed 0.19.8 cannot "
+                                   f"load a universal checkpoint at ZeRO {args.zero_stage})")
     return config

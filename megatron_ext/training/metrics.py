@@ -8,6 +8,9 @@ import os
 
 import torch
 
+from megatron_ext import moe_mtp
+from megatron_ext.training.moe_mtp_metrics import log_line_fields
+
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -27,13 +30,14 @@ def format_log_line(r: dict, train_iters: int) -> str:
         f" learning_rate={r['learning_rate']:.6E} |"
         f" global_batch_size={r['global_batch_size']:5d} |"
         f" lm loss={r['lm_loss']:.6E} |"
+        f"{log_line_fields(r)}"  # MoE / MTP losses and expert load, when the model has them
         f" grad_norm={r['grad_norm']:.4f} |"
         f" tokens_per_second={r['tokens_per_second']:.1f} |"
         f" TFLOPs={r['tflops']:.4f} |"
     )
 
 
-def startup_table(args, num_params: int, start: dict) -> str:
+def startup_table(args, num_params: int, start: dict, parametrization: str = "") -> str:
     tokens_per_step = args.global_batch_size * args.seq_length
     rows = [
         ("parameters", f"{num_params:,}"),
@@ -51,7 +55,8 @@ def startup_table(args, num_params: int, start: dict) -> str:
         ("train tokens", f"{args.train_iters * tokens_per_step:,}"),
         ("optimizer", args.optimizer),
         ("lr schedule", f"{args.lr_decay_style} (lr {args.lr:g}, min {args.min_lr:g})"),
-        ("parametrization", args.parametrization),
+        ("parametrization", parametrization or args.parametrization),
+        *([("MoE / MTP", moe_mtp.summary(args))] if moe_mtp.summary(args) else []),
         ("vocabulary", f"{args.vocab_size_unpadded} (padded {args.padded_vocab_size})"),
         ("resumed from", start["path"] or "-"),
         ("start iteration", start["iteration"]),

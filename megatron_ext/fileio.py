@@ -1,0 +1,47 @@
+"""Atomic file replacement: a reader, or a process killed half-way, sees the old file or the
+complete new one, never a truncated one."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Temporary names start with this (hidden, and recognisable as leftovers of a killed writer).
+TMP_PREFIX = ".incomplete."
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o7777  # keep the replaced file's permissions
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes 0600; a new file gets the usual permissions
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)

@@ -1,0 +1,234 @@
+"""Mixture of experts (MoE) and multi-token prediction (MTP): the flags (Megatron-LM's names), their
+checks, and what they set in megatron-core's ``TransformerConfig`` and layer specs.
+
+Experts are ordinary data-parallel parameters here (expert parallel size 1); megatron-core's MoE
+with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE runs
+at tensor-parallel size 1. See docs/moe_mtp.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import List, Optional
+
+from megatron_ext.argtypes import choice_ci, nonneg_float, positive_float, positive_int
+
+# (global_aux_loss is left out: its router state needs a reset after every optimizer step.)
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+
+# Destinations of the MoE flags that mean nothing without --num-experts (all default None).
+MOE_ONLY = ("moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+            "moe_router_load_balancing_type", "moe_router_dtype", "moe_router_score_function",
+            "moe_router_topk_scaling_factor", "moe_layer_freq", "moe_first_k_dense")
+
+
+def moe_layer_freq(value: str):
+    """Megatron's ``--moe-layer-freq``: N (one MoE layer every N layers, starting with the first)
+    or a 0/1 pattern with one entry per layer, written as a list expression: ``[0,1,1,1]`` or
+    ``([0]*1+[1]*3)``. Parsed with ``ast``, never ``eval``."""
+    try:
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        pattern = _int_list(ast.parse(value.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected N or a 0/1 list like [0,1,1,1] or ([0]*1+[1]*3), got {value!r}") from None
+    if not pattern or any(v not in (0, 1) for v in pattern):
+        raise argparse.ArgumentTypeError(f"the pattern must be a non-empty list of 0 (dense) and 1 (MoE), got {value!r}")
+    return pattern
+
+
+def _int_list(node) -> List[int]:
+    if isinstance(node, ast.List):
+        values = [n.value for n in node.elts if isinstance(n, ast.Constant) and type(n.value) is int]
+        if len(values) != len(node.elts):
+            raise ValueError
+        return values
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _int_list(node.left) + _int_list(node.right)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        count = node.right if isinstance(node.left, ast.List) else node.left
+        items = node.left if isinstance(node.left, ast.List) else node.right
+        if not (isinstance(count, ast.Constant) and type(count.value) is int and 0 <= count.value <= 100_000):
+            raise ValueError
+        return _int_list(items) * count.value
+    raise ValueError
+
+
+# The word-valued flags' types (the launcher checks its variables with them too).
+VALUE_TYPES = {
+    "--moe-router-dtype": choice_ci("fp32", "fp64"),
+    "--moe-router-score-function": choice_ci("softmax", "sigmoid"),
+    "--moe-router-load-balancing-type": choice_ci(*LOAD_BALANCING_TYPES),
+    "--moe-layer-freq": moe_layer_freq,
+}
+
+
+def add_moe_mtp_arguments(g) -> None:
+    g.add_argument("--num-experts", "--num-moe-experts", dest="num_experts", type=positive_int, default=None,
+                   help="experts per MoE layer (megatron-core MoE, top-k routing); unset: dense MLP layers")
+    g.add_argument("--moe-router-topk", type=positive_int, default=None,
+                   help="experts each token is routed to (default 2)")
+    g.add_argument("--moe-ffn-hidden-size", type=positive_int, default=None,
+                   help="hidden size of each expert's MLP (default --ffn-hidden-size)")
+    g.add_argument("--moe-aux-loss-coeff", type=nonneg_float, default=None,
+                   help="weight of the load-balancing loss added to the training loss (default 0 as in "
+                        "Megatron; 1e-2 is the usual start)")
+    g.add_argument("--moe-z-loss-coeff", type=nonneg_float, default=None,
+                   help="weight of the router z-loss (ST-MoE; 1e-3 is the usual start; default off)")
+    g.add_argument("--moe-router-load-balancing-type", type=VALUE_TYPES["--moe-router-load-balancing-type"],
+                   default=None, help="aux_loss (per micro-batch, default), seq_aux_loss (per sequence, "
+                                      "DeepSeek), sinkhorn, none")
+    g.add_argument("--moe-router-dtype", type=VALUE_TYPES["--moe-router-dtype"], default=None,
+                   help="precision of the router logits, top-k and expert-output weighting "
+                        "(default: the model's dtype)")
+    g.add_argument("--moe-router-score-function", type=VALUE_TYPES["--moe-router-score-function"], default=None,
+                   help="router score (default softmax)")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="score all experts before choosing the top-k (needed for top-1 softmax routing "
+                        "and for --moe-router-topk-scaling-factor with softmax)")
+    g.add_argument("--moe-router-topk-scaling-factor", type=positive_float, default=None,
+                   help="expert scaling: multiply the chosen experts' weights by this (DeepSeek's "
+                        "routed_scaling_factor)")
+    g.add_argument("--moe-layer-freq", type=VALUE_TYPES["--moe-layer-freq"], default=None,
+                   help="N: one MoE layer every N layers (default 1: all), or a per-layer 0/1 pattern "
+                        "like ([0]*1+[1]*3)")
+    g.add_argument("--moe-first-k-dense", "--first-k-dense-replace", dest="moe_first_k_dense", type=positive_int,
+                   default=None, help="the first K layers keep a dense MLP (DeepSeek/OpenSeek first_k_dense_replace)")
+    g.add_argument("--expert-model-parallel-size", type=positive_int, default=1,
+                   help="accepted for Megatron compatibility; only 1 (experts are data-parallel parameters)")
+    g.add_argument("--mtp-num-layers", "--num-mtp-predictor", dest="mtp_num_layers", type=positive_int,
+                   default=None, help="multi-token prediction depth: extra layers each predicting one more "
+                                      "future token (OpenSeek: num_mtp_predictor)")
+    g.add_argument("--mtp-loss-scaling-factor", "--mtp-loss-coeff", dest="mtp_loss_scaling_factor",
+                   type=nonneg_float, default=None,
+                   help="weight of the mean MTP loss added to the training loss (default 0.1; "
+                        "OpenSeek: mtp_loss_coeff)")
+
+
+def validate_moe_mtp_args(args) -> None:
+    """Fill the MoE/MTP defaults and reject what cannot work: ValueError, one line naming the flag."""
+    if args.expert_model_parallel_size != 1:
+        raise ValueError(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is "
+                         "not supported; use 1 (experts are data-parallel parameters)")
+    if args.mtp_num_layers is None and args.mtp_loss_scaling_factor is not None:
+        raise ValueError("--mtp-loss-scaling-factor needs --mtp-num-layers")
+    if args.mtp_num_layers is not None and args.mtp_loss_scaling_factor is None:
+        args.mtp_loss_scaling_factor = 0.1
+    if args.num_experts is None:
+        given = [d for d in MOE_ONLY if getattr(args, d) is not None]
+        if given or args.moe_router_pre_softmax:
+            flag = "--" + (given[0] if given else "moe_router_pre_softmax").replace("_", "-")
+            raise ValueError(f"{flag} needs --num-experts")
+        return
+    for dest, default in (("moe_router_topk", 2), ("moe_aux_loss_coeff", 0.0), ("moe_layer_freq", 1),
+                          ("moe_router_load_balancing_type", "aux_loss"), ("moe_router_score_function", "softmax")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.moe_router_topk > args.num_experts:
+        raise ValueError(f"--moe-router-topk {args.moe_router_topk} is larger than --num-experts {args.num_experts}")
+    if args.tensor_model_parallel_size != 1:
+        raise ValueError(f"--num-experts with --tensor-model-parallel-size {args.tensor_model_parallel_size}: "
+                         "megatron-core's MoE with tensor parallelism needs sequence parallelism, which is not "
+                         "supported; use tensor-parallel size 1")
+    balancing = args.moe_router_load_balancing_type
+    if (args.moe_router_topk == 1 and args.moe_router_score_function == "softmax"
+            and not args.moe_router_pre_softmax and balancing != "sinkhorn"):
+        raise ValueError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax "
+                         "(a softmax over the one chosen expert has zero gradient)")
+    if (args.moe_router_topk_scaling_factor is not None and args.moe_router_score_function == "softmax"
+            and not args.moe_router_pre_softmax):
+        raise ValueError("--moe-router-topk-scaling-factor with softmax scores needs --moe-router-pre-softmax "
+                         "(otherwise the top-k weights are renormalised to sum to 1)")
+    if balancing in ("sinkhorn", "none") and args.moe_aux_loss_coeff > 0:
+        raise ValueError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff:g} has no effect with "
+                         f"--moe-router-load-balancing-type {balancing}; use 0 or an aux-loss type")
+    if balancing == "sinkhorn" and args.moe_router_score_function != "softmax":
+        raise ValueError("--moe-router-load-balancing-type sinkhorn needs --moe-router-score-function softmax")
+    pattern = moe_layer_pattern(args)
+    if len(pattern) != args.num_layers:
+        raise ValueError(f"--moe-layer-freq has {len(pattern)} entries but --num-layers is {args.num_layers}")
+    if args.moe_first_k_dense is not None and args.moe_first_k_dense >= args.num_layers:
+        raise ValueError(f"--moe-first-k-dense {args.moe_first_k_dense} leaves no MoE layer of --num-layers "
+                         f"{args.num_layers}")
+    if not any(pattern):
+        raise ValueError("--moe-layer-freq leaves no MoE layer")
+
+
+def moe_layer_pattern(args) -> Optional[List[int]]:
+    """Per decoder layer: 1 = MoE, 0 = dense MLP (None without --num-experts)."""
+    if args.num_experts is None:
+        return None
+    freq = args.moe_layer_freq
+    pattern = list(freq) if isinstance(freq, list) else [int(i % freq == 0) for i in range(args.num_layers)]
+    k = args.moe_first_k_dense or 0
+    return [0] * min(k, len(pattern)) + pattern[k:]
+
+
+def config_kwargs(args) -> dict:
+    """The TransformerConfig fields the MoE/MTP flags set (empty for a dense model without MTP)."""
+    kwargs = {}
+    if args.mtp_num_layers is not None:
+        kwargs.update(mtp_num_layers=args.mtp_num_layers, mtp_loss_scaling_factor=args.mtp_loss_scaling_factor)
+    if args.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_router_dtype=args.moe_router_dtype,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_layer_freq=moe_layer_pattern(args),
+            moe_token_dispatcher_type="allgather",  # megatron-core's default; the others serve expert parallelism
+            moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine / grouped_gemm kernels
+        )
+    return kwargs
+
+
+def layer_specs(config, normalization: str):
+    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs.
+
+    Dense without MTP keeps the single layer spec (unchanged parameter names and init)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    if config.num_moe_experts is None:
+        spec = get_gpt_layer_local_spec(normalization=normalization)
+    else:  # per-layer MoE or dense MLP following config.moe_layer_freq
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=normalization)
+    mtp = None
+    if config.mtp_num_layers is not None:
+        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+    return spec, mtp
+
+
+def summary(args) -> str:
+    """One line for the start-up table ('' for a dense model without MTP)."""
+    parts = []
+    if args.num_experts is not None:
+        pattern = moe_layer_pattern(args)
+        parts.append(f"MoE {args.num_experts} experts top-{args.moe_router_topk} in {sum(pattern)}/{len(pattern)} "
+                     f"layers (aux loss coeff {args.moe_aux_loss_coeff:g})")
+    if args.mtp_num_layers is not None:
+        parts.append(f"MTP {args.mtp_num_layers} layer(s) (loss scale {args.mtp_loss_scaling_factor:g})")
+    return "; ".join(parts)
+
+
+def idle_expert_parameters(model, args) -> int:
+    """Expert weights a token does not pass through (all but its top-k experts): left out of the
+    FLOPs per token, which count only the active parameters."""
+    if args.num_experts is None:
+        return 0
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    return int(experts * (1 - args.moe_router_topk / args.num_experts))

@@ -1,0 +1,197 @@
+"""What ``checkpointing.load_checkpoint`` decides and checks before DeepSpeed loads anything, and
+what it fixes up afterwards.
+
+* Which checkpoint: ``latest`` (native) or, with ``--universal-checkpoint``, ``latest_universal``.
+  A relaunch of a resized run keeps ``--universal-checkpoint`` on its command line while the run
+  has written newer native checkpoints at its new layout into the same directory: the newer native
+  one is loaded then (it is the run's own progress).
+* Whether it can load: a native checkpoint only at its own tensor-parallel size, and with its
+  (ZeRO-partitioned) optimizer state only at its own data-parallel size and ZeRO family (0 vs
+  1/2); a model whose tensors do not have the checkpoint's shapes fails with the first mismatching
+  tensor and both shapes. All one line (``CheckpointLoadError``), before DeepSpeed's own (long) error.
+* After a universal load that should not restore the optimizer (``--no-load-optim``,
+  ``--finetune``): DeepSpeed's universal path restores the optimizer state regardless, so it is
+  dropped again here (a fresh optimizer with the flags' hyperparameters).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from megatron_ext.training.universal import LATEST_UNIVERSAL, load_states, model_states_files, read_latest
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message is one line."""
+
+
+def _client(load_dir: str, tag: str) -> Dict[str, Any]:
+    files = model_states_files(os.path.join(load_dir, tag))
+    if not files:
+        raise CheckpointLoadError(f"--load {load_dir}: checkpoint '{tag}' is missing or incomplete "
+                                  f"(no mp_rank_*_model_states.pt in {os.path.join(load_dir, tag)})")
+    return load_states(files[0])
+
+
+def saved_zero_stage(client: Dict[str, Any]) -> int:
+    saved = client.get("args") or {}
+    if "zero_stage" in saved:
+        return int(saved["zero_stage"])
+    return int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[str]:
+    """Why a native checkpoint cannot be loaded at this run's layout (None when it can)."""
+    tp, saved_tp = args.tensor_model_parallel_size, int(client.get("mp_world_size", 1))
+    if saved_tp != tp:
+        return f"it was saved at tensor-parallel size {saved_tp}, this run uses {tp}"
+    if not load_optim:
+        return None  # the weights are whole per TP rank: any data-parallel size and ZeRO stage
+    stage, saved_stage = args.zero_stage, saved_zero_stage(client)
+    if (stage == 0) != (saved_stage == 0):
+        return (f"it was saved with ZeRO {saved_stage}, this run uses ZeRO {stage} "
+                "(their optimizer-state formats differ)")
+    dp = args.data_parallel_size
+    saved_dp = int(client.get("dp_world_size", dp))
+    if stage and saved_dp != dp:
+        return (f"it was saved at data-parallel size {saved_dp} with ZeRO {saved_stage} (optimizer state "
+                f"partitioned {saved_dp} ways), this run has data-parallel size {dp}")
+    return None
+
+
+def choose_checkpoint(args, load_optim: bool, say=print) -> Optional[Tuple[str, bool]]:
+    """``(tag, is_universal)`` to load from ``args.load``, or None (nothing there yet: a fresh run)."""
+    native = read_latest(args.load, "latest")
+    if not getattr(args, "universal_checkpoint", False):
+        return (native, False) if native else None
+    universal = read_latest(args.load, LATEST_UNIVERSAL)
+    if universal is None:
+        raise CheckpointLoadError(f"--universal-checkpoint: no '{LATEST_UNIVERSAL}' file in --load {args.load}; "
+                                  f"convert a checkpoint first: megatron-ext to-universal {args.load}")
+    u_client = _client(args.load, universal)
+    if native and native != universal and os.path.isdir(os.path.join(args.load, native)):
+        n_client = _client(args.load, native)
+        newer = int(n_client.get("iteration", -1)) > int(u_client.get("iteration", -1))
+        if newer and layout_problem(n_client, args, load_optim) is None:
+            say(f"--universal-checkpoint: loading {native} (iteration {n_client.get('iteration')}), the run's own "
+                f"checkpoint at this layout, newer than the universal {universal} "
+                f"(iteration {u_client.get('iteration')})")
+            return native, False
+    return universal, True
+
+
+def _full_shape(param, tp: int) -> Tuple[int, ...]:
+    """The shape of a (possibly tensor-parallel-sharded) parameter as a whole."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def _mismatch(load_dir: str, tag: str, detail: str) -> CheckpointLoadError:
+    return CheckpointLoadError(f"--load {load_dir} ({tag}) does not match the model built from the flags: {detail}")
+
+
+def check_native(engine, args, tag: str, load_optim: bool) -> None:
+    """Layout and tensor shapes of a native checkpoint against this run (raises CheckpointLoadError)."""
+    from megatron.core import parallel_state as ps
+
+    load_dir = args.load
+    client = _client(load_dir, tag)
+    problem = layout_problem(client, args, load_optim)
+    if problem:
+        hint = "" if "tensor-parallel" in problem else " (or pass --no-load-optim to load the weights only)"
+        raise CheckpointLoadError(
+            f"--load {load_dir} ({tag}): {problem}; convert it with 'megatron-ext to-universal {load_dir}' and "
+            f"add --universal-checkpoint{hint}")
+    path = os.path.join(load_dir, tag, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_model_states.pt")
+    saved = load_states(path).get("module") or {}
+    _compare([(name, tuple(t.shape)) for name, t in saved.items() if hasattr(t, "shape")],
+             [(name, tuple(t.shape)) for name, t in engine.module.state_dict().items() if hasattr(t, "shape")],
+             load_dir, tag)
+
+
+def check_universal(engine, args, tag: str) -> None:
+    """Whole-tensor shapes of a universal checkpoint (``zero/<name>/fp32.pt``) against this model;
+    vocabulary tensors are stored unpadded and compared with the tokenizer's vocabulary."""
+    from megatron.core import parallel_state as ps
+
+    from deepspeed.checkpoint.constants import PARAM, VOCAB_TENSOR
+
+    zero = os.path.join(args.load, tag, "zero")
+    if not os.path.isdir(zero):
+        raise CheckpointLoadError(f"--load {args.load} ({tag}): not a universal checkpoint (no zero/ folder); "
+                                  f"convert with 'megatron-ext to-universal'")
+    tp = ps.get_tensor_model_parallel_world_size()
+    saved, model = [], []
+    in_checkpoint = set(os.listdir(zero))
+    for name, param in engine.module.named_parameters():
+        shape = _full_shape(param, tp)
+        path = os.path.join(zero, name, "fp32.pt")
+        if name in in_checkpoint and os.path.isfile(path):
+            stored = load_states(path)
+            ckpt_shape = tuple(stored[PARAM].shape)
+            if stored.get(VOCAB_TENSOR):  # unpadded rows: compare with the unpadded vocabulary
+                shape = (args.vocab_size_unpadded, *shape[1:])
+            saved.append((name, ckpt_shape))
+        model.append((name, shape))
+    known = {name for name, _ in model}
+    saved += [(name, None) for name in sorted(in_checkpoint - known) if os.path.isdir(os.path.join(zero, name))]
+    _compare(saved, model, args.load, tag)
+
+
+def _compare(saved: List[Tuple[str, Any]], model: List[Tuple[str, Any]], load_dir: str, tag: str) -> None:
+    saved_shapes = dict(saved)
+    for name, shape in model:
+        if name not in saved_shapes:
+            raise _mismatch(load_dir, tag, f"{name} (shape {_fmt(shape)} in the model) is not in the checkpoint")
+        if saved_shapes[name] != shape:
+            raise _mismatch(load_dir, tag, f"first mismatch {name}: shape {_fmt(saved_shapes[name])} in the "
+                                           f"checkpoint, {_fmt(shape)} in the model")
+    names = {name for name, _ in model}
+    extra = [name for name, _ in saved if name not in names]
+    if extra:
+        raise _mismatch(load_dir, tag, f"{extra[0]} is in the checkpoint but not in the model")
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")" if shape is not None else "?"
+
+
+# -- after loading ----------------------------------------------------------------------------
+def optimizer_hyperparameters(engine) -> List[Dict[str, Any]]:
+    """The base optimizer's param-group settings (everything but the tensors)."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+
+
+def discard_optimizer_state(engine, hyperparameters: List[Dict[str, Any]]) -> None:
+    """A fresh optimizer after a load that restored one: no state, the flags' hyperparameters."""
+    wrapper = engine.optimizer
+    base = getattr(wrapper, "optimizer", wrapper)
+    base.state.clear()  # torch optimizers create their state lazily at the first step
+    for group, settings in zip(base.param_groups, hyperparameters):
+        group.update(settings)
+    for lp_group in getattr(wrapper, "bit16_groups", []):  # ZeRO's per-parameter views of that state
+        for lp in lp_group:
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is not None:
+                mapping.optim_fragment = {}
+
+
+def universal_state_warning(engine, args, tag: str) -> Optional[str]:
+    """After a universal load with optimizer state: the optimizer's own warning (hook
+    ``universal_checkpoint_loaded``: it re-created what cannot be resharded), else one naming the
+    state the conversion did not carry (from its record), else None."""
+    from megatron_ext.optimizers import hooks as optimizer_hooks
+    from megatron_ext.training.universal import read_record
+
+    warning = optimizer_hooks.universal_checkpoint_loaded(engine.basic_optimizer)
+    if warning:
+        return warning
+    missing = read_record(os.path.join(args.load, tag)).get("not_carried")
+    if missing:
+        return (f"{args.load} ({tag}) does not carry the optimizer state {', '.join(missing)} (DeepSpeed's "
+                f"universal conversion keeps exp_avg, exp_avg_sq and step): --optimizer {args.optimizer} starts "
+                "it afresh")
+    return None

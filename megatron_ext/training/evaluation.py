@@ -1,0 +1,345 @@
+"""Evaluation during training (docs/evaluation.md).
+
+* Validation / test: the mean LM loss over the fixed evaluation batches and the next-token accuracy
+  (the fraction of unmasked positions whose arg-max prediction is the label), from one forward pass.
+* ``--eval-mc-file``: a multiple-choice set in HellaSwag's jsonl format, scored by the
+  log-likelihood of each ending given its context (length-normalised and raw), every
+  ``--eval-mc-interval`` iterations and at the end, split across data-parallel ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_ext.argtypes import positive_int
+
+MC_SPLIT = "mc_eval"  # the metrics.jsonl split of multiple-choice records
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+
+
+def add_mc_eval_arguments(g) -> None:
+    g.add_argument("--eval-mc-file", default=None, metavar="FILE.jsonl",
+                   help="multiple-choice set in HellaSwag's jsonl format (ctx or ctx_a+ctx_b, endings, label), "
+                        "scored by length-normalised log-likelihood of each ending (docs/evaluation.md)")
+    g.add_argument("--eval-mc-interval", type=positive_int, default=None, metavar="N",
+                   help="score --eval-mc-file every N iterations and at the end (default --eval-interval)")
+    g.add_argument("--eval-mc-limit", type=positive_int, default=None, metavar="K",
+                   help="score only the first K examples of --eval-mc-file")
+
+
+def validate_mc_eval_args(args, check_files: bool = True) -> None:
+    """Raise ValueError (one line) for --eval-mc-* settings that cannot work. With ``check_files``
+    the file is read and tokenized here, so a bad line is reported before any work starts."""
+    if args.eval_mc_file is None:
+        for dest in ("eval_mc_interval", "eval_mc_limit"):
+            if getattr(args, dest) is not None:
+                raise ValueError(f"--{dest.replace('_', '-')} has no effect without --eval-mc-file")
+        return
+    if args.mock_data and args.tokenizer_model is None and args.vocab_file is None:
+        raise ValueError("--eval-mc-file needs a tokenizer for its text: --mock-data has none unless "
+                         "--tokenizer-model (or --vocab-file/--merge-file) names one")
+    if args.eval_mc_interval is None:
+        args.eval_mc_interval = args.eval_interval
+    if not check_files:
+        return
+    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
+
+    examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit)
+    tokenizer = tokenizer_for(args, data_sources(args))
+    for example in examples:
+        encode_mc_example(tokenizer, example, args.seq_length)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation loss and next-token accuracy
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def captured_logits(model):
+    """Keep the logits of the model's output layer (this rank's vocabulary shard, [s, b, v/tp]).
+
+    A hook, not a forward without labels: the loss stays the model's own (bit-identical to training's
+    ``lm_loss``), and megatron-core 0.16.1's GPTModel with MTP needs labels. Under MTP the output
+    layer also runs on each MTP depth first; the main logits are its last call."""
+    box = {}
+
+    def keep(_module, _inputs, output):
+        box["logits"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.output_layer.register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int, tp_rank: int = 0, tp_size: int = 1,
+                          group=None) -> torch.Tensor:
+    """Arg-max over the full vocabulary of logits split across tensor-parallel ranks (each rank holds
+    the contiguous shard ``[tp_rank * v, (tp_rank + 1) * v)``). Padded ids (>= ``real_vocab_size``)
+    never win. Ties go to the smallest id, as ``torch.argmax`` over the whole row does."""
+    width = logits.size(-1)
+    start = tp_rank * width
+    real = max(0, min(width, real_vocab_size - start))
+    if real > 0:
+        values, index = logits[..., :real].float().max(dim=-1)
+        index = index + start
+    else:  # a shard holding only padding
+        values = torch.full(logits.shape[:-1], -math.inf, device=logits.device)
+        index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    if tp_size == 1:
+        return index
+    best = values.clone()
+    torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
+    index = torch.where(values == best, index, torch.full_like(index, torch.iinfo(torch.long).max))
+    torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MIN, group=group)
+    return index
+
+
+def evaluate(engine, dataset, args, device) -> Optional[dict]:
+    """``{"lm_loss", "accuracy"}`` over the first ``--eval-iters`` global batches of ``dataset``.
+
+    ``lm_loss`` is the mean of the micro-batch mean losses, averaged over data-parallel ranks;
+    ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.data.gpt_data import make_loader
+    from megatron_ext.optimizers import hooks as optimizer_hooks
+    from megatron_ext.training.trainer import _dp_mean, lm_loss
+
+    if dataset is None or args.eval_iters == 0:
+        return None
+    engine.eval()
+    total, count = torch.zeros((), device=device), 0
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # correct, positions
+    vocab = getattr(args, "vocab_size_unpadded", None) or args.padded_vocab_size
+    tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+          ps.get_tensor_model_parallel_group())
+    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
+    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
+        for batch in make_loader(dataset, args, consumed=0, total=args.eval_iters * args.global_batch_size):
+            with captured_logits(engine.module) as out:
+                total += lm_loss(engine, batch, device)
+            predicted = vocab_parallel_argmax(out["logits"], vocab, *tp).transpose(0, 1)  # [s, b] -> [b, s]
+            labels = batch["labels"].to(device, non_blocking=True)
+            mask = batch["loss_mask"].to(device, non_blocking=True) > 0
+            hits[0] += ((predicted == labels) & mask).sum()
+            hits[1] += mask.sum()
+            count += 1
+    engine.train()
+    torch.distributed.all_reduce(hits, group=ps.get_data_parallel_group())
+    correct, positions = hits.tolist()
+    return {"lm_loss": _dp_mean(total / max(count, 1)),
+            "accuracy": correct / positions if positions else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple choice (HellaSwag format)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MCExample:
+    where: str  # "file:line", for error messages
+    context: str
+    endings: List[str]
+    label: int
+
+
+@dataclasses.dataclass
+class EncodedMCExample:
+    sequences: List[List[int]]  # per ending: end-of-document token, context, ending
+    ending_lengths: List[int]  # per ending: how many of its sequence's last tokens are the ending
+    label: int
+
+
+def _first_field(obj: dict, names: Sequence[str]):
+    return next(((n, obj[n]) for n in names if n in obj), (None, None))
+
+
+def parse_mc_record(obj, where: str) -> MCExample:
+    """One jsonl record -> MCExample; ValueError ``where: what is wrong`` otherwise."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    name, context = _first_field(obj, ("ctx", "query"))
+    if name is None:
+        if "ctx_a" not in obj:
+            raise ValueError(f"{where}: missing field 'ctx' (or 'ctx_a' and 'ctx_b')")
+        name, context = "ctx_a", obj["ctx_a"]
+        ctx_b = obj.get("ctx_b", "")
+        if not isinstance(ctx_b, str):
+            raise ValueError(f"{where}: field 'ctx_b' must be a string")
+        if isinstance(context, str) and ctx_b:
+            context = f"{context} {ctx_b}"  # how HellaSwag builds its own 'ctx'
+    if not isinstance(context, str):
+        raise ValueError(f"{where}: field '{name}' must be a string")
+    name, endings = _first_field(obj, ("endings", "choices"))
+    if name is None:
+        raise ValueError(f"{where}: missing field 'endings'")
+    if (not isinstance(endings, list) or len(endings) < 2
+            or not all(isinstance(e, str) and e.strip() for e in endings)):
+        raise ValueError(f"{where}: field '{name}' must be a list of at least 2 non-empty strings")
+    name, label = _first_field(obj, ("label", "gold"))
+    if name is None:
+        raise ValueError(f"{where}: missing field 'label' (HellaSwag's test split has no labels)")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"{where}: field '{name}' must be an integer, got {label!r}")
+    if not 0 <= label < len(endings):
+        raise ValueError(f"{where}: label {label} is out of range for {len(endings)} endings (0..{len(endings) - 1})")
+    return MCExample(where, context, list(endings), label)
+
+
+def read_mc_file(path: str, limit: Optional[int] = None) -> List[MCExample]:
+    """The first ``limit`` (default all) examples of a jsonl file; blank lines are skipped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--eval-mc-file: no such file: {path}")
+    examples = []
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{where}: not UTF-8 text") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+                examples.append(parse_mc_record(obj, where))
+                if limit is not None and len(examples) == limit:
+                    break
+    except OSError as e:
+        raise ValueError(f"--eval-mc-file {path}: cannot read ({e.strerror})") from None
+    if not examples:
+        raise ValueError(f"--eval-mc-file {path}: no examples")
+    return examples
+
+
+def _joined(context: str, ending: str) -> str:
+    """The text of context + ending: one space between them, as HellaSwag's endings have none."""
+    if not context or context[-1].isspace() or ending[0].isspace():
+        return context + ending
+    return context + " " + ending
+
+
+def encode_mc_example(tokenizer, example: MCExample, max_tokens: int) -> EncodedMCExample:
+    """Token ids of each ending after its context, which follows the end-of-document token (as a
+    document starts in the training data). An ending's tokens are those of context + ending after
+    their longest common prefix with the context's own tokens, so a token spanning the boundary is
+    scored with the ending. Contexts are cut from the left to fit ``max_tokens`` model inputs."""
+    try:
+        context = tokenizer.tokenize(example.context)
+        sequences, lengths = [], []
+        for k, ending in enumerate(example.endings):
+            full = tokenizer.tokenize(_joined(example.context, ending))
+            common = 0
+            while common < min(len(context), len(full)) and context[common] == full[common]:
+                common += 1
+            if common == len(full):
+                raise ValueError(f"ending {k} adds no tokens")
+            if len(full) - common > max_tokens:
+                raise ValueError(f"ending {k} is {len(full) - common} tokens, more than --seq-length {max_tokens}")
+            sequences.append(([tokenizer.eod] + full)[-(max_tokens + 1):])
+            lengths.append(len(full) - common)
+    except ValueError as e:
+        raise ValueError(f"{example.where}: {e}") from None
+    return EncodedMCExample(sequences, lengths, example.label)
+
+
+# log p(sequence[t + 1] | sequence[: t + 1]) for t = 0 .. len - 2, for each of a list of sequences
+TokenLogProbs = Callable[[List[List[int]]], List[List[float]]]
+
+
+def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogProbs) -> List[Tuple[float, int]]:
+    """(sum of the ending's token log-probabilities, number of ending tokens) for each ending."""
+    per_token = token_log_probs(example.sequences)
+    return [(math.fsum(lp[len(lp) - n:]), n) for lp, n in zip(per_token, example.ending_lengths)]
+
+
+def choose(scores: Sequence[Tuple[float, int]]) -> Tuple[int, int]:
+    """(ending with the highest mean token log-probability, ending with the highest sum); the
+    first one wins a tie."""
+    endings = range(len(scores))
+    normalised = max(endings, key=lambda k: scores[k][0] / scores[k][1])
+    raw = max(endings, key=lambda k: scores[k][0])
+    return normalised, raw
+
+
+def model_token_log_probs(engine, device) -> TokenLogProbs:
+    """One forward of the model over all sequences (right-padded; causal attention makes padding
+    invisible to earlier positions). The model's per-token loss with labels is exactly
+    -log p(label): its vocabulary-parallel cross entropy, correct under tensor parallelism."""
+
+    def run(sequences: List[List[int]]) -> List[List[float]]:
+        width = max(len(s) for s in sequences) - 1
+        pad = sequences[0][0]  # any valid id: padded positions are never read
+        rows = [s + [pad] * (width + 1 - len(s)) for s in sequences]
+        ids = torch.tensor(rows, dtype=torch.long, device=device)
+        positions = torch.arange(width, dtype=torch.long, device=device).expand(len(rows), width)
+        losses = engine(input_ids=ids[:, :-1], position_ids=positions, attention_mask=None, labels=ids[:, 1:])
+        losses = losses.double().cpu()
+        return [(-losses[i, : len(s) - 1]).tolist() for i, s in enumerate(sequences)]
+
+    return run
+
+
+class MultipleChoiceEval:
+    """``--eval-mc-file``: accuracy on a multiple-choice set, split across data-parallel ranks."""
+
+    def __init__(self, path: str, examples: List[EncodedMCExample]):
+        self.path, self.examples = path, examples
+
+    @classmethod
+    def from_args(cls, args, tokenizer) -> Optional["MultipleChoiceEval"]:
+        if args.eval_mc_file is None:
+            return None
+        examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit)
+        return cls(args.eval_mc_file, [encode_mc_example(tokenizer, e, args.seq_length) for e in examples])
+
+    def due(self, iteration: int, args) -> bool:
+        return iteration % args.eval_mc_interval == 0 and iteration < args.train_iters
+
+    def run(self, engine, device, iteration: int, consumed: int, metrics) -> dict:
+        from megatron.core import parallel_state as ps
+
+        from megatron_ext.optimizers import hooks as optimizer_hooks
+        from megatron_ext.training.metrics import print_rank0
+
+        rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        token_log_probs = model_token_log_probs(engine, device)
+        counts = torch.zeros(3, dtype=torch.long, device=device)  # normalised correct, raw correct, examples
+        engine.eval()
+        with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
+            # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
+            # a rank past the end repeats example 0 and does not count it.
+            for first in range(0, len(self.examples), size):
+                index = first + rank
+                example = self.examples[index if index < len(self.examples) else 0]
+                normalised, raw = choose(ending_log_likelihoods(example, token_log_probs))
+                if index < len(self.examples):
+                    counts += torch.tensor([int(normalised == example.label), int(raw == example.label), 1], device=device)
+        engine.train()
+        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
+        normalised, raw, n = counts.tolist()
+        record = dict(iteration=iteration, consumed_samples=consumed, mc_accuracy=normalised / n,
+                      mc_accuracy_unnormalized=raw / n, mc_examples=n)
+        print_rank0(f" multiple-choice eval at iteration {iteration} | mc accuracy: {normalised / n:.4f} "
+                    f"({normalised}/{n}, length-normalised) | unnormalised: {raw / n:.4f} | "
+                    f"file: {os.path.basename(self.path)}")
+        metrics.write(MC_SPLIT, record)
+        return record

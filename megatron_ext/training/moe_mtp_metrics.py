@@ -1,0 +1,129 @@
+"""The auxiliary training losses of MoE and MTP models, and per-expert load, for the log.
+
+megatron-core adds the MoE load-balancing / z-loss and the MTP loss to the gradient, not to the
+returned LM loss: each is attached to an activation through an autograd function
+(``MoEAuxLossAutoScaler``, ``MTPLossAutoScaler``) whose backward feeds the loss a gradient of
+``main_loss_backward_scale``. That scale must equal the gradient the LM loss receives, which under
+DeepSpeed is 1/accumulation steps (times the fp16 loss scale); ``AuxiliaryLosses.attach`` reads it
+from the LM loss's own gradient. The logged LM loss therefore stays the pure next-token loss.
+
+megatron-core records the (unweighted) auxiliary losses per layer in its trackers on every training
+forward; ``collect`` averages them over the micro-batches since the last log, the data-parallel
+ranks and the MoE layers (Megatron's ``load_balancing_loss``, ``z_loss``, ``mtp_N loss``).
+Expert load is counted here from each router's routing map: tokens sent to each expert of each MoE
+layer, summed over the data-parallel ranks and the iterations since the last log.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+# megatron-core tracker name -> metrics.jsonl key
+_MOE_TRACKED = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss": "moe_aux_loss",
+                "z_loss": "moe_z_loss"}
+
+
+class AuxiliaryLosses:
+    def __init__(self, model: torch.nn.Module, args):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.moe = args.num_experts is not None
+        self.mtp = args.mtp_num_layers is not None
+        self.routers: List[str] = []
+        self.load = None
+        self.handles = []
+        if not self.moe:
+            return
+        routers = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
+        self.routers = [name.rsplit(".mlp.router", 1)[0] for name, _ in routers]  # decoder.layers.1, mtp.layers.0
+        device = next(model.parameters()).device
+        self.load = torch.zeros(len(routers), args.num_experts, dtype=torch.long, device=device)
+        for index, (_, router) in enumerate(routers):
+            self.handles.append(router.register_forward_hook(self._count(index)))
+
+    def _count(self, index: int):
+        def hook(module, inputs, output):
+            # Training forwards with autograd only: evaluation runs under no_grad, and full
+            # activation recomputation runs each layer twice, once without and once with grad.
+            if module.training and torch.is_grad_enabled():
+                _, routing_map = output
+                self.load[index] += routing_map.sum(dim=0).to(torch.long)
+
+        return hook
+
+    @property
+    def enabled(self) -> bool:
+        return self.moe or self.mtp
+
+    def attach(self, loss: torch.Tensor) -> None:
+        """Give megatron-core's auxiliary losses the gradient scale the LM ``loss`` receives in this backward."""
+        if not self.enabled or not loss.requires_grad:
+            return
+
+        def set_scale(grad):
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+            from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+            scale = grad.detach().clone()  # MoE's setter copies into the tensor it keeps
+            MoEAuxLossAutoScaler.set_loss_scale(scale)
+            MTPLossAutoScaler.set_loss_scale(scale.clone())
+            return grad
+
+        loss.register_hook(set_scale)
+
+    def collect(self, micro_batches: int) -> Dict[str, object]:
+        """metrics.jsonl fields for the ``micro_batches`` training micro-batches (per rank) since the
+        last call; resets the trackers and counts. Every data-parallel rank must call it."""
+        if not self.enabled:
+            return {}
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        group, dp = ps.get_data_parallel_group(), ps.get_data_parallel_world_size()
+        record: Dict[str, object] = {}
+        denominator = max(micro_batches, 1) * dp
+        if self.moe:
+            tracker = get_moe_layer_wise_logging_tracker()
+            for name in sorted(tracker):
+                key = _MOE_TRACKED.get(name, f"moe_{name}")
+                values = tracker[name]["values"].detach().float().clone()
+                torch.distributed.all_reduce(values, group=group)  # gloo has no AVG: sum, then divide
+                record[key] = values.sum().item() / len(self.routers) / denominator
+            clear_aux_losses_tracker()
+            load = self.load.clone()
+            torch.distributed.all_reduce(load, group=group)
+            record["expert_load"] = {name: row.tolist() for name, row in zip(self.routers, load)}
+            self.load.zero_()
+        if self.mtp and "values" in MTPLossLoggingHelper.tracker:
+            values = MTPLossLoggingHelper.tracker["values"].detach().float().clone()
+            torch.distributed.all_reduce(values, group=group)
+            per_depth = (values / denominator).tolist()
+            record["mtp_loss"] = sum(per_depth) / len(per_depth)
+            record["mtp_losses"] = per_depth
+            MTPLossLoggingHelper.tracker["values"].zero_()
+        return record
+
+
+def log_line_fields(record: dict) -> str:
+    """The auxiliary losses and expert load in the Megatron log line (empty for a dense model)."""
+    out = ""
+    if "moe_aux_loss" in record:
+        out += f" load_balancing_loss={record['moe_aux_loss']:.6E} |"
+    if "moe_z_loss" in record:
+        out += f" z_loss={record['moe_z_loss']:.6E} |"
+    for depth, value in enumerate(record.get("mtp_losses", ()), start=1):
+        out += f" mtp_{depth} loss={value:.6E} |"
+    if record.get("expert_load"):
+        out += f" expert_load_max/mean={expert_load_imbalance(record['expert_load']):.3f} |"
+    return out
+
+
+def expert_load_imbalance(expert_load: Dict[str, List[int]]) -> float:
+    """The most loaded expert's tokens over the mean, worst MoE layer (1.0 = perfectly balanced)."""
+    worst = 0.0
+    for counts in expert_load.values():
+        mean = sum(counts) / len(counts)
+        worst = max(worst, max(counts) / mean if mean else 0.0)
+    return worst
