@@ -1,5 +1,6 @@
 """Shared helpers: run the real trainer (one process, or several under torchrun on gloo) and read
 what it recorded."""
+import hashlib
 import json
 import os
 import socket
@@ -59,6 +60,17 @@ def read_metrics(path, split="train"):
     with open(path) as f:
         records = [json.loads(line) for line in f]
     return {r["iteration"]: r for r in records if r["split"] == split}
+
+
+def tree_digest(path):
+    """{relative path: sha256} of every file under ``path`` (to prove a tool left it untouched)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def error_lines(stderr: str):

@@ -2,7 +2,6 @@
 suggestion logic on synthetic curves with known answers, its files, its errors, the
 ``megatron-ext lr-finder`` command and the launcher pass-through."""
 import csv
-import hashlib
 import importlib.util
 import json
 import math
@@ -11,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY, error_lines, read_metrics, run_module, run_trainer
+from conftest import TINY, error_lines, read_metrics, run_module, run_trainer, tree_digest
 from megatron_ext.arguments import parse_args
 from megatron_ext.training.lr_finder import CSV_HEADER, LRFinder, RangeTest, resmooth, suggest, sweep_lr
 
@@ -234,20 +233,11 @@ def test_from_a_checkpoint_leaves_it_untouched(tmp_path):
     run_trainer(flags + ["--metrics-file", str(full)])
     run_trainer(flags + ["--save", str(ck), "--save-interval", "3", "--exit-interval", "3"])
 
-    def snapshot():
-        out = {}
-        for root, _, files in os.walk(ck):
-            for name in files:
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    out[os.path.relpath(path, ck)] = hashlib.sha256(f.read()).hexdigest()
-        return out
-
-    before = snapshot()
+    before = tree_digest(ck)
     out = tmp_path / "finder"
     run_trainer(flags + ["--load", str(ck), "--save", str(out), "--lr-finder", "--lr-finder-iters", "8",
                          "--lr-finder-end", "1e-2"])
-    assert snapshot() == before
+    assert tree_digest(ck) == before
     result = json.loads((out / "lr_finder" / "lr_finder.json").read_text())
     assert result["settings"]["start_iteration"] == 3 and result["iterations_run"] == 8
     _, rows = read_csv(out / "lr_finder" / "lr_finder.csv")

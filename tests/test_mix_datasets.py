@@ -165,13 +165,17 @@ def test_cli_subcommand_shares_the_tool(data):
 
 def test_mixed_list_trains(data, tmp_path_factory):
     """The output is a --data-file-list the trainer accepts (validated with real files)."""
-    demo = os.path.join(REPO, "data", "demo", "data_file_list.txt")
-    replay = write(data, "replay.txt", f"1 {REPO}/data/demo/shakespeare_text_document old\n")
+    from megatron_ext.launcher.demo import prepare
+
+    built = prepare(str(tmp_path_factory.mktemp("demo")))  # the demo corpus, as train_alcf.sh builds it
+    demo = built["data_file_list"]
+    prefix = parse_data_file_list(demo)[0].prefix
+    replay = write(data, "replay.txt", f"1 {prefix} old\n")
     out = str(data / "mix.txt")
     assert tool("--inputs", "0.8", demo, "0.2", replay, "--output", out).returncode == 0
     assert [s.corpus for s in parse_data_file_list(out)] == ["shakespeare", "old"]
     from megatron_ext.arguments import parse_args
 
-    args = parse_args(["--data-file-list", out, "--tokenizer-model", f"{REPO}/data/demo/tokenizer.model",
+    args = parse_args(["--data-file-list", out, "--tokenizer-model", built["tokenizer_model"],
                        "--train-iters", "1"], world_size=1)
     assert args.data_file_list == out

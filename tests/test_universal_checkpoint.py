@@ -4,7 +4,6 @@ native continuation's, fp32, 1e-5); --finetune, --no-load-optim and --no-load-rn
 universal checkpoints; Muon's momentum carried, Shampoo's factors re-created with one warning;
 one-line errors for shape mismatches, layouts a native checkpoint cannot load at, and bad
 converter input (nothing written)."""
-import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import types
 import pytest
 import torch
 
-from conftest import REPO, TINY, _env, error_lines, read_metrics, run_module, run_trainer
+from conftest import REPO, TINY, _env, error_lines, read_metrics, run_module, run_trainer, tree_digest
 
 ITERS = ["--mock-data", "--train-iters", "8", "--global-batch-size", "4"]  # 2 ranks x micro batch 2
 TOL = 1e-5
@@ -26,17 +25,6 @@ def convert(args, tool=False):
         cmd = [sys.executable, os.path.join(REPO, "tools", "ds_to_universal.py"), *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=REPO)
     return run_module("megatron_ext.cli", ["to-universal", *args])
-
-
-def tree_digest(path):
-    """{relative path: sha256} of every file under ``path``."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def losses(path):

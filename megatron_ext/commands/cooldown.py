@@ -19,6 +19,7 @@ import sys
 from typing import Any, Dict, List, Tuple
 
 from megatron_ext.argtypes import positive_int
+from megatron_ext.commands import split_at_double_dash
 
 # Flags the cooldown command sets itself, or that describe the machine rather than the run.
 _SKIP = {
@@ -61,11 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_argv(argv) -> int:
-    argv = list(argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_at_double_dash(argv)
     parser = _parser()
     ns = parser.parse_args(argv)
     if ns.iters < 2:

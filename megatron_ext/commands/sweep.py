@@ -22,6 +22,7 @@ import sys
 import time
 
 from megatron_ext.argtypes import finite_float, positive_int
+from megatron_ext.commands import split_at_double_dash
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 PROG = "megatron-ext sweep"
@@ -200,11 +201,7 @@ def run_argv(argv) -> int:
     from megatron_ext.sweeps.results import _write_json
     from megatron_ext.sweeps.spec import SweepError, build_specs, shell_line
 
-    argv = list(argv)
-    training_flags = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, training_flags = argv[:i], argv[i + 1:]
+    argv, training_flags = split_at_double_dash(argv)
     own = _own_parser()
     own.error = lambda message: own.exit(2, f"{PROG}: error: {message}\n")  # one line, no usage
     opts, rest = own.parse_known_args(argv)
