@@ -21,6 +21,7 @@ its ranks all compute every matrix.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Sequence
 
 import torch
@@ -46,6 +47,13 @@ def assign_owners(costs: Sequence[int], world: int) -> List[int]:
         owners[k] = rank
         load[rank] += costs[k]
     return owners
+
+
+@functools.lru_cache(maxsize=None)
+def _owners_of_shapes(shapes, world: int) -> List[int]:
+    """The assignment of a group's matrices, computed once: shapes and world never change in a run,
+    and the greedy pass is O(matrices x ranks) in Python, too slow to repeat every step at scale."""
+    return assign_owners([matrix_cost(s) for s in shapes], world)
 
 
 def _data_parallel_group():
@@ -149,7 +157,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         """Indices of the matrices this rank computes (all of them unless the work is split)."""
         if not self._splits_work(world):
             return list(range(len(shapes)))
-        owners = assign_owners([matrix_cost(s) for s in shapes], world)
+        owners = _owners_of_shapes(tuple(tuple(s) for s in shapes), world)
         return [k for k, r in enumerate(owners) if r == rank]
 
     @staticmethod
