@@ -44,10 +44,10 @@ def _median_time(fn, repeats):
 def step_times(repeats):
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
     from megatron_ext.model import build_model
     from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.optimizers.param_groups import build_param_groups
+    from megatron_ext.optimizers.common.param_groups import build_param_groups
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import set_seeds
 

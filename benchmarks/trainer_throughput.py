@@ -38,7 +38,7 @@ def hand_loop(args, iters, warmup):
     tokenizer = tokenizer_for(args, None)
     train, _, _ = build_datasets(args, tokenizer, None)
     model = build_model(args, tokenizer.vocab_size)
-    from megatron_ext.optimizers.param_groups import build_param_groups
+    from megatron_ext.optimizers.common.param_groups import build_param_groups
     opt = torch.optim.AdamW(build_param_groups(model), lr=args.lr, weight_decay=args.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(args),
                                            mpu=MegatronCoreMPU)
@@ -63,7 +63,7 @@ def measure(side, argv, iters, warmup):
     """Run one side in this process; returns its per-iteration seconds after warm-up."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args, parse_plan
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import pretrain
 
@@ -74,7 +74,7 @@ def measure(side, argv, iters, warmup):
         return hand_loop(args, iters, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "m.jsonl")
-        pretrain(parse_args(argv + ["--metrics-file", metrics]))
+        pretrain(parse_plan(argv + ["--metrics-file", metrics]))
         with open(metrics) as f:
             records = [json.loads(line) for line in f if '"train"' in line]
     return [r["elapsed_time_per_iteration_ms"] / 1000 for r in records[warmup:]]
@@ -105,7 +105,7 @@ def main():
                 return 1
             pooled[side] += json.loads(line[-1][6:])
     hand, trainer = statistics.median(pooled["hand"]), statistics.median(pooled["trainer"])
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
 
     parsed = parse_args(argv, world_size=1)
     tokens = parsed.global_batch_size * parsed.seq_length

@@ -3,9 +3,16 @@ optimizers, LR schedules and parametrizations are plug-ins."""
 __version__ = "0.1.0"
 
 
-def pretrain(args=None, argv=None):
-    """Train from parsed ``args`` or from a Megatron-style ``argv`` list."""
-    from megatron_ext.arguments import parse_args
+def pretrain(args=None, argv=None, world_size=None):
+    """Train from parsed ``args`` or from a Megatron-style ``argv`` list (planned first:
+    ``megatron_ext.plan``)."""
+    from megatron_ext.plan import build_plan, parse_plan
     from megatron_ext.training.trainer import pretrain as _pretrain
 
-    return _pretrain(args if args is not None else parse_args(argv))
+    if args is None:
+        return _pretrain(parse_plan(argv, world_size))
+    if world_size is None:
+        from megatron_ext.platform.distributed import discover
+
+        world_size = discover().world_size
+    return _pretrain(build_plan(args, world_size))

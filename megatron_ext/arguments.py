@@ -4,6 +4,9 @@
 * Booleans are real flags (``store_true`` / ``--x``/``--no-x``), never ``type=bool``.
 * Any error is one line naming the flag (with the closest known flag for a typo) and exit code 2.
 * Each plug-in family adds the flags of its plug-ins in their own groups (see ``registry``).
+
+Parsing only; defaults that depend on other flags, derived values and every check across flags
+are the run plan's (``megatron_ext.plan``).
 """
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ def _split(value: str) -> str:
 
 def add_init_arguments(g) -> None:
     from megatron_ext.parametrizations import PARAMETRIZATIONS
-    from megatron_ext.parametrizations.base import init_std
+    from megatron_ext.parametrizations.common.base import init_std
 
     g.add_argument("--init-method-std", type=init_std, default=0.02,
                    help="std of the weight init, or 'auto' = sqrt(2/(5*hidden)) (default 0.02); under mup/completep "
@@ -133,7 +136,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
     from megatron_ext.moe_mtp import add_moe_mtp_arguments
-    from megatron_ext.schedules.scheduler import add_schedule_arguments
+    from megatron_ext.schedules.common.scheduler import add_schedule_arguments
     from megatron_ext.training.evaluation import add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
@@ -274,183 +277,3 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
         if fam not in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
             fam.add_arguments(p)
     return p
-
-
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Parse and validate; exits with one error line (code 2) on bad input."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if world_size is None:
-        from megatron_ext.platform.distributed import discover
-
-        world_size = discover().world_size
-    try:
-        finalize_args(args, world_size)
-    except ArgumentsError as e:
-        parser.error(str(e))
-    return args
-
-
-def finalize_args(args: argparse.Namespace, world_size: int, check_files: bool = True) -> argparse.Namespace:
-    """Fill derived values and check combinations; raises ArgumentsError (one line).
-
-    ``check_files=False`` skips the checks of files named by the flags (data, tokenizer, DeepSpeed
-    config): the launcher validates a command whose files it has yet to build."""
-    if args.parametrization is None:
-        args.parametrization = "sp"
-    style = MODEL_STYLES[args.model_style]
-    for key, value in style.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-    tp = args.tensor_model_parallel_size
-    if args.pipeline_model_parallel_size != 1:
-        raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
-    if world_size % tp:
-        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
-    if args.num_attention_heads % tp:
-        raise ArgumentsError(
-            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {args.num_attention_heads}"
-        )
-    if args.hidden_size % args.num_attention_heads:
-        raise ArgumentsError(
-            f"--num-attention-heads {args.num_attention_heads} does not divide --hidden-size {args.hidden_size}"
-        )
-    if args.num_key_value_heads is None:
-        args.num_key_value_heads = args.num_attention_heads
-    if args.num_attention_heads % args.num_key_value_heads:
-        raise ArgumentsError(
-            f"--num-key-value-heads {args.num_key_value_heads} does not divide "
-            f"--num-attention-heads {args.num_attention_heads}"
-        )
-    if args.num_key_value_heads % tp:
-        raise ArgumentsError(
-            f"--tensor-model-parallel-size {tp} does not divide --num-key-value-heads {args.num_key_value_heads}"
-        )
-    if args.ffn_hidden_size is None:
-        if args.swiglu:
-            args.ffn_hidden_size = int(math.ceil(8 * args.hidden_size / 3 / 64) * 64)
-        else:
-            args.ffn_hidden_size = 4 * args.hidden_size
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
-        raise ArgumentsError(
-            f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}"
-        )
-    if args.cpu_optimizer and args.zero_stage == 0:
-        raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
-    if args.recompute_activations and args.num_layers % args.recompute_num_layers:
-        raise ArgumentsError(
-            f"--recompute-num-layers {args.recompute_num_layers} does not divide --num-layers {args.num_layers}"
-        )
-    if args.bf16 and args.fp16:
-        raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
-    from megatron_ext.moe_mtp import validate_moe_mtp_args
-
-    try:
-        validate_moe_mtp_args(args)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
-    except ValueError as e:
-        raise ArgumentsError(str(e)) from None
-
-    # Batch arithmetic.
-    args.world_size = world_size
-    args.data_parallel_size = world_size // tp
-    per_step = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step * (args.gradient_accumulation_steps or 1)
-    if args.global_batch_size % per_step:
-        raise ArgumentsError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by micro batch "
-            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}"
-        )
-    acc = args.global_batch_size // per_step
-    if args.gradient_accumulation_steps not in (None, acc):
-        raise ArgumentsError(
-            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} disagrees with --global-batch-size "
-            f"{args.global_batch_size} / (micro batch {args.micro_batch_size} x data-parallel "
-            f"{args.data_parallel_size}) = {acc}"
-        )
-    args.gradient_accumulation_steps = acc
-
-    # Training length: iterations win, then samples, then tokens.
-    tokens_per_iter = args.global_batch_size * args.seq_length
-    if args.train_iters is None:
-        if args.train_samples is not None:
-            args.train_iters = args.train_samples // args.global_batch_size
-        elif args.train_tokens is not None:
-            args.train_iters = args.train_tokens // tokens_per_iter
-        else:
-            raise ArgumentsError("no training length: give --train-iters, --train-samples or --train-tokens")
-        if args.train_iters < 1:
-            raise ArgumentsError(
-                f"training length is shorter than one iteration of {args.global_batch_size} samples "
-                f"x {args.seq_length} tokens"
-            )
-
-    # Data source.
-    if not args.mock_data and not args.data_path and not args.data_file_list:
-        raise ArgumentsError("no training data: give --data-file-list, --data-path or --mock-data")
-    if args.data_path and args.data_file_list:
-        raise ArgumentsError("give either --data-path or --data-file-list, not both")
-    if args.mock_data and args.vocab_size is None and args.tokenizer_model is None:
-        args.vocab_size = 1024
-    if args.num_workers is None:
-        from megatron_ext.platform.accelerator import has_gpu
-
-        args.num_workers = 2 if has_gpu() else 0
-
-    # Checkpoints and logging.
-    if args.save_interval is not None and not args.save:
-        raise ArgumentsError("--save-interval needs --save DIR")
-    if args.finetune and not args.load:
-        raise ArgumentsError("--finetune needs --load DIR")
-    if args.universal_checkpoint and not args.load:
-        raise ArgumentsError("--universal-checkpoint needs --load DIR")
-    if args.keep_last is not None and not args.save:
-        raise ArgumentsError("--keep-last needs --save DIR")
-    if check_files and args.deepspeed_config and not os.path.isfile(args.deepspeed_config):
-        raise ArgumentsError(f"--deepspeed-config: no such file: {args.deepspeed_config}")
-    if args.tensorboard_dir is None and args.save and not args.no_tensorboard:
-        args.tensorboard_dir = os.path.join(args.save, "tensorboard")
-
-    # Files named by the flags: data prefixes, tokenizer, DeepSpeed config.
-    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
-    from megatron_ext.training.deepspeed_config import build_deepspeed_config
-
-    try:
-        if check_files:
-            tokenizer_for(args, data_sources(args))
-            build_deepspeed_config(args)
-    except (ValueError, OSError) as e:
-        raise ArgumentsError(str(e).strip().splitlines()[0]) from None
-
-    # Plug-ins validate their own flags (one line each) before any work starts.
-    from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.parametrizations import PARAMETRIZATIONS
-    from megatron_ext.schedules.scheduler import build_schedule
-
-    for family, name in ((OPTIMIZERS, args.optimizer), (PARAMETRIZATIONS, args.parametrization)):
-        validate = getattr(family.get(name).obj, "validate_args", None)
-        if validate is not None:
-            try:
-                validate(args)
-            except ValueError as e:
-                raise ArgumentsError(str(e)) from None
-    try:
-        build_schedule(args)  # validates the decay style's flags too; the whole curve must be servable before any work starts
-    except ValueError as e:
-        raise ArgumentsError(str(e)) from None
-    from megatron_ext.training.lr_finder import validate_lr_finder_args
-
-    try:
-        validate_lr_finder_args(args)
-    except ValueError as e:
-        raise ArgumentsError(str(e)) from None
-    from megatron_ext.training.evaluation import validate_mc_eval_args
-
-    try:
-        validate_mc_eval_args(args, check_files)  # --eval-mc-file is read and tokenized here, before any work
-    except ValueError as e:
-        raise ArgumentsError(str(e)) from None
-    return args

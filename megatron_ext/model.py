@@ -68,15 +68,13 @@ def build_model(args, vocab_size: int, parametrization=None):
 
     parametrization = parametrization or parametrization_for(args)
     config = transformer_config(args, parametrization)
-    args.padded_vocab_size = padded_vocab_size(
-        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
+    padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     spec, mtp_spec = moe_mtp.layer_specs(config, args.normalization)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         mtp_block_spec=mtp_spec,
-        vocab_size=args.padded_vocab_size,
+        vocab_size=padded,
         max_sequence_length=args.max_position_embeddings,
         pre_process=True,
         post_process=True,

@@ -15,6 +15,12 @@ Built-in plug-ins are the modules inside a family's package (one file each, foun
 package, so adding one needs no edit elsewhere). Third-party distributions add theirs through the
 entry-point group ``megatron_ext.plugins``: each entry point names a module (or a callable taking
 no arguments) that is imported/called and registers through the same decorators.
+
+Each family has one record type (a ``Plugin`` subclass, given to its ``Registry``) whose typed
+optional fields say what the plug-in can do: ``validate(args)`` for its own flags, the engine
+settings it supports as data (``EngineSupport``), and family-specific fields (an optimizer's
+muP ``width_lr_exponents``). ``Registry.check`` applies them, the same way for every family, with
+the same one-line errors; the run plan (``megatron_ext.plan``) calls it once per selected plug-in.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import importlib
 import importlib.metadata
 import pkgutil
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 ENTRY_POINT_GROUP = "megatron_ext.plugins"
 
@@ -64,8 +70,64 @@ class Arg:
         return self.flags == other.flags and self.kwargs == other.kwargs
 
 
-@dataclasses.dataclass
+class PluginSettingError(ValueError):
+    """The selected plug-in cannot run with these flags or this engine; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """The engine a run will have (from the run plan: the user's DeepSpeed JSON merged)."""
+
+    zero_stage: int = 0
+    cpu_offload: bool = False
+    tensor_parallel: int = 1
+    precision: str = "fp32"  # fp32, bf16, fp16
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSupport:
+    """The engine settings a plug-in runs under, declared as data; ``reason`` says why a setting is
+    not supported (shown in the error and by ``megatron-ext list -v``)."""
+
+    zero_stages: Tuple[int, ...] = (0, 1, 2, 3)
+    cpu_offload: bool = True
+    tensor_parallel: bool = True
+    precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")
+    reason: str = ""
+
+    def problem(self, who: str, engine: EngineSettings) -> Optional[str]:
+        """One line saying why ``who`` (e.g. ``--optimizer muon``) cannot run on ``engine``, or None."""
+        why = f" ({self.reason})" if self.reason else ""
+        if engine.zero_stage not in self.zero_stages:
+            return f"{who} supports --zero-stage {_spell_list(self.zero_stages)}, not {engine.zero_stage}{why}"
+        if engine.cpu_offload and not self.cpu_offload:
+            return f"{who} does not support --cpu-optimizer (ZeRO-Offload){why}"
+        if engine.tensor_parallel > 1 and not self.tensor_parallel:
+            return f"{who} does not support --tensor-model-parallel-size > 1{why}"
+        if engine.precision not in self.precisions:
+            return f"{who} does not support --{engine.precision}{why}"
+        return None
+
+    def describe(self) -> str:
+        parts = [f"ZeRO {'/'.join(map(str, self.zero_stages))}"]
+        if not self.cpu_offload:
+            parts.append("no CPU offload")
+        if not self.tensor_parallel:
+            parts.append("no tensor parallel")
+        if tuple(self.precisions) != ("fp32", "bf16", "fp16"):
+            parts.append("/".join(self.precisions))
+        return ", ".join(parts) + (f" ({self.reason})" if self.reason else "")
+
+
+def _spell_list(items) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Plugin:
+    """The record of one plug-in. Families extend it with their own typed fields."""
+
     family: str
     name: str
     obj: Any
@@ -73,6 +135,9 @@ class Plugin:
     aliases: tuple = ()
     arguments: tuple = ()
     source: str = ""  # module that registered it
+    validate: Optional[Callable[[Any], None]] = None  # raises ValueError (one line naming the flag)
+    engine: EngineSupport = EngineSupport()
+    reads_flags_of: tuple = ()  # other plug-ins of the family whose flags this one also reads
 
     def flag_names(self) -> List[str]:
         return [a.flags[0] for a in self.arguments]
@@ -81,10 +146,19 @@ class Plugin:
 class Registry:
     """Name -> plug-in table for one family."""
 
-    def __init__(self, family: str, title: str, package: Optional[str] = None):
+    def __init__(self, family: str, title: str, package: Optional[str] = None, *, record: type = Plugin,
+                 flag: Optional[str] = None, class_validator: Optional[str] = None,
+                 refuse_foreign_flags: bool = True):
         self.family = family
         self.title = title
         self.package = package  # the package whose modules are this family's built-in plug-ins
+        self.record = record  # the family's Plugin subclass
+        self.flag = flag  # the flag that selects this family's plug-in (e.g. --optimizer)
+        # Families whose plug-ins are classes: the record's ``validate`` is this classmethod of the
+        # registered class (the family's base class defines it).
+        self.class_validator = class_validator
+        # Whether a flag only other plug-ins of the family read is an error (it would do nothing).
+        self.refuse_foreign_flags = refuse_foreign_flags
         self._plugins: Dict[str, Plugin] = {}
         self._aliases: Dict[str, str] = {}
         self._builtins_loaded = package is None
@@ -98,15 +172,24 @@ class Registry:
         description: str,
         aliases: Iterable[str] = (),
         arguments: Iterable[Arg] = (),
+        **fields: Any,
     ) -> Callable[[Any], Any]:
+        """Decorator; ``fields`` are the family record's typed fields (``validate``, ``engine``...)."""
         def decorator(obj):
-            self.add(name, obj, description=description, aliases=aliases, arguments=arguments)
+            self.add(name, obj, description=description, aliases=aliases, arguments=arguments, **fields)
             return obj
 
         return decorator
 
-    def add(self, name, obj, *, description, aliases=(), arguments=()) -> Plugin:
+    def add(self, name, obj, *, description, aliases=(), arguments=(), **fields) -> Plugin:
         key = _key(name)
+        known = {f.name for f in dataclasses.fields(self.record)} - {f.name for f in dataclasses.fields(Plugin)}
+        known |= {"validate", "engine", "reads_flags_of"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise RegistryError(f"{self.family} '{name}': unknown record field(s) {', '.join(unknown)}; "
+                                f"{self.record.__name__} has {', '.join(sorted(known))}")
+        fields = {**self.record_defaults(obj), **fields}
         if not description or "\n" in description.strip():
             raise RegistryError(f"{self.family} '{name}': description must be one line")
         for n in (key, *map(_key, aliases)):
@@ -120,13 +203,19 @@ class Registry:
             )
         arguments = tuple(arguments)
         self._check_flags(name, arguments)
-        plugin = Plugin(
-            self.family, key, obj, description.strip(), tuple(map(_key, aliases)), arguments, _source(obj)
-        )
+        plugin = self.record(family=self.family, name=key, obj=obj, description=description.strip(),
+                             aliases=tuple(map(_key, aliases)), arguments=arguments, source=_source(obj), **fields)
         self._plugins[key] = plugin
         for n in (key, *plugin.aliases):
             self._aliases[n] = key
         return plugin
+
+    def record_defaults(self, obj) -> Dict[str, Any]:
+        """Record fields derived from the registered object: class-based families take ``validate``
+        from the class."""
+        if self.class_validator:
+            return {"validate": getattr(obj, self.class_validator)}
+        return {}
 
     def _check_flags(self, name, arguments):
         for arg in arguments:
@@ -150,7 +239,7 @@ class Registry:
         self._builtins_loaded = True
         pkg = importlib.import_module(self.package)
         for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-            if not mod.name.startswith("_"):
+            if not mod.name.startswith("_") and not mod.ispkg:  # sub-packages hold shared code
                 importlib.import_module(f"{self.package}.{mod.name}")
 
     def get(self, name: str) -> Plugin:
@@ -184,6 +273,48 @@ class Registry:
             return self.get(value).name
         except UnknownPluginError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
+    def check(self, plugin: Plugin, args, engine: EngineSettings) -> None:
+        """Flags of other plug-ins of the family (they would do nothing), the plug-in's own flag
+        checks, then its engine support: ``PluginSettingError`` (one line)."""
+        who = f"{self.flag} {plugin.name}" if self.flag else f"{self.family} '{plugin.name}'"
+        if self.refuse_foreign_flags:
+            self._check_foreign_flags(plugin, args, who)
+        if plugin.validate is not None:
+            try:
+                plugin.validate(args)
+            except ValueError as e:
+                raise PluginSettingError(str(e)) from None
+        problem = plugin.engine.problem(who, engine)
+        if problem:
+            raise PluginSettingError(problem)
+
+    def _check_foreign_flags(self, plugin: Plugin, args, who: str) -> None:
+        """A flag only other plug-ins read, given with a value other than its default, would be
+        silently ignored: refuse it."""
+        readers = {plugin.name, *map(_key, plugin.reads_flags_of)}
+        owners: Dict[str, List[str]] = {}
+        declared: Dict[str, Arg] = {}
+        for other in self.plugins():
+            for arg in other.arguments:
+                owners.setdefault(arg.dest, []).append(other.name)
+                declared.setdefault(arg.dest, arg)
+        selector = self.flag.lstrip("-").replace("-", "_") if self.flag else None
+        for dest, names in owners.items():
+            if dest == selector or readers & set(names):
+                continue
+            value = getattr(args, dest, None)
+            if value is None or value is False or value == declared[dest].kwargs.get("default"):
+                continue
+            where = f"{self.flag} {', '.join(names)}" if self.flag else ", ".join(names)
+            raise PluginSettingError(f"{declared[dest].flags[0]} has no effect with {who} (it belongs to {where})")
+
+    def selected(self, args) -> Optional[Plugin]:
+        """The plug-in ``args`` select through this family's flag (None: the family has no flag)."""
+        if not self.flag:
+            return None
+        value = getattr(args, self.flag.lstrip("-").replace("-", "_"), None)
+        return self.get(value) if value is not None else None
 
     # -- command line ---------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -5,20 +5,39 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megatron_ext.arguments import parse_args
+    """The process entry point: ``run``, then leave torch.distributed."""
+    try:
+        return run(argv)
+    finally:
+        close_process_group()
 
-    args = parse_args(argv)
-    from megatron_ext.schedules.scheduler import ScheduleResumeError
+
+def run(argv=None) -> int:
+    """Plan and train in this process (the process group stays open: tests run many in one)."""
+    from megatron_ext.plan import parse_plan
+
+    plan = parse_plan(argv)
+    from megatron_ext.schedules.common.scheduler import ScheduleResumeError
+    from megatron_ext.training.checkpoint_files import CheckpointFileError
     from megatron_ext.training.checkpoint_loading import CheckpointLoadError
     from megatron_ext.training.trainer import pretrain
 
     try:
-        pretrain(args)
-    except (ScheduleResumeError, CheckpointLoadError) as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
+        pretrain(plan)
+    except (ScheduleResumeError, CheckpointLoadError, CheckpointFileError) as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
             print(f"megatron_ext.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def close_process_group() -> None:
+    """Leave torch.distributed before the interpreter exits: a process group still open at exit
+    can abort the process ("terminate called without an active exception") after a good run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

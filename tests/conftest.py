@@ -34,8 +34,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_trainer(args, nproc=1, check=True, timeout=300, cwd=None):
-    """Run ``python -m megatron_ext.train`` (under torchrun when nproc > 1)."""
+class InProcessRun:
+    """What ``subprocess.run`` returns, for a trainer run inside the test process."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_trainer_in_process(args, cwd=None) -> InProcessRun:
+    """``megatron_ext.train`` in this process: the same code path as the command (parse, plan,
+    train, one-line errors), without ~6 s of imports per run. One process group of size 1 (and
+    tensor-parallel size 1) serves every such run; runs that need another layout use torchrun."""
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    from megatron_ext.train import run
+
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd or REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            try:
+                code = run(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:  # noqa: BLE001 - reported like a crashed process would be
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+    return InProcessRun(code, out.getvalue(), err.getvalue())
+
+
+def run_trainer(args, nproc=1, check=True, timeout=300, cwd=None, isolated=False):
+    """Run ``megatron_ext.train``: in this process for one rank (``isolated=True``: a fresh
+    ``python -m megatron_ext.train``), under torchrun when nproc > 1."""
+    if nproc == 1 and not isolated:
+        proc = run_trainer_in_process(args, cwd)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_ext.train", *args]
     else:
@@ -82,3 +123,40 @@ def error_lines(stderr: str):
 @pytest.fixture
 def repo():
     return REPO
+
+
+def make_hf_corpus(folder):
+    """A real (tiny) data set with a Hugging Face tokenizer: ``folder/tokenizer.json`` (byte-level BPE
+    with ``</s>``), ``folder/corpus_text_document.{bin,idx}`` (600 short documents) and a data file
+    list ``folder/list.txt``. Built in-process in about a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_ext.data.preprocess import main as preprocess
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    words = "the a model trains on data and learns to predict the next token of its text".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 9)) for i in range(600)]
+    with open(os.path.join(folder, "corpus.jsonl"), "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = os.path.join(folder, "tokenizer.json")
+    tok.save(tokenizer)
+    prefix = os.path.join(folder, "corpus")
+    preprocess(["--input", os.path.join(folder, "corpus.jsonl"), "--output-prefix", prefix,
+                "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tokenizer])
+    data_list = os.path.join(folder, "list.txt")
+    with open(data_list, "w") as f:
+        f.write(f"1.0 {prefix}_text_document corpus\n")
+    return {"tokenizer": tokenizer, "prefix": f"{prefix}_text_document", "data_list": data_list}
+
+
+@pytest.fixture(scope="session")
+def hf_corpus(tmp_path_factory):
+    return make_hf_corpus(tmp_path_factory.mktemp("hf_corpus"))

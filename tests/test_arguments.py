@@ -2,7 +2,8 @@
 import pytest
 
 from conftest import TINY, error_lines, run_module
-from megatron_ext.arguments import ArgumentsError, finalize_args, build_parser, parse_args, normalise_argv
+from megatron_ext.arguments import ArgumentsError, build_parser, normalise_argv
+from megatron_ext.plan import build_plan, parse_args
 
 BASE = ["--mock-data", "--train-iters", "10"]
 
@@ -71,9 +72,9 @@ def test_invalid_combinations_give_one_line(argv, message, capsys):
 
 def test_tp_must_divide_heads_and_world():
     with pytest.raises(ArgumentsError, match="does not divide --num-attention-heads"):
-        finalize_args(build_parser().parse_args(BASE + ["--tensor-model-parallel-size", "3"]), 3)
+        build_plan(build_parser().parse_args(BASE + ["--tensor-model-parallel-size", "3"]), 3)
     with pytest.raises(ArgumentsError, match="does not divide the world size 3"):
-        finalize_args(build_parser().parse_args(BASE + ["--tensor-model-parallel-size", "2"]), 3)
+        build_plan(build_parser().parse_args(BASE + ["--tensor-model-parallel-size", "2"]), 3)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -91,3 +92,29 @@ def test_command_line_errors_are_one_line_and_exit_2(argv, expected):
     assert len(lines) == 1, proc.stderr
     assert expected in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_engine_rules_apply_to_the_merged_deepspeed_config(tmp_path, capsys):
+    """A user DeepSpeed JSON decides the ZeRO stage and offload that run: the plug-ins' engine
+    support and the offload rule are checked against it, not against the flags alone."""
+    stage3 = tmp_path / "z3.json"
+    stage3.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ArgumentsError, match="--optimizer muon supports --zero-stage 0, 1 and 2, not 3"):
+        build_plan(build_parser().parse_args(BASE + ["--optimizer", "muon", "--deepspeed-config", str(stage3)]), 1)
+    offload0 = tmp_path / "o0.json"
+    offload0.write_text('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}')
+    with pytest.raises(ArgumentsError, match="--cpu-optimizer needs --zero-stage 1, 2 or 3"):
+        build_plan(build_parser().parse_args(BASE + ["--deepspeed-config", str(offload0)]), 1)
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text('{"bf16": {"enabled": true}, "zero_optimization": {"stage": 2}}')
+    plan = build_plan(build_parser().parse_args(BASE + ["--deepspeed-config", str(bf16)]), 1)
+    assert (plan.engine.zero_stage, plan.engine.precision) == (2, "bf16")
+    assert plan.args.zero_stage == 2 and plan.args.bf16  # the model is built in the precision that runs
+
+
+def test_the_plan_does_not_touch_the_parsed_args_and_is_read_only():
+    parsed = build_parser().parse_args(BASE + ["--micro-batch-size", "2"])
+    plan = build_plan(parsed, 2)
+    assert parsed.global_batch_size is None and plan.args.global_batch_size == 4
+    with pytest.raises(AttributeError, match="read-only"):
+        plan.args.train_iters = 7

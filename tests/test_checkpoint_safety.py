@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, _env, free_port, run_trainer
-from megatron_ext.training.checkpointing import TRACKER_FILE, latest_tag, prune_checkpoints, publish_checkpoint
+from megatron_ext.training.checkpoint_files import TRACKER_FILE
+from megatron_ext.training.checkpoint_files import read_latest as latest_tag
+from megatron_ext.training.checkpointing import prune_checkpoints, publish_checkpoint
 
 MOCK = ["--mock-data"]
 # Runs that stop early (killed, signalled) and resume to a shorter --train-iters: the schedule's

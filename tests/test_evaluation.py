@@ -255,7 +255,7 @@ def test_bad_mc_file_stops_the_trainer_before_training(corpus, tmp_path):
 
 
 def test_mc_flags_without_a_file_are_rejected():
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
 
     with pytest.raises(SystemExit) as info:
         parse_args(["--mock-data", "--train-iters", "2", "--eval-mc-interval", "5"], world_size=1)

@@ -41,18 +41,18 @@ def resolved(proc):
         if line.startswith("  ") and len(parts) >= 3 and parts[-1].endswith("]") and "[" in line:
             key = line[2:].split("  ")[0].strip()
             settings[key] = line[2:].split("[")[0][len(key):].strip()
-    from megatron_ext.arguments import build_parser, finalize_args
+    from megatron_ext.arguments import build_parser
+    from megatron_ext.plan import build_plan
 
     i = command.index("megatron_ext.train")
-    args = finalize_args(build_parser().parse_args(command[i + 1:]), int(settings["WORLD_SIZE"]), check_files=False)
+    args = build_plan(build_parser().parse_args(command[i + 1:]), int(settings["WORLD_SIZE"]), check_files=False).args
     return args, command, settings
 
 
-def test_every_primary_variable_maps_to_its_flag(tmp_path):
+def test_every_primary_variable_maps_to_its_flag(tmp_path, hf_corpus):
     data_list = tmp_path / "list.txt"
-    data_list.write_text("1.0 /nowhere/prefix corpus\n")  # existence of the prefixes is checked at launch, not in DRY_RUN
-    tok = tmp_path / "tokenizer.json"
-    tok.write_text("{}")
+    data_list.write_text(open(hf_corpus["data_list"]).read())  # DRY_RUN resolves the data files and tokenizer
+    tok = hf_corpus["tokenizer"]
     env = dict(DATA_FILE_LIST=str(data_list), TOKENIZER_TYPE="HFTokenizer", TOKENIZER_MODEL=str(tok),
                DATA_CACHE_PATH=str(tmp_path / "cache"), TRAIN_ITERS="123", MICRO_BATCH="2", GRAD_ACC_STEPS="3",
                LR="0.0007", LR_DECAY_STYLE="linear", LR_WARMUP_FRAC="0.1", LR_DECAY_ITERS="100", OPT="adamw",
@@ -209,3 +209,33 @@ def test_demo_end_to_end_with_two_processes_then_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     assert "start iteration       : 30" in second.stdout
     assert sorted(read_metrics(run / "metrics.jsonl"))[-1] == 35
+
+
+def test_numbers_reach_the_trainer_exactly_as_typed(tmp_path):
+    proc = launch(dict(LR="3.3333333e-4", ADAM_BETA2="0.9999999", ADAM_EPS="1.234567891e-9", SAVE=str(tmp_path / "r")))
+    args, command, settings = resolved(proc)
+    assert args.lr == 3.3333333e-4 and args.adam_beta2 == 0.9999999 and args.adam_eps == 1.234567891e-9
+    assert command[command.index("--lr") + 1] == "3.3333333e-4"
+    assert command[command.index("--adam-beta2") + 1] == "0.9999999"
+    assert settings["LR"] == "3.3333333e-4"
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "data"])
+def test_dry_run_resolves_the_tokenizer_and_data_files(tmp_path, hf_corpus, case):
+    data_list = tmp_path / "list.txt"
+    data_list.write_text("1.0 /nowhere/prefix corpus\n" if case == "data" else open(hf_corpus["data_list"]).read())
+    tok = hf_corpus["tokenizer"] if case == "data" else str(tmp_path / "missing.json")
+    proc = launch(dict(DATA_FILE_LIST=str(data_list), TOKENIZER_MODEL=tok, SAVE=str(tmp_path / "r")))
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert ("/nowhere/prefix.bin" in lines[0]) if case == "data" else ("missing.json" in lines[0])
+
+
+def test_plan_errors_name_the_variables_that_produced_the_flags(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    proc = launch(dict(OPT="muon", DS_CONFIG=str(user), SAVE=str(tmp_path / "r")))
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["train_alcf.sh: error: OPT=muon supports --zero-stage 0, 1 and 2, not 3 "
+                                        "(whole matrices are gathered from ZeRO 0/1/2 layouts only)"]

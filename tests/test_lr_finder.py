@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, error_lines, read_metrics, run_module, run_trainer, tree_digest
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.training.lr_finder import CSV_HEADER, LRFinder, RangeTest, resmooth, suggest, sweep_lr
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

@@ -174,7 +174,7 @@ def test_mixed_list_trains(data, tmp_path_factory):
     out = str(data / "mix.txt")
     assert tool("--inputs", "0.8", demo, "0.2", replay, "--output", out).returncode == 0
     assert [s.corpus for s in parse_data_file_list(out)] == ["shakespeare", "old"]
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
 
     args = parse_args(["--data-file-list", out, "--tokenizer-model", built["tokenizer_model"],
                        "--train-iters", "1"], world_size=1)

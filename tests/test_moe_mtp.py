@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import TINY, _env, error_lines, read_metrics, run_trainer
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2"]
 MTP = ["--mtp-num-layers", "1"]
@@ -102,12 +102,12 @@ def test_model_layout_roles_and_residual_branches():
     """First-k dense layers, MTP with MoE, the router's optimizer role, CompleteP's residual hooks."""
     code = """
 import json
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.platform import init_distributed
 from megatron.core import parallel_state as ps
 from megatron_ext.model import build_model
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.param_groups import build_param_groups
+from megatron_ext.optimizers.common.param_groups import build_param_groups
 args = parse_args('--mock-data --train-iters 1 --num-layers 3 --num-experts 4 --moe-first-k-dense 1 '
                   '--mtp-num-layers 1 --optimizer muon --parametrization completep --depth-base 1'.split())
 init_distributed(); ps.initialize_model_parallel()

@@ -69,13 +69,13 @@ def test_one_step_equals_the_published_update(scaling, nesterov):
 def test_roles_route_hidden_matrices_to_muon_on_a_real_gpt():
     code = """
 import json
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.platform import init_distributed
 from megatron.core import parallel_state as ps
 from megatron_ext.training.trainer import set_seeds
 from megatron_ext.model import build_model
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.param_groups import build_param_groups
+from megatron_ext.optimizers.common.param_groups import build_param_groups
 args = parse_args('--mock-data --train-iters 1 --optimizer muon --muon-lr-scale 2'.split())
 init_distributed(); ps.initialize_model_parallel(); set_seeds(1)
 model = build_model(args, 1000)
@@ -157,7 +157,7 @@ def test_unsupported_settings_and_bad_values_are_one_line(extra, message):
 
 
 def test_newton_schulz_work_is_split_evenly_and_identically_on_every_rank():
-    from megatron_ext.optimizers.hybrid import assign_owners, matrix_cost
+    from megatron_ext.optimizers.common.hybrid import assign_owners, matrix_cost
 
     shapes = [(768, 256), (256, 256), (1536, 256), (256, 768)] * 4
     costs = [matrix_cost(s) for s in shapes]

@@ -301,7 +301,7 @@ def _drive(plan_path):
     """Run every (name, argv) of the plan in this process; record 'ok' or the failure."""
     import traceback
 
-    from megatron_ext.train import main
+    from megatron_ext.train import run
 
     with open(plan_path) as f:
         runs_ = json.load(f)
@@ -309,8 +309,8 @@ def _drive(plan_path):
     for name, argv in runs_:
         print(f"=== {name}: {' '.join(argv)}", flush=True)
         try:
-            main(argv)
-            status[name] = "ok"
+            code = run(argv)
+            status[name] = "ok" if code == 0 else f"exit {code}"
         except SystemExit as e:
             status[name] = f"exit {e.code}"
         except Exception:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, error_lines, run_module
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.optimizers import OPTIMIZERS
 
 BASE = ["--mock-data", "--train-iters", "10"]
@@ -91,9 +91,9 @@ def test_megatron_deepspeed_defaults():
     (["--optimizer", "adamwschedulefree", "--adam-beta1", "0"], "--adam-beta1 must be in (0, 1) for adamwschedulefree"),
     (["--optimizer", "adamwschedulefree", "--schedulefree-warmup-steps", "-1"], "--schedulefree-warmup-steps must be >= 0"),
     (["--optimizer", "adamwschedulefree", "--schedulefree-weight-lr-power", "-2"], "--schedulefree-weight-lr-power must be >= 0"),
-    (["--optimizer", "adamwschedulefree", "--zero-stage", "3"], "ZeRO 3 is not supported"),
+    (["--optimizer", "adamwschedulefree", "--zero-stage", "3"], "--optimizer adamwschedulefree supports --zero-stage 0, 1 and 2, not 3"),
     (["--optimizer", "sgdschedulefree", "--sgd-momentum", "0"], "--sgd-momentum must be in (0, 1) for sgdschedulefree"),
-    (["--optimizer", "sgdschedulefree", "--zero-stage", "3"], "--optimizer sgdschedulefree: ZeRO 3 is not supported"),
+    (["--optimizer", "sgdschedulefree", "--zero-stage", "3"], "--optimizer sgdschedulefree supports --zero-stage 0, 1 and 2, not 3"),
     (["--optimizer", "sophiag", "--sophiag-beta1", "1"], "--sophiag-beta1 must be in [0, 1), got 1.0"),
     (["--optimizer", "sophiag", "--sophiag-beta2", "-0.1"], "--sophiag-beta2 must be in [0, 1)"),
     (["--optimizer", "sophiag", "--sophiag-rho", "-0.01"], "--sophiag-rho must be > 0, got -0.01"),

@@ -19,12 +19,12 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
 from megatron.core import parallel_state as ps
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.model import build_model
 from megatron_ext.optimizers import build_optimizer
 from megatron_ext.parametrizations import parametrization_for
-from megatron_ext.parametrizations.apply import residual_branches
-from megatron_ext.parametrizations.report import init_report_rows
+from megatron_ext.parametrizations.common.apply import residual_branches
+from megatron_ext.parametrizations.common.report import init_report_rows
 from megatron_ext.platform import init_distributed
 from megatron_ext.training.trainer import set_seeds
 
@@ -217,7 +217,7 @@ def test_coord_check_passes_for_mup_and_completep_and_shows_sp_blowing_up(tmp_pa
     ([], "sp"),
 ])
 def test_megatron_deepspeed_aliases_select_the_parametrization(flags, expected):
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
 
     args = parse_args(MODEL.split() + flags, world_size=1)
     assert args.parametrization == expected
@@ -229,8 +229,8 @@ def test_megatron_deepspeed_aliases_select_the_parametrization(flags, expected):
     (["--parametrization", "completep", "--depth-alpha", "-0.1"], "--depth-alpha must be in [0, 1]"),
     (["--parametrization", "completep", "--depth-base", "8"], "--depth-base 8 is larger than --num-layers 4"),
     (["--parametrization", "completep", "--depth-base", "2", "--depth-multiplier", "2"], "give one"),
-    (["--mup-base-hidden", "32"], "--mup-base-hidden belongs to --parametrization mup; this run uses sp"),
-    (["--enable-mup", "--depth-alpha", "0.5"], "--depth-alpha belongs to --parametrization completep"),
+    (["--mup-base-hidden", "32"], "--mup-base-hidden has no effect with --parametrization sp (it belongs to --parametrization mup)"),
+    (["--enable-mup", "--depth-alpha", "0.5"], "--depth-alpha has no effect with --parametrization mup (it belongs to --parametrization completep)"),
     (["--init-method-std", "big"], "invalid number: 'big' (or 'auto')"),
     (["--init-method-std", "-1"], "must be >= 0, got '-1' (or 'auto')"),
     (["--mup-hidden-lr-scale", "0", "--enable-mup"], "must be > 0, got '0'"),

@@ -117,7 +117,7 @@ def test_third_party_plugin_via_entry_point(tmp_path):
                              capture_output=True, text=True, env=env, check=True)
     assert "plainsgd" in listing.stdout and "third-party plain SGD" in listing.stdout
     assert "--plainsgd-momentum" in listing.stdout
-    code = ("from megatron_ext.arguments import parse_args;"
+    code = ("from megatron_ext.plan import parse_args;"
             "a = parse_args(['--mock-data', '--train-iters', '1', '--optimizer', 'third_party_sgd',"
             " '--plainsgd_momentum', '0.9'], world_size=1);"
             "print(a.optimizer, a.plainsgd_momentum)")

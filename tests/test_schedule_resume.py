@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY, error_lines, read_metrics, run_trainer
 from megatron_ext import cli
-from megatron_ext.arguments import parse_args
-from megatron_ext.schedules.scheduler import ParamScheduler
+from megatron_ext.plan import parse_args
+from megatron_ext.schedules.common.scheduler import ParamScheduler
 
 MAX, MIN, C = 1e-3, 1e-5, 5e-4
 GB = 2  # TINY: micro batch 2, one rank

@@ -11,9 +11,9 @@ import torch
 
 from conftest import TINY, error_lines, run_module
 from megatron_ext import cli
-from megatron_ext.arguments import parse_args
+from megatron_ext.plan import parse_args
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules.scheduler import (LRSchedule, ParamScheduler, ScheduleResumeError,
+from megatron_ext.schedules.common.scheduler import (LRSchedule, ParamScheduler, ScheduleResumeError,
                                               WeightDecaySchedule, build_schedule)
 
 GB, SEQ, ITERS = 4, 32, 100
@@ -368,7 +368,7 @@ class _TinyModel(torch.nn.Module):
 
 def test_weight_decay_schedule_reaches_groups_through_their_multipliers():
     from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.optimizers.param_groups import build_param_groups
+    from megatron_ext.optimizers.common.param_groups import build_param_groups
 
     args, _ = make("--lr-decay-style", "linear", "--weight-decay-incr-style", "linear",
                    "--start-weight-decay", "0.0", "--end-weight-decay", "0.2", "--optimizer", "adamw")

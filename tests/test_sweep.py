@@ -152,7 +152,7 @@ def test_launcher_mode_checks_variables(tmp_path, capsys, monkeypatch):
     commands = _commands(printed)
     assert len(commands) == 2 and commands[0].startswith("MODEL_ARCH=tiny LR=1e-3 ")
     assert "-m megatron_ext.launcher --train-iters 5" in commands[0]
-    assert "#   the launcher runs:" in printed and "--lr 0.003" in printed  # what the launcher resolved
+    assert "#   the launcher runs:" in printed and "--lr 3e-3" in printed  # what the launcher resolved, as typed
     assert run_argv(["--launcher", "--grid", "LR_DECAY=cosine", "--out", str(out), "--dry-run"]) == 2
     assert "'LR_DECAY' is not a variable train_alcf.sh reads (did you mean 'LR_DECAY_STYLE'?)" in capsys.readouterr().err
     assert run_argv(["--launcher", "--grid", "LR=abc", "--out", str(out), "--dry-run"]) == 2

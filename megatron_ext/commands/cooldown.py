@@ -77,36 +77,33 @@ class CooldownError(ValueError):
 
 def find_checkpoint(path: str) -> Tuple[str, str]:
     """(load dir, tag) for a save dir or a tag dir; the tag must be the one ``--load`` resumes."""
-    from megatron_ext.training.checkpointing import latest_tag
+    from megatron_ext.training.checkpoint_files import CheckpointFileError, read_latest
+    from megatron_ext.training.checkpoint_files import find_checkpoint as find
 
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise CooldownError(f"{path}: no such directory")
-    tag = latest_tag(path)
-    if tag is not None:
-        return path, tag
-    if os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt")):
-        parent, name = os.path.dirname(path), os.path.basename(path)
-        latest = latest_tag(parent)
-        if latest != name:
-            raise CooldownError(
-                f"{path}: --load {parent} resumes from its 'latest' checkpoint ({latest}), not {name}; to cool down "
-                f"{name}, make a directory holding (a link to) {name} and a file 'latest' containing '{name}', "
-                "and pass that directory")
-        return parent, name
-    raise CooldownError(f"{path}: no checkpoint here (no 'latest' file and no global_stepN contents)")
+    try:
+        load_dir, tag = find(path)
+    except CheckpointFileError as e:
+        raise CooldownError(str(e)) from None
+    latest = read_latest(load_dir)
+    if latest != tag:
+        raise CooldownError(
+            f"{path}: --load {load_dir} resumes from its 'latest' checkpoint ({latest}), not {tag}; to cool down "
+            f"{tag}, make a directory holding (a link to) {tag} and a file 'latest' containing '{tag}', "
+            "and pass that directory")
+    return load_dir, tag
 
 
 def read_client_state(load_dir: str, tag: str) -> Dict[str, Any]:
-    import torch
+    from megatron_ext.training.checkpoint_files import CheckpointFileError, client_state
 
-    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise CooldownError(f"{path}: missing (is {load_dir} a megatron_ext checkpoint directory?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = client_state(os.path.join(load_dir, tag))
+    except CheckpointFileError as e:
+        raise CooldownError(str(e)) from None
     for key in ("args", "iteration", "consumed_samples", "lr_scheduler"):
         if key not in state:
-            raise CooldownError(f"{path}: no '{key}' in the checkpoint's client state (not written by megatron_ext?)")
+            raise CooldownError(f"{os.path.join(load_dir, tag)}: no '{key}' in the checkpoint's client state "
+                                "(not written by megatron_ext?)")
     return state
 
 
@@ -195,9 +192,9 @@ def build_command(ns) -> Tuple[List[str], List[str], Dict[str, Any]]:
 def check_command(flags: List[str], info: Dict[str, Any], r: int):
     """Parse with the trainer's parser and apply the cooldown to the checkpoint's schedule state:
     (args, scheduler) of the run the command starts; raises on anything the run would reject."""
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_args
     from megatron_ext.commands.schedule import _Groups
-    from megatron_ext.schedules.scheduler import ParamScheduler
+    from megatron_ext.schedules.common.scheduler import ParamScheduler
 
     args = parse_args(flags, world_size=info["world"])  # exits with one line on a bad flag
     scheduler = ParamScheduler.from_args(_Groups(), args)
@@ -207,7 +204,7 @@ def check_command(flags: List[str], info: Dict[str, Any], r: int):
 
 
 def run(ns) -> int:
-    from megatron_ext.schedules.scheduler import ScheduleResumeError
+    from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     prog = "megatron-ext cooldown"
     try:

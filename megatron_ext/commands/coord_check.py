@@ -36,7 +36,7 @@ def _sizes(text: str) -> List[int]:
 
 
 def _own_parser() -> argparse.ArgumentParser:
-    from megatron_ext.parametrizations.coord_check import DEFAULT_DEPTHS, DEFAULT_WIDTHS
+    from megatron_ext.parametrizations.common.coord_check import DEFAULT_DEPTHS, DEFAULT_WIDTHS
 
     p = argparse.ArgumentParser(prog="megatron-ext coord-check", add_help=False, allow_abbrev=False,
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +81,8 @@ def run_argv(argv) -> int:
 
         plt = pyplot() or own.error(f"--plot {MISSING}")
     base = DEFAULT_FLAGS + ["--train-iters", str(opts.steps)] + rest  # user flags come last and win
-    from megatron_ext.arguments import ArgumentsError, parse_args
+    from megatron_ext.arguments import ArgumentsError
+    from megatron_ext.plan import parse_args
 
     try:  # bad training flags: one line before any work
         parse_args(base, world_size=1)
@@ -91,7 +92,7 @@ def run_argv(argv) -> int:
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.parametrizations.coord_check import coord_check
+    from megatron_ext.parametrizations.common.coord_check import coord_check
     from megatron_ext.platform import init_distributed
 
     init_distributed()

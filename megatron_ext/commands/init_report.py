@@ -17,7 +17,8 @@ def add_parser(sub):
 def run_argv(argv) -> int:
     import warnings
 
-    from megatron_ext.arguments import normalise_argv, parse_args
+    from megatron_ext.arguments import normalise_argv
+    from megatron_ext.plan import parse_plan
 
     argv = normalise_argv(list(argv))
     if "-h" in argv or "--help" in argv:
@@ -27,22 +28,21 @@ def run_argv(argv) -> int:
         argv.append("--mock-data")  # the model does not need data; the parser wants a source
     if not any(a.split("=")[0] in ("--train-iters", "--train-samples", "--train-tokens") for a in argv):
         argv += ["--train-iters", "1"]  # nor a training length
-    args = parse_args(argv, world_size=1)
+    plan = parse_plan(argv, world_size=1)
+    args = plan.args
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
     from megatron_ext.model import build_model
-    from megatron_ext.parametrizations import parametrization_for
-    from megatron_ext.parametrizations.report import format_init_report, init_report_rows
+    from megatron_ext.parametrizations.common.report import format_init_report, init_report_rows
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import set_seeds
 
     init_distributed(args.distributed_backend)
     ps.initialize_model_parallel()
     set_seeds(args.seed)
-    parametrization = parametrization_for(args)
-    model = build_model(args, tokenizer_for(args, data_sources(args)).vocab_size, parametrization)
+    parametrization = plan.parametrization
+    model = build_model(args, plan.tokenizer.vocab_size, parametrization)
     print(format_init_report(init_report_rows(model, parametrization), parametrization))
     sys.stdout.flush()
     return 0

@@ -15,6 +15,8 @@ def run(args) -> int:
         for plugin in reg.plugins():
             aliases = f" (aliases: {', '.join(plugin.aliases)})" if plugin.aliases else ""
             print(f"  {plugin.name:<22} {plugin.description}{aliases}")
+            if args.verbose:
+                print(f"      engine: {plugin.engine.describe()}")
             if plugin.arguments and args.verbose:
                 for arg in plugin.arguments:
                     default = arg.kwargs.get("default")

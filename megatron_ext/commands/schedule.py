@@ -1,7 +1,7 @@
 """``megatron-ext schedule [training flags] [--steps 0,100,... | --every N] [--csv F] [--plot F]``:
 the LR and weight decay a run with these flags gets, step by step.
 
-It parses the flags with the trainer's own parser (``megatron_ext.arguments.parse_args``) and builds
+It parses the flags with the trainer's own parser (``megatron_ext.plan.parse_args``) and builds
 the trainer's own ``ParamScheduler``, so what it shows is what the run gets. ``--mock-data`` is
 added when no data flag is given. With ``--load DIR`` it applies the resume rules to the
 checkpoint there (``--override-opt-param-scheduler``, ``--use-checkpoint-opt-param-scheduler``,
@@ -74,15 +74,12 @@ class _Groups:
 def load_checkpoint_schedule_state(load_dir: str) -> Optional[tuple]:
     """(scheduler state as ``load_checkpoint`` passes it, client state) of the checkpoint ``--load
     load_dir`` resumes from; None if there is none."""
-    import torch
+    from megatron_ext.training.checkpoint_files import client_state, read_latest
 
-    from megatron_ext.training.checkpointing import latest_tag
-
-    tag = latest_tag(load_dir)
+    tag = read_latest(load_dir)
     if tag is None:
         return None
-    path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
-    client = torch.load(path, map_location="cpu", weights_only=False)
+    client = client_state(os.path.join(load_dir, tag))
     if "lr_scheduler" not in client or "consumed_samples" not in client:
         return None  # not written by megatron_ext: the trainer could not resume its schedule either
     return {**client["lr_scheduler"], "position": client["consumed_samples"]}, client
@@ -90,8 +87,8 @@ def load_checkpoint_schedule_state(load_dir: str) -> Optional[tuple]:
 
 def build_scheduler(argv: List[str], world_size: int = 1):
     """(args, ParamScheduler) for training flags, the checkpoint in --load applied as on resume."""
-    from megatron_ext.arguments import parse_args
-    from megatron_ext.schedules.scheduler import ParamScheduler
+    from megatron_ext.plan import parse_args
+    from megatron_ext.schedules.common.scheduler import ParamScheduler
 
     argv = list(argv)
     if not any(a.replace("_", "-").split("=")[0] in DATA_FLAGS for a in argv):
@@ -117,7 +114,7 @@ def rows_for(args, scheduler, steps: List[int]):
 
 def run_argv(argv) -> int:
     from megatron_ext.arguments import normalise_argv
-    from megatron_ext.schedules.scheduler import ScheduleResumeError
+    from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     own = _own_parser()
     own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")  # one line, no usage

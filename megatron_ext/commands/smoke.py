@@ -30,7 +30,7 @@ def run_argv(argv) -> int:
 
     import torch
 
-    from megatron_ext.arguments import parse_args
+    from megatron_ext.plan import parse_plan
     from megatron_ext.platform import accelerator, init_distributed
 
     t0 = time.time()
@@ -52,8 +52,8 @@ def run_argv(argv) -> int:
 
     from megatron_ext.training.trainer import pretrain
 
-    args = parse_args(SMOKE_MODEL + ["--train-iters", str(own.steps)] + trainer_flags, world_size=world)
-    result = pretrain(args)
+    plan = parse_plan(SMOKE_MODEL + ["--train-iters", str(own.steps)] + trainer_flags, world_size=world)
+    result = pretrain(plan)
     losses_ok = len(result.train_losses) == own.steps and all(l == l and l < 100 for l in result.train_losses)
     ok = allreduce_ok and losses_ok
     if rank == 0:

@@ -36,24 +36,15 @@ def main(argv=None) -> int:
         print("DRY_RUN=1: nothing was started or written.")
         return 0
 
-    if launch.demo:
+    if not launch.files_checked:  # the demo corpus is built on first use, then planned with its files
         from megatron_ext.launcher.demo import prepare
 
         prepare(os.path.dirname(launch.trainer_argv[launch.trainer_argv.index("--data-file-list") + 1]))
-
-    # The files now exist: the trainer's own checks run once more before anything starts.
-    from megatron_ext.arguments import ArgumentsError, build_parser, finalize_args
-
-    argv_check = list(launch.trainer_argv)
-    if launch.ds_config is not None:  # ours, written below; identical to what the flags give
-        i = argv_check.index("--deepspeed-config")
-        del argv_check[i:i + 2]
-    try:
-        world = int(dict((k, v) for k, v, _ in launch.settings)["WORLD_SIZE"])
-        finalize_args(build_parser(prog="train_alcf.sh").parse_args(argv_check), world)
-    except ArgumentsError as e:
-        print(f"train_alcf.sh: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            launch = resolve(os.environ, argv, repo, check_files=True)
+        except LaunchError as e:
+            print(f"train_alcf.sh: error: {e}", file=sys.stderr)
+            return 2
 
     os.makedirs(launch.run_dir, exist_ok=True)
     env_lines = [f"{k.replace(' ', '_').replace('/', '_').replace('(', '').replace(')', '')}={shlex.quote(v)}"

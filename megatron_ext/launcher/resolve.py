@@ -3,8 +3,12 @@
 Every variable of Megatron-DeepSpeed's ``train_alcf.sh`` is read with its documented default, both
 spellings where its docs and script disagree. Extra command-line arguments are appended AFTER the
 generated flags, so they always win (argparse keeps the last value). The final argument list is
-parsed and validated by the trainer's own parser, so what is printed is what will run.
-Any bad value is one line naming the variable (``LaunchError``), before anything starts.
+parsed once by the trainer's own parser and planned by the trainer's run plan
+(``megatron_ext.plan``), which does every derivation (batch, accumulation, iterations from
+TRAIN_TOKENS, ZeRO stage with a user DeepSpeed JSON...) and every check; the table shows the plan's
+values, so what is printed is what will run. Numbers reach the trainer exactly as typed. Any bad
+value is one line naming the variable (``LaunchError``; the plan's messages name flags, said here
+in the variables that produced them), before anything starts.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -26,6 +31,9 @@ DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh d
 DEMO_DEFAULTS = {"MICRO_BATCH": 8, "LR": 1e-3, "EVAL_INTERVAL": 250, "EVAL_ITERS": 10, "SAVE_INTERVAL": 250,
                  "LOG_INTERVAL": 25}
 DEMO_TRAIN_ITERS = 1000  # when neither TRAIN_ITERS nor TRAIN_TOKENS is given
+# Megatron-DeepSpeed's train_alcf.sh defaults of the number variables that have no preset.
+LAUNCHER_DEFAULTS = {"LR": 0.0002, "LR_WARMUP_FRAC": 0.05, "ADAM_BETA1": 0.9, "ADAM_BETA2": 0.95, "ADAM_EPS": 1e-5,
+                     "WEIGHT_DECAY": 0.1, "CLIP_GRAD": 1.0}
 
 
 class LaunchError(ValueError):
@@ -43,6 +51,8 @@ class Launch:
     ds_config_path: str
     demo: bool
     notes: List[str]
+    plan: object  # megatron_ext.plan.RunPlan: what the trainer will do
+    files_checked: bool  # whether the plan resolved the tokenizer and data files (not for a demo yet to build)
 
 
 class _Env:
@@ -115,21 +125,71 @@ def detect_accelerators() -> Tuple[str, int]:
     return name, (1 if name == "cpu" else max(1, _accel().device_count()))
 
 
-def _fmt_lr(lr: float) -> str:
-    return f"{lr:g}"
+def _exact(raw: str) -> str:
+    """A number as the user typed it (validated elsewhere); the trainer parses the same text."""
+    return raw.strip()
+
+
+class _Flags:
+    """The trainer flags the variables become, and which variable each came from (so that the
+    plan's messages, which name flags, can be said in the variables the user typed)."""
+
+    def __init__(self):
+        self.argv: List[str] = []
+        self.origin: List[Tuple[str, str, str]] = []  # (flag, value text, variable)
+
+    def add(self, flag: str, value: Optional[str] = None, variable: Optional[str] = None) -> None:
+        self.argv += [flag] if value is None else [flag, value]
+        if variable is not None:
+            self.origin.append((flag, "" if value is None else value, variable))
+
+    def say_in_variables(self, message: str) -> str:
+        """``--lr 0.5`` -> ``LR=0.5`` for flags the variables produced; a bare flag before ``=`` or
+        ``:`` (``--train-iters = 100 // 8``) becomes its variable's name."""
+        for flag, value, variable in sorted(self.origin, key=lambda o: -len(o[0])):
+            if value:
+                message = re.sub(rf"{re.escape(flag)} {re.escape(value)}(?![\w.])", f"{variable}={value}", message)
+        for flag, variable in FLAG_VARIABLES.items():
+            message = re.sub(rf"{re.escape(flag)}(?= =|:)", variable, message)
+        return message
+
+
+# The flag each variable sets (for messages about flags the user never typed).
+FLAG_VARIABLES = {
+    "--train-iters": "TRAIN_ITERS", "--train-tokens": "TRAIN_TOKENS", "--micro-batch-size": "MICRO_BATCH",
+    "--global-batch-size": "GLOBAL_BATCH", "--gradient-accumulation-steps": "GRAD_ACC_STEPS",
+    "--tensor-model-parallel-size": "TP", "--pipeline-model-parallel-size": "PP", "--zero-stage": "ZERO_STAGE",
+    "--num-attention-heads": "HEADS", "--num-key-value-heads": "NUM_KV_HEAD", "--hidden-size": "HIDDEN",
+    "--num-layers": "NLAYERS", "--seq-length": "SEQ",
+}
 
 
 def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
-            accelerator: Optional[Tuple[str, int]] = None) -> Launch:
+            accelerator: Optional[Tuple[str, int]] = None, check_files: Optional[bool] = None) -> Launch:
+    """Variables -> trainer flags -> the run plan (``megatron_ext.plan``), which does every derivation
+    and check; the settings table shows the plan's values. ``check_files`` (default: unless the demo
+    corpus is still to be built) makes the plan resolve the tokenizer and data files too."""
     demo = not (environ.get("DATA_FILE_LIST") or "").strip()
     e = _Env(environ, DEMO_DEFAULTS if demo else None)
     notes: List[str] = []
     settings: List[Tuple[str, str, str]] = []
     resolved: Dict[str, str] = {}
+    f = _Flags()
 
     def note(key: str, value, source: str) -> None:
         settings.append((key, str(value), source))
         resolved[key] = str(value)
+
+    def number(var_names, flag, default, kind=int, minimum=None, allowed=None, source_default="default"):
+        value, src = e.number(var_names, default, kind=kind, minimum=minimum, allowed=allowed)
+        if value is None:
+            return None, src
+        names = (var_names,) if isinstance(var_names, str) else var_names
+        raw = e.get(*names)[0] if src in names else None
+        text = _exact(raw) if (raw is not None and kind is float) else str(value)
+        f.add(flag, text, names[0])
+        note(names[0], text, src if src != "default" else source_default)
+        return value, src
 
     accel_name, local_devices = accelerator or detect_accelerators()
     on_cpu = accel_name == "cpu"
@@ -154,100 +214,49 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         raise LaunchError(f"MODEL_ARCH={arch_raw!r} is not a known preset{hint}; known: {', '.join(MODEL_PRESETS)}")
     note("MODEL_ARCH", arch, arch_src or ("default (no accelerator: CPU demo size)" if on_cpu else "default"))
     preset = MODEL_PRESETS[arch]
-    layers, s = e.number(("NLAYERS", "NUM_LAYERS"), preset["num_layers"], minimum=1)
-    note("NLAYERS", layers, s if s != "default" else "preset")
-    hidden, s = e.number("HIDDEN", preset["hidden_size"], minimum=1)
-    note("HIDDEN", hidden, s if s != "default" else "preset")
-    heads, s = e.number(("HEADS", "NHEADS"), preset["num_attention_heads"], minimum=1)
-    note("HEADS", heads, s if s != "default" else "preset")
-    kv_heads, s = e.number("NUM_KV_HEAD", preset["num_key_value_heads"], minimum=1)
-    note("NUM_KV_HEAD", kv_heads, s if s != "default" else "preset")
-    ffn, s = e.number("FFN_HIDDEN_SIZE", preset["ffn_hidden_size"], minimum=1)
-    note("FFN_HIDDEN_SIZE", ffn, s if s != "default" else "preset")
-    seq, s = e.number(("SEQ", "SEQ_LEN"), preset["seq_length"], minimum=1)
-    note("SEQ", seq, s if s != "default" else "preset")
-    rope, s = e.number("ROPE_THETA", preset["rope_theta"], kind=float, minimum=1)
-    note("ROPE_THETA", f"{rope:g}", s if s != "default" else "preset")
+    layers, _ = number(("NLAYERS", "NUM_LAYERS"), "--num-layers", preset["num_layers"], minimum=1, source_default="preset")
+    hidden, _ = number("HIDDEN", "--hidden-size", preset["hidden_size"], minimum=1, source_default="preset")
+    number("FFN_HIDDEN_SIZE", "--ffn-hidden-size", preset["ffn_hidden_size"], minimum=1, source_default="preset")
+    number(("HEADS", "NHEADS"), "--num-attention-heads", preset["num_attention_heads"], minimum=1,
+           source_default="preset")
+    number("NUM_KV_HEAD", "--num-key-value-heads", preset["num_key_value_heads"], minimum=1, source_default="preset")
+    seq, _ = number(("SEQ", "SEQ_LEN"), "--seq-length", preset["seq_length"], minimum=1, source_default="preset")
+    f.add("--max-position-embeddings", str(seq), "SEQ")
+    number("ROPE_THETA", "--rope-theta", preset["rope_theta"], kind=float, minimum=1, source_default="preset")
     llama = not e.flag("NO_LLAMA")
     note("NO_LLAMA", "" if llama else "1", "NO_LLAMA" if not llama else "unset: llama-style")
+    f.add("--model-style", "llama" if llama else "gpt2", "NO_LLAMA")
 
     # --- parallelism and precision -----------------------------------------------------------
-    tp, s = e.number("TP", 1, minimum=1)
-    note("TP", tp, s)
-    pp, s = e.number("PP", 1, minimum=1)
-    if pp != 1:
-        raise LaunchError(f"PP={pp}: pipeline parallelism is not supported yet; use PP=1")
-    sp, s = e.number("SP", 1, minimum=1)
-    if sp != 1:
+    number("TP", "--tensor-model-parallel-size", 1, minimum=1)
+    number("PP", "--pipeline-model-parallel-size", 1, minimum=1)
+    sp, _ = e.number("SP", 1, minimum=1)
+    if sp != 1:  # no trainer flag yet: DeepSpeed-Ulysses is not wired in
         raise LaunchError(f"SP={sp}: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use SP=1")
-    if heads % tp:
-        raise LaunchError(f"TP={tp} does not divide HEADS={heads}")
-    if kv_heads % tp:
-        raise LaunchError(f"TP={tp} does not divide NUM_KV_HEAD={kv_heads}")
-    if world % (tp * pp * sp):
-        raise LaunchError(f"TP={tp} x PP={pp} x SP={sp} does not divide the world size {world}")
-    dp = world // (tp * pp * sp)
-    note("data-parallel size", dp, "WORLD_SIZE / (TP x PP x SP)")
-    zero, s = e.number("ZERO_STAGE", 1, allowed=(0, 1, 2, 3))
-    note("ZERO_STAGE", zero, s)
+    number("ZERO_STAGE", "--zero-stage", 1, allowed=(0, 1, 2, 3))
     dtype, dtype_src = e.get("DTYPE")
     dtype = (dtype or ("fp32" if on_cpu else "bf16")).lower()
     if dtype not in ("bf16", "fp16", "fp32"):
         raise LaunchError(f"DTYPE={dtype!r} must be one of bf16, fp16, fp32")
     note("DTYPE", dtype, dtype_src or ("default (CPU)" if on_cpu else "default"))
+    if dtype != "fp32":
+        f.add(f"--{dtype}", None, "DTYPE")
 
-    # --- batch and budget --------------------------------------------------------------------
-    micro, s = e.number("MICRO_BATCH", 1, minimum=1)
-    note("MICRO_BATCH", micro, s)
-    gas_given, gas_src = e.number("GRAD_ACC_STEPS", None, minimum=1)
-    gb_given, gb_src = e.number("GLOBAL_BATCH", None, minimum=1)
-    if gb_given is not None:
-        if gb_given % (dp * micro):
-            raise LaunchError(
-                f"GLOBAL_BATCH={gb_given} is not divisible by data-parallel size {dp} x MICRO_BATCH={micro}"
-            )
-        gas = gb_given // (dp * micro)
-        if gas_given is not None and gas_given != gas:
-            raise LaunchError(
-                f"GRAD_ACC_STEPS={gas_given} disagrees with GLOBAL_BATCH={gb_given} / (data-parallel {dp} x "
-                f"MICRO_BATCH={micro}) = {gas}"
-            )
-        global_batch = gb_given
-        note("GRAD_ACC_STEPS", gas, "GLOBAL_BATCH / (data-parallel x MICRO_BATCH)")
-    else:
-        gas = gas_given or 1
-        global_batch = dp * micro * gas
-        note("GRAD_ACC_STEPS", gas, gas_src)
-    note("GLOBAL_BATCH", global_batch, gb_src or "data-parallel x MICRO_BATCH x GRAD_ACC_STEPS")
-
-    data_file_list, dfl_src = e.get("DATA_FILE_LIST")
-    if data_file_list is not None and not os.path.isfile(data_file_list):
-        raise LaunchError(f"DATA_FILE_LIST={data_file_list}: no such file")
-
-    iters, iters_src = e.number(("TRAIN_ITERS", "TRAIN_ITER"), None, minimum=1)
-    tokens, tokens_src = e.number("TRAIN_TOKENS", None, minimum=1)
-    tokens_per_iter = seq * global_batch
-    if iters is not None:
-        if tokens is not None:
-            notes.append(f"{iters_src}={iters} wins over TRAIN_TOKENS={tokens}")
-        note("TRAIN_ITERS", iters, iters_src)
-    else:
-        if tokens is None:
-            if demo:
-                iters, iters_src = DEMO_TRAIN_ITERS, "default (demo)"
-            else:
-                tokens, tokens_src = DEFAULT_TRAIN_TOKENS, "default"
-        if iters is None:
-            iters = tokens // tokens_per_iter
-            if iters < 1:
-                raise LaunchError(
-                    f"TRAIN_TOKENS={tokens} is less than one iteration of SEQ={seq} x GLOBAL_BATCH={global_batch} "
-                    f"= {tokens_per_iter} tokens"
-                )
-            # the note on the rounding is written once the final batch is known (_final_batch_and_length)
-            iters_src = "TRAIN_TOKENS // (SEQ x GLOBAL_BATCH)" + (" (default TRAIN_TOKENS)" if tokens_src == "default" else "")
-        note("TRAIN_ITERS", iters, iters_src)
-    note("TRAIN_TOKENS (trained)", iters * tokens_per_iter, "TRAIN_ITERS x SEQ x GLOBAL_BATCH")
+    # --- batch and length (the plan derives the rest) -------------------------------------------
+    number("MICRO_BATCH", "--micro-batch-size", 1, minimum=1)
+    if e.get("GRAD_ACC_STEPS")[0] is not None:
+        number("GRAD_ACC_STEPS", "--gradient-accumulation-steps", None, minimum=1)
+    if e.get("GLOBAL_BATCH")[0] is not None:
+        number("GLOBAL_BATCH", "--global-batch-size", None, minimum=1)
+    iters_given = e.get("TRAIN_ITERS", "TRAIN_ITER")[0] is not None
+    tokens_given = e.get("TRAIN_TOKENS")[0] is not None
+    if iters_given:
+        number(("TRAIN_ITERS", "TRAIN_ITER"), "--train-iters", None, minimum=1)
+    if tokens_given or (not iters_given and not demo):
+        number("TRAIN_TOKENS", "--train-tokens", DEFAULT_TRAIN_TOKENS, minimum=1)
+    if demo and not iters_given and not tokens_given:
+        f.add("--train-iters", str(DEMO_TRAIN_ITERS), "TRAIN_ITERS")
+        note("TRAIN_ITERS", DEMO_TRAIN_ITERS, "default (demo)")
 
     # --- optimizer and learning rate ---------------------------------------------------------
     from megatron_ext.optimizers import OPTIMIZERS
@@ -259,33 +268,35 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         opt = OPTIMIZERS.get(opt_raw or "adamw").name
     except UnknownPluginError as err:
         raise LaunchError(f"{opt_src}={opt_raw!r}: {err}") from None
+    f.add("--optimizer", opt, opt_src or "OPT")
     note("OPT", opt, opt_src or "default")
-    lr, s = e.number("LR", 0.0002, kind=float, minimum=0)
-    note("LR", _fmt_lr(lr), s)
+    number("LR", "--lr", LAUNCHER_DEFAULTS["LR"], kind=float, minimum=0)
     style_raw, style_src = e.get("LR_DECAY_STYLE")
     try:
         style = SCHEDULES.get(style_raw or "cosine").name
     except UnknownPluginError as err:
         raise LaunchError(f"LR_DECAY_STYLE={style_raw!r}: {err}") from None
+    f.add("--lr-decay-style", style, "LR_DECAY_STYLE")
     note("LR_DECAY_STYLE", style, style_src or "default")
-    warm, s = e.number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), 0.05, kind=float, minimum=0)
+    warm, s = e.number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), LAUNCHER_DEFAULTS["LR_WARMUP_FRAC"], kind=float,
+                       minimum=0)
     if warm > 1:
         raise LaunchError(f"{s}={warm} must be a fraction in [0, 1]")
-    note("LR_WARMUP_FRAC", f"{warm:g}", s)
-    decay_iters, s = e.number("LR_DECAY_ITERS", None, minimum=1)
-    if decay_iters is not None:
-        note("LR_DECAY_ITERS", decay_iters, s)
-    b1, s1 = e.number("ADAM_BETA1", 0.9, kind=float)
-    b2, s2 = e.number("ADAM_BETA2", 0.95, kind=float)
-    eps, s3 = e.number("ADAM_EPS", 1e-5, kind=float)
-    wd, s4 = e.number("WEIGHT_DECAY", 0.1, kind=float, minimum=0)
-    clip, s5 = e.number("CLIP_GRAD", 1.0, kind=float, minimum=0)
-    for key, value, src in (("ADAM_BETA1", b1, s1), ("ADAM_BETA2", b2, s2), ("ADAM_EPS", eps, s3),
-                            ("WEIGHT_DECAY", wd, s4), ("CLIP_GRAD", clip, s5)):
-        note(key, f"{value:g}", src)
+    number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), "--lr-warmup-fraction", LAUNCHER_DEFAULTS["LR_WARMUP_FRAC"],
+           kind=float)
+    if e.get("LR_DECAY_ITERS")[0] is not None:
+        number("LR_DECAY_ITERS", "--lr-decay-iters", None, minimum=1)
+    for var, flag, minimum in (("ADAM_BETA1", "--adam-beta1", None), ("ADAM_BETA2", "--adam-beta2", None),
+                               ("ADAM_EPS", "--adam-eps", None), ("WEIGHT_DECAY", "--weight-decay", 0),
+                               ("CLIP_GRAD", "--clip-grad", 0)):
+        number(var, flag, LAUNCHER_DEFAULTS[var], kind=float, minimum=minimum)
 
     # --- data --------------------------------------------------------------------------------
+    data_file_list, dfl_src = e.get("DATA_FILE_LIST")
+    if data_file_list is not None and not os.path.isfile(data_file_list):
+        raise LaunchError(f"DATA_FILE_LIST={data_file_list}: no such file")
     demo_dir = os.path.abspath(e.get("DEMO_DIR")[0] or os.path.join(repo, "data", "demo"))
+    tok_model = None
     if demo:
         data_file_list = os.path.join(demo_dir, "data_file_list.txt")
         tok_type, tok_model = "SentencePieceTokenizer", os.path.join(demo_dir, "tokenizer.model")
@@ -293,151 +304,174 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         note("TOKENIZER_TYPE", tok_type, "demo")
         note("TOKENIZER_MODEL", tok_model, "demo")
     else:
-        note("DATA_FILE_LIST", os.path.abspath(data_file_list), dfl_src)
+        data_file_list = os.path.abspath(data_file_list)
+        note("DATA_FILE_LIST", data_file_list, dfl_src)
         tok_type, s = e.get("TOKENIZER_TYPE")
         tok_type = tok_type or "HFTokenizer"
         note("TOKENIZER_TYPE", tok_type, s or "default")
         tok_model, s = e.get("TOKENIZER_MODEL")
         if tok_model is not None:
-            if not os.path.exists(tok_model):
-                raise LaunchError(f"TOKENIZER_MODEL={tok_model}: no such file or directory")
-            note("TOKENIZER_MODEL", os.path.abspath(tok_model), s)
+            if os.path.exists(tok_model):
+                tok_model = os.path.abspath(tok_model)
+            note("TOKENIZER_MODEL", tok_model, s)
+    f.add("--data-file-list", data_file_list, "DATA_FILE_LIST")
+    f.add("--tokenizer-type", tok_type, "TOKENIZER_TYPE")
+    if tok_model:
+        f.add("--tokenizer-model", tok_model, "TOKENIZER_MODEL")
     cache, s = e.get("DATA_CACHE_PATH")
     cache = os.path.abspath(cache or os.path.join(repo, ".cache", "index-cache"))
     note("DATA_CACHE_PATH", cache, s or "default")
+    f.add("--data-cache-path", cache, "DATA_CACHE_PATH")
     split = []
-    for var, default in (("TRAIN_SPLIT", 990), ("VAL_SPLIT", 10), ("TEST_SPLIT", 0)):
-        value, s = e.number(var, default, kind=float, minimum=0)
-        split.append(f"{value:g}")
+    for var, default in (("TRAIN_SPLIT", "990"), ("VAL_SPLIT", "10"), ("TEST_SPLIT", "0")):
+        e.number(var, 0.0, kind=float, minimum=0)  # validates the text
+        split.append(_exact(e.get(var)[0] or default))
     note("TRAIN/VAL/TEST_SPLIT", "/".join(split), "TRAIN_SPLIT/VAL_SPLIT/TEST_SPLIT")
+    f.add("--split", ",".join(split))
 
     # --- evaluation, logging, checkpoints ------------------------------------------------------
-    eval_interval, s = e.number("EVAL_INTERVAL", 100, minimum=1)
-    note("EVAL_INTERVAL", eval_interval, s)
-    eval_iters, s = e.number("EVAL_ITERS", 20, minimum=0)
-    note("EVAL_ITERS", eval_iters, s)
-    log_interval, s = e.number("LOG_INTERVAL", 1, minimum=1)
-    note("LOG_INTERVAL", log_interval, s)
-    save_interval, s = e.number("SAVE_INTERVAL", 50, minimum=1)
-    note("SAVE_INTERVAL", save_interval, s)
-    seed, s = e.number("SEED", 1234, minimum=0)
-    note("SEED", seed, s)
-
-    flags = [
-        "--num-layers", str(layers), "--hidden-size", str(hidden), "--ffn-hidden-size", str(ffn),
-        "--num-attention-heads", str(heads), "--num-key-value-heads", str(kv_heads),
-        "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--rope-theta", f"{rope:g}",
-        "--model-style", "llama" if llama else "gpt2",
-        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-        "--zero-stage", str(zero),
-        "--micro-batch-size", str(micro),
-        # What the user gave, not what follows from it: the trainer derives the rest, so an extra
-        # --micro-batch-size also moves the global batch and the iterations of TRAIN_TOKENS.
-        *(["--global-batch-size", str(global_batch)] if gb_given is not None else
-          ["--gradient-accumulation-steps", str(gas)]),
-        *(["--train-iters", str(iters)] if tokens is None or iters_src in ("TRAIN_ITERS", "TRAIN_ITER") else
-          ["--train-tokens", str(tokens)]),
-        "--optimizer", opt, "--lr", f"{lr:g}", "--lr-decay-style", style, "--lr-warmup-fraction", f"{warm:g}",
-        "--adam-beta1", f"{b1:g}", "--adam-beta2", f"{b2:g}", "--adam-eps", f"{eps:g}",
-        "--weight-decay", f"{wd:g}", "--clip-grad", f"{clip:g}",
-        "--data-file-list", data_file_list, "--data-cache-path", cache, "--split", ",".join(split),
-        "--tokenizer-type", tok_type,
-        "--eval-interval", str(eval_interval), "--eval-iters", str(eval_iters),
-        "--log-interval", str(log_interval), "--save-interval", str(save_interval), "--seed", str(seed),
-        # A walltime SIGTERM/SIGUSR1 saves and exits 0 instead of losing the work since the last save;
-        # --no-exit-signal-handler after the script turns it off.
-        "--exit-signal-handler",
-    ]
-    if dtype != "fp32":
-        flags.append(f"--{dtype}")
+    number("EVAL_INTERVAL", "--eval-interval", 100, minimum=1)
+    number("EVAL_ITERS", "--eval-iters", 20, minimum=0)
+    number("LOG_INTERVAL", "--log-interval", 1, minimum=1)
+    number("SAVE_INTERVAL", "--save-interval", 50, minimum=1)
+    number("SEED", "--seed", 1234, minimum=0)
+    # A walltime SIGTERM/SIGUSR1 saves and exits 0 instead of losing the work since the last save;
+    # --no-exit-signal-handler after the script turns it off.
+    f.add("--exit-signal-handler")
     if demo:
-        flags.append("--eval-at-start")  # the demo reports how far validation loss fell
-    if tok_model:
-        flags += ["--tokenizer-model", tok_model]
-    if decay_iters is not None:
-        flags += ["--lr-decay-iters", str(decay_iters)]
+        f.add("--eval-at-start")  # the demo reports how far validation loss fell
     if e.flag("USE_ACTIVATION_CHECKPOINTING"):
         n, s = e.number("ACT_CKPT_NUM_LAYERS", 1, minimum=1)
-        flags += ["--recompute-activations", "--recompute-num-layers", str(n)]
+        f.add("--recompute-activations", None, "USE_ACTIVATION_CHECKPOINTING")
+        f.add("--recompute-num-layers", str(n), "ACT_CKPT_NUM_LAYERS")
         note("USE_ACTIVATION_CHECKPOINTING", f"1 ({n} layer(s) per checkpoint)", "USE_ACTIVATION_CHECKPOINTING")
     init_std, s = e.get("INIT_METHOD_STD")
     if init_std is not None:  # 'auto' = sqrt(2/(5*HIDDEN)), what Megatron-DeepSpeed's launcher passes
-        flags += ["--init-method-std", init_std]
+        f.add("--init-method-std", init_std, "INIT_METHOD_STD")
         note("INIT_METHOD_STD", init_std, s)
     base_width, s = e.number("MUP_BASE_WIDTH", None, minimum=1)
     depth_base, s2 = e.number("DEPTH_BASE", None, minimum=1)
     if depth_base is not None:  # depth transfer is CompleteP (which includes muP's width rules)
-        flags += ["--parametrization", "completep", "--depth-base", str(depth_base)]
+        f.add("--parametrization", "completep", "DEPTH_BASE")
+        f.add("--depth-base", str(depth_base), "DEPTH_BASE")
         note("DEPTH_BASE", f"{depth_base} (--parametrization completep)", s2)
     elif base_width is not None:
-        flags += ["--parametrization", "mup"]
+        f.add("--parametrization", "mup", "MUP_BASE_WIDTH")
     if base_width is not None:
-        flags += ["--mup-base-hidden", str(base_width)]
+        f.add("--mup-base-hidden", str(base_width), "MUP_BASE_WIDTH")
         note("MUP_BASE_WIDTH", f"{base_width} (--parametrization {'completep' if depth_base else 'mup'})", s)
-    flags += _moe_mtp_flags(e, note)
+    f.argv += _moe_mtp_flags(e, note)
     if e.flag("CPU_OPTIMIZER"):
-        flags.append("--cpu-optimizer")
+        f.add("--cpu-optimizer", None, "CPU_OPTIMIZER")
         note("CPU_OPTIMIZER", "1", "CPU_OPTIMIZER")
     if e.get("OVERRIDE_CKPT_OPT_PARAM")[0]:
-        flags.append("--override-opt-param-scheduler")
+        f.add("--override-opt-param-scheduler", None, "OVERRIDE_CKPT_OPT_PARAM")
         note("OVERRIDE_CKPT_OPT_PARAM", "1: take the schedule from the command line", "OVERRIDE_CKPT_OPT_PARAM")
     else:
-        flags.append("--use-checkpoint-opt-param-scheduler")
+        f.add("--use-checkpoint-opt-param-scheduler")
     if e.get("NO_TENSORBOARD")[0]:
-        flags.append("--no-tensorboard")
+        f.add("--no-tensorboard", None, "NO_TENSORBOARD")
     wandb_project, s = e.get("WB_PROJECT", "WANDB_PROJECT")
     if wandb_project and (e.get("WANDB_MODE")[0] or "online").lower() != "disabled":
-        flags += ["--wandb-project", wandb_project]
+        f.add("--wandb-project", wandb_project, s)
         note("WANDB_PROJECT", wandb_project, s)
     ds_config_user, s = e.get("DS_CONFIG")
-    if ds_config_user is not None and not os.path.isfile(ds_config_user):
-        raise LaunchError(f"DS_CONFIG={ds_config_user}: no such file")
+    if ds_config_user is not None:
+        if not os.path.isfile(ds_config_user):
+            raise LaunchError(f"DS_CONFIG={ds_config_user}: no such file")
+        f.add("--deepspeed-config", os.path.abspath(ds_config_user), "DS_CONFIG")
 
-    # --- the trainer validates the final list (extra arguments last: they win) ------------
-    from megatron_ext.arguments import ArgumentsError, build_parser, finalize_args
-    from megatron_ext.training.deepspeed_config import build_deepspeed_config
+    # --- the run plan: the trainer's own parser and plan (extra arguments last: they win) -------
+    if check_files is None:
+        check_files = not demo or os.path.isfile(data_file_list)
+    from megatron_ext.arguments import build_parser
 
     parser = build_parser(prog="train_alcf.sh")
-    args = _parse_extra(parser, flags + list(extra_args))
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    custom = (layers, hidden) != (preset["num_layers"], preset["hidden_size"])
-    gb = args.global_batch_size or (args.micro_batch_size * (args.gradient_accumulation_steps or 1)
-                                    * (world // args.tensor_model_parallel_size))
-    name = (f"{arch}{'-custom' if custom else ''}-ws{world}-ds-stage{args.zero_stage}-nl{args.num_layers}"
-            f"-hs{args.hidden_size}-mb{args.micro_batch_size}-gb{gb}-seq{args.seq_length}"
-            f"-opt{args.optimizer}-lr{_fmt_lr(args.lr)}-tp{args.tensor_model_parallel_size}-{precision}"
-            # another expert count or MTP depth is another model: never resume the wrong one
-            + (f"-moe{args.num_experts}x{args.moe_router_topk or 2}" if args.num_experts else "")
-            + (f"-mtp{args.mtp_num_layers}" if args.mtp_num_layers else ""))
+    args = _parse_extra(parser, f.argv + list(extra_args))
     save, save_src = e.get("SAVE")
-    run_dir = os.path.abspath(args.save or save or os.path.join(repo, "checkpoints", name))
     load, load_src = e.get("LOAD")
-    load_dir = os.path.abspath(args.load or load or run_dir)
-    note("SAVE", run_dir, "--save" if args.save else save_src or "default (descriptive name)")
-    note("LOAD", load_dir, "--load" if args.load else load_src or "= SAVE")
-    ds_config_path = os.path.abspath(ds_config_user) if ds_config_user else os.path.join(run_dir, "ds_config.json")
-    flags += ["--save", run_dir, "--load", load_dir]
-    if ds_config_user:
-        flags += ["--deepspeed-config", ds_config_path]
-    args = _parse_extra(parser, flags + list(extra_args))
-    try:
-        finalize_args(args, world, check_files=False)  # files are checked again right before launch
-    except ArgumentsError as err:
-        raise LaunchError(str(err)) from None
-    _final_batch_and_length(settings, notes, args, tokens)
+    given_save = args.save or (os.path.abspath(save) if save else None)
+    args.save = given_save or os.path.join(repo, "checkpoints", "run")
+    plan = _plan(args, world, check_files, f)
+    if given_save is None:  # the descriptive default name, from what the plan resolved
+        args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
+    run_dir = os.path.abspath(args.save)
+    args.load = os.path.abspath(args.load or load or run_dir)
+    plan = _plan(args, world, check_files, f)
+    note("SAVE", run_dir, "--save" if "--save" in _normalised(extra_args) else save_src or "default (descriptive name)")
+    note("LOAD", args.load, "--load" if "--load" in _normalised(extra_args) else load_src or "= SAVE")
+    _show_plan(settings, notes, plan, f)
     ds_config = None
-    if not ds_config_user and not args.deepspeed_config:
-        ds_config = build_deepspeed_config(args)
-        flags += ["--deepspeed-config", ds_config_path]
-    note("DS_CONFIG", args.deepspeed_config or ds_config_path, "DS_CONFIG" if ds_config_user else
-         "--deepspeed-config" if args.deepspeed_config else "generated from the variables")
-    trainer_argv = flags + list(extra_args)
+    ds_config_path = os.path.join(run_dir, "ds_config.json")
+    if plan.args.deepspeed_config is None:
+        ds_config = plan.ds_config
+        f.add("--deepspeed-config", ds_config_path)
+    else:
+        ds_config_path = plan.args.deepspeed_config
+    note("DS_CONFIG", ds_config_path, "DS_CONFIG" if ds_config_user else
+         "--deepspeed-config" if ds_config is None else "generated from the variables")
+    f.add("--save", run_dir)
+    f.add("--load", args.load)
+    trainer_argv = f.argv + list(extra_args)
 
     command = launch_command(e, trainer_argv, hosts, hostfile, ngpu, world, run_dir)
     launcher = os.path.basename(command[0]) if command[0] != sys.executable else (
         "torchrun" if "torch.distributed.run" in command else "python (single process)")
     note("LAUNCH_WITH", launcher, e.get("LAUNCH_WITH", "LAUNCH_CMD")[1] or "auto")
-    return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, demo, notes)
+    return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, demo, notes,
+                  plan, check_files)
+
+
+def _normalised(argv: List[str]) -> List[str]:
+    from megatron_ext.arguments import normalise_argv
+
+    return [a.split("=", 1)[0] for a in normalise_argv(list(argv))]
+
+
+def _plan(args, world: int, check_files: bool, f: "_Flags"):
+    from megatron_ext.arguments import ArgumentsError
+    from megatron_ext.plan import build_plan
+
+    try:
+        return build_plan(args, world, check_files=check_files)
+    except ArgumentsError as err:
+        raise LaunchError(f.say_in_variables(str(err))) from None
+
+
+def run_name(arch: str, plan, preset: dict) -> str:
+    """The descriptive run directory of Megatron-DeepSpeed's launcher, from the resolved plan."""
+    a = plan.args
+    custom = (a.num_layers, a.hidden_size) != (preset["num_layers"], preset["hidden_size"])
+    return (f"{arch}{'-custom' if custom else ''}-ws{plan.world_size}-ds-stage{plan.engine.zero_stage}"
+            f"-nl{a.num_layers}-hs{a.hidden_size}-mb{a.micro_batch_size}-gb{a.global_batch_size}"
+            f"-seq{a.seq_length}-opt{a.optimizer}-lr{a.lr:g}-tp{a.tensor_model_parallel_size}"
+            f"-{plan.engine.precision}"
+            # another expert count or MTP depth is another model: never resume the wrong one
+            + (f"-moe{a.num_experts}x{a.moe_router_topk}" if a.num_experts else "")
+            + (f"-mtp{a.mtp_num_layers}" if a.mtp_num_layers else ""))
+
+
+def _show_plan(settings, notes, plan, f: "_Flags") -> None:
+    """The table shows what the plan resolved (extra arguments included), and the plan's notes."""
+    a = plan.args
+    derived = {
+        "data-parallel size": (a.data_parallel_size, "plan: WORLD_SIZE / (TP x PP)"),
+        "GRAD_ACC_STEPS": (a.gradient_accumulation_steps, "plan: GLOBAL_BATCH / (data-parallel x MICRO_BATCH)"),
+        "GLOBAL_BATCH": (a.global_batch_size, "plan: data-parallel x MICRO_BATCH x GRAD_ACC_STEPS"),
+        "TRAIN_ITERS": (a.train_iters, "plan: TRAIN_TOKENS // (SEQ x GLOBAL_BATCH)"),
+        "TRAIN_TOKENS (trained)": (a.train_iters * plan.tokens_per_iteration, "plan: TRAIN_ITERS x SEQ x GLOBAL_BATCH"),
+        "ZERO_STAGE": (plan.engine.zero_stage, "plan"),
+        "DTYPE": (plan.engine.precision, "plan"),
+    }
+    at = next(i for i, (k, _, _) in enumerate(settings) if k == "WORLD_SIZE") + 1
+    for key, (value, rule) in derived.items():
+        i = next((i for i, (k, _, _) in enumerate(settings) if k == key), None)
+        if i is None:
+            settings.insert(at, (key, str(value), rule))
+            at += 1
+        elif settings[i][1] != str(value):
+            settings[i] = (key, str(value), f"{settings[i][2]}, after extra arguments")
+    notes.extend(f.say_in_variables(n) for n in plan.notes)
 
 
 # MoE / MTP variables -> trainer flags (megatron_ext/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
@@ -485,29 +519,6 @@ def _moe_mtp_flags(e: _Env, note) -> List[str]:
         flags.append("--moe-router-pre-softmax")
         note("MOE_ROUTER_PRE_SOFTMAX", "1", "MOE_ROUTER_PRE_SOFTMAX")
     return flags
-
-
-def _final_batch_and_length(settings, notes, args, tokens) -> None:
-    """Show the batch and length the trainer will actually use (extra flags included)."""
-    tokens_per_iter = args.global_batch_size * args.seq_length
-    final = {
-        "GRAD_ACC_STEPS": str(args.gradient_accumulation_steps),
-        "GLOBAL_BATCH": str(args.global_batch_size),
-        "TRAIN_ITERS": str(args.train_iters),
-        "TRAIN_TOKENS (trained)": str(args.train_iters * tokens_per_iter),
-    }
-    for i, (key, value, src) in enumerate(settings):
-        if key in final and final[key] != value:
-            settings[i] = (key, final[key], src + ", after extra arguments")
-    if args.train_tokens is None or args.train_tokens != tokens:
-        return
-    if args.train_iters != tokens // tokens_per_iter:  # an extra --train-iters wins over TRAIN_TOKENS
-        notes.append(f"--train-iters {args.train_iters} wins over TRAIN_TOKENS={tokens}")
-        return
-    dropped = tokens - args.train_iters * tokens_per_iter
-    notes.append(f"TRAIN_TOKENS={tokens} -> TRAIN_ITERS = {tokens} // ({args.seq_length} x "
-                 f"{args.global_batch_size}) = {args.train_iters} ({args.train_iters * tokens_per_iter} tokens "
-                 f"trained, {dropped} dropped by rounding)")
 
 
 def _parse_extra(parser, argv):
@@ -581,5 +592,11 @@ def settings_table(launch: Launch) -> str:
     lines = ["=" * 100, "train_alcf.sh resolved settings", "-" * 100]
     lines += [f"  {k:<{width}}  {v:<{vwidth}}  [{src}]" for k, v, src in launch.settings]
     lines += [f"  note: {n}" for n in launch.notes]
+    if not launch.files_checked:
+        lines.append("  note: the demo corpus is built at launch; its tokenizer and data files are checked then")
+    rows = launch.plan.rows()
+    pwidth = max(len(k) for k, _ in rows)
+    lines += ["-" * 100, "run plan (what the trainer will do):"]
+    lines += [f"  {k:<{pwidth}} : {v}" for k, v in rows]
     lines += ["-" * 100, "command:", "  " + shlex.join(launch.command), "=" * 100]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
     description="Adam with L2-coupled weight decay g += wd*p (torch.optim.Adam); "
     "decoupled decay is 'adamw'",
     arguments=ADAM_ARGS,
+    validate=validate_adam_args,
 )
 def build_adam(param_groups, args):
     return torch.optim.Adam(
@@ -27,6 +28,3 @@ def build_adam(param_groups, args):
         eps=args.adam_eps,
         weight_decay=args.weight_decay,
     )
-
-
-build_adam.validate_args = validate_adam_args

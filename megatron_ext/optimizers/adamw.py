@@ -2,7 +2,7 @@
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.validation import check_betas, check_positive
+from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 ADAM_ARGS = (
@@ -19,7 +19,7 @@ def validate_adam_args(args):
 
 # Megatron-DeepSpeed's apex.adam is apex FusedAdam in its default adam_w_mode: decoupled decay.
 @OPTIMIZERS.register("adamw", aliases=["apex.adam"], description="AdamW, decoupled weight decay (torch.optim.AdamW)",
-                     arguments=ADAM_ARGS)
+                     arguments=ADAM_ARGS, validate=validate_adam_args)
 def build_adamw(param_groups, args):
     return torch.optim.AdamW(
         param_groups,
@@ -28,6 +28,3 @@ def build_adamw(param_groups, args):
         eps=args.adam_eps,
         weight_decay=args.weight_decay,
     )
-
-
-build_adamw.validate_args = validate_adam_args

@@ -11,7 +11,7 @@ added to the gradient). Element-wise, so exact on DeepSpeed's flat ZeRO partitio
 import argparse
 
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.validation import check_betas, check_positive
+from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 ADOPT_ARGS = (
@@ -38,6 +38,7 @@ def _clip(exponent):
     "adopt",
     description="ADOPT: Adam normalised by the previous second moment, clipped (pytorch-optimizer ADOPT)",
     arguments=ADOPT_ARGS,
+    validate=validate_adopt_args,
 )
 def build_adopt(param_groups, args):
     from pytorch_optimizer.optimizer.adopt import ADOPT
@@ -52,6 +53,3 @@ def build_adopt(param_groups, args):
         weight_decouple=args.adopt_decoupled_weight_decay,
         fixed_decay=False,
     )
-
-
-build_adopt.validate_args = validate_adopt_args

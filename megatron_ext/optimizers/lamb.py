@@ -23,9 +23,8 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
-from megatron_ext.optimizers.full_matrices import flat_layouts, number_groups
-from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
-from megatron_ext.registry import Arg
+from megatron_ext.optimizers.common.full_matrices import flat_layouts, number_groups
+from megatron_ext.registry import Arg, EngineSupport
 
 LAMB_ARGS = ADAM_ARGS + (
     Arg("--lamb-min-coeff", type=float, default=0.01, help="lower clamp of the LAMB trust ratio (DeepSpeed 0.01)"),
@@ -34,7 +33,8 @@ LAMB_ARGS = ADAM_ARGS + (
         help="Adam bias correction of m and v (default on, as DeepSpeed's FusedLamb)"),
 )
 
-_NEEDS_WHOLE = "--optimizer lamb supports --zero-stage 0, 1 and 2, not {stage} (per-tensor trust ratios over ZeRO 3 partitions)"
+# Per-tensor norms are completed over ZeRO 1/2's flat partitions; ZeRO 3 partitions per parameter.
+LAMB_ENGINE = EngineSupport(zero_stages=(0, 1, 2), reason="per-tensor trust ratios over ZeRO 3 partitions")
 
 
 def validate_lamb_args(args):
@@ -43,8 +43,6 @@ def validate_lamb_args(args):
         raise ValueError(
             f"--lamb-min-coeff ({args.lamb_min_coeff}) must be >= 0 and <= --lamb-max-coeff ({args.lamb_max_coeff})"
         )
-    if getattr(args, "zero_stage", 0) == 3:
-        raise ValueError(_NEEDS_WHOLE.format(stage=3))
 
 
 def _tp_parallel(p) -> bool:
@@ -64,11 +62,8 @@ class Lamb(torch.optim.Optimizer):
         number_groups(self.param_groups)
         self._layouts = {}  # ZeRO 1/2 flat layouts, by group_index
 
-    # hook protocol (megatron_ext.optimizers.hooks)
+    # hook protocol (megatron_ext.optimizers.common.hooks)
     def engine_ready(self, engine):
-        stage = zero_stage(engine)
-        if stage == 3:
-            raise UnsupportedEngineSetting(_NEEDS_WHOLE.format(stage=stage))
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
@@ -151,12 +146,22 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+def lamb_width_lr_exponents(args):
+    """muP for LAMB: the trust ratio sets |update| = lr |w|; a hidden matrix's |w|_F grows like
+    sqrt(width) under muP's init while Adam's muP update needs entries ~ 1/width, hence lr x m_N^-1/2.
+    Other roles: |w| and |u| grow alike, so their LR stays."""
+    return {"hidden": -0.5}
+
+
 @OPTIMIZERS.register(
     "lamb",
     description="LAMB: Adam update scaled per tensor by a clamped trust ratio ||p||/||u|| "
     "(own, DeepSpeed FusedLamb semantics; ZeRO 0/1/2)",
     aliases=("ds.fusedlamb",),
     arguments=LAMB_ARGS,
+    validate=validate_lamb_args,
+    width_lr_exponents=lamb_width_lr_exponents,
+    engine=LAMB_ENGINE,
 )
 def build_lamb(param_groups, args):
     return Lamb(
@@ -169,16 +174,3 @@ def build_lamb(param_groups, args):
         min_coeff=args.lamb_min_coeff,
         max_coeff=args.lamb_max_coeff,
     )
-
-
-build_lamb.validate_args = validate_lamb_args
-
-
-def lamb_width_lr_exponents(args):
-    """muP for LAMB: the trust ratio sets |update| = lr |w|; a hidden matrix's |w|_F grows like
-    sqrt(width) under muP's init while Adam's muP update needs entries ~ 1/width, hence lr x m_N^-1/2.
-    Other roles: |w| and |u| grow alike, so their LR stays."""
-    return {"hidden": -0.5}
-
-
-build_lamb.width_lr_exponents = lamb_width_lr_exponents

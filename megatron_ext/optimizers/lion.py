@@ -6,7 +6,7 @@ ZeRO partitions. Lion's update has unit magnitude per element: its lr is typical
 than AdamW's and its weight decay 3-10x larger.
 """
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.validation import check_betas
+from megatron_ext.optimizers.common.validation import check_betas
 from megatron_ext.registry import Arg
 
 LION_ARGS = (
@@ -23,6 +23,7 @@ def validate_lion_args(args):
     "lion",
     description="Lion sign-momentum optimizer, decoupled weight decay (pytorch-optimizer Lion)",
     arguments=LION_ARGS,
+    validate=validate_lion_args,
 )
 def build_lion(param_groups, args):
     from pytorch_optimizer.optimizer.lion import Lion
@@ -35,6 +36,3 @@ def build_lion(param_groups, args):
         weight_decouple=True,
         fixed_decay=False,
     )
-
-
-build_lion.validate_args = validate_lion_args

@@ -31,9 +31,9 @@ import torch
 
 from megatron_ext.argtypes import nonneg_float, positive_int
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.full_matrices import tp_full, tp_shard
-from megatron_ext.optimizers.hybrid import HybridMatrixOptimizer
-from megatron_ext.optimizers.validation import check_betas, check_positive
+from megatron_ext.optimizers.common.full_matrices import tp_full, tp_shard
+from megatron_ext.optimizers.common.hybrid import WHOLE_MATRICES, HybridMatrixOptimizer
+from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -134,28 +134,6 @@ class Muon(HybridMatrixOptimizer):
 def validate_muon_args(args) -> None:
     check_betas(args, "--muon-momentum", "--muonadamw-beta1", "--muonadamw-beta2")
     check_positive(args, "--muonadamw-eps")
-    if args.zero_stage == 3:
-        raise ValueError("--optimizer muon supports --zero-stage 0, 1 and 2, not 3")
-    if args.cpu_optimizer:
-        raise ValueError("--optimizer muon does not support --cpu-optimizer (ZeRO-Offload)")
-
-
-@OPTIMIZERS.register("muon", aliases=["muonadamw"], arguments=MUON_ARGS,
-                     description="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices, AdamW on the "
-                                 "rest; whole matrices under ZeRO 0/1/2 and tensor parallel")
-def build_muon(param_groups, args):
-    for group in param_groups:
-        group["use_matrix"] = group.get("role") == "hidden"
-        if group["use_matrix"]:
-            group["lr_mult"] = group.get("lr_mult", 1.0) * args.muon_lr_scale
-    return Muon(param_groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
-                nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps, ns_coefficients=args.muon_ns_coefficients,
-                ns_dtype=torch.bfloat16 if args.muon_ns_dtype == "bf16" else torch.float32,
-                scaling=args.muon_scaling, adam_betas=(args.muonadamw_beta1, args.muonadamw_beta2),
-                adam_eps=args.muonadamw_eps)
-
-
-build_muon.validate_args = validate_muon_args
 
 
 def muon_width_lr_exponents(args):
@@ -166,4 +144,17 @@ def muon_width_lr_exponents(args):
     return {"hidden": 0.0 if args.muon_scaling == "keller" else -0.5}
 
 
-build_muon.width_lr_exponents = muon_width_lr_exponents
+@OPTIMIZERS.register("muon", aliases=["muonadamw"], arguments=MUON_ARGS,
+                     description="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices, AdamW on the "
+                                 "rest; whole matrices under ZeRO 0/1/2 and tensor parallel",
+                     validate=validate_muon_args, width_lr_exponents=muon_width_lr_exponents, engine=WHOLE_MATRICES)
+def build_muon(param_groups, args):
+    for group in param_groups:
+        group["use_matrix"] = group.get("role") == "hidden"
+        if group["use_matrix"]:
+            group["lr_mult"] = group.get("lr_mult", 1.0) * args.muon_lr_scale
+    return Muon(param_groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
+                nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps, ns_coefficients=args.muon_ns_coefficients,
+                ns_dtype=torch.bfloat16 if args.muon_ns_dtype == "bf16" else torch.float32,
+                scaling=args.muon_scaling, adam_betas=(args.muonadamw_beta1, args.muonadamw_beta2),
+                adam_eps=args.muonadamw_eps)

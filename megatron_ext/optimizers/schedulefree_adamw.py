@@ -4,7 +4,7 @@
 Schedule-free keeps two sequences: gradients are taken at ``y`` (what the model holds while
 training) and the weights to evaluate and keep are the running average ``x``. The library's
 ``eval()``/``train()`` interpolate the parameters between the two; the trainer switches through the
-hook protocol (``megatron_ext.optimizers.hooks``): evaluation and checkpoint saving see ``x``
+hook protocol (``megatron_ext.optimizers.common.hooks``): evaluation and checkpoint saving see ``x``
 (checkpoints hold the averaged weights), training sees ``y``. Two things the library alone does not
 give and this plug-in adds:
 
@@ -24,7 +24,7 @@ import argparse
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
-from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+from megatron_ext.optimizers.common.hooks import SWITCHES_EVALUATION_WEIGHTS
 from megatron_ext.registry import Arg
 
 SCHEDULEFREE_ARGS = (
@@ -37,18 +37,14 @@ SCHEDULEFREE_ARGS = (
         help="use the library's foreach (multi-tensor) implementation"),
 )
 
-ZERO3 = "--optimizer {name}: ZeRO 3 is not supported (its evaluation weights cannot be switched into the partitioned model); use --zero-stage 0, 1 or 2"
 
-
-def validate_schedulefree_common(args, name):
+def validate_schedulefree_common(args):
     if args.schedulefree_warmup_steps < 0:
         raise ValueError(f"--schedulefree-warmup-steps must be >= 0, got {args.schedulefree_warmup_steps}")
     if args.schedulefree_r < 0:
         raise ValueError(f"--schedulefree-r must be >= 0, got {args.schedulefree_r}")
     if args.schedulefree_weight_lr_power < 0:
         raise ValueError(f"--schedulefree-weight-lr-power must be >= 0, got {args.schedulefree_weight_lr_power}")
-    if getattr(args, "zero_stage", 0) == 3:
-        raise ValueError(ZERO3.format(name=name))
 
 
 def start_in_train_mode(optimizer):
@@ -61,13 +57,7 @@ def start_in_train_mode(optimizer):
 
 class ExactModeSwitch:
     """Mixin over a ``schedulefree`` optimizer: the hook protocol's ``eval_mode``/``train_mode``
-    with a bit-exact return to the training weights, and the ZeRO 3 backstop."""
-
-    plugin_name = "schedule-free"
-
-    def engine_ready(self, engine):
-        if zero_stage(engine) == 3:
-            raise UnsupportedEngineSetting(ZERO3.format(name=self.plugin_name))
+    with a bit-exact return to the training weights."""
 
     def eval_mode(self) -> bool:
         import torch
@@ -103,7 +93,7 @@ def _adamw_class():
     import schedulefree
 
     class AdamWScheduleFree(ExactModeSwitch, schedulefree.AdamWScheduleFree):
-        plugin_name = "adamwschedulefree"
+        pass
 
     return AdamWScheduleFree
 
@@ -112,7 +102,7 @@ def validate_sf_adamw_args(args):
     validate_adam_args(args)
     if args.adam_beta1 <= 0:
         raise ValueError(f"--adam-beta1 must be in (0, 1) for adamwschedulefree (it interpolates by 1/beta1), got {args.adam_beta1}")
-    validate_schedulefree_common(args, "adamwschedulefree")
+    validate_schedulefree_common(args)
 
 
 @OPTIMIZERS.register(
@@ -120,6 +110,8 @@ def validate_sf_adamw_args(args):
     description="Schedule-Free AdamW (Meta schedulefree); evaluation and checkpoints use the averaged weights",
     aliases=("schedulefree-adamw", "sfadamw"),
     arguments=ADAM_ARGS + SCHEDULEFREE_ARGS,
+    validate=validate_sf_adamw_args,
+    engine=SWITCHES_EVALUATION_WEIGHTS,
 )
 def build_sf_adamw(param_groups, args):
     optimizer = _adamw_class()(
@@ -135,6 +127,3 @@ def build_sf_adamw(param_groups, args):
     )
     start_in_train_mode(optimizer)
     return optimizer
-
-
-build_sf_adamw.validate_args = validate_sf_adamw_args

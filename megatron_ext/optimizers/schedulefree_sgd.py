@@ -5,6 +5,7 @@ Evaluation/checkpoint weights, exactness and DeepSpeed handling as ``adamwschedu
 ``schedulefree_adamw.py``). Schedule-free SGD wants a much larger lr than Adam (library default 1.0).
 """
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.hooks import SWITCHES_EVALUATION_WEIGHTS
 from megatron_ext.optimizers.schedulefree_adamw import (
     SCHEDULEFREE_ARGS,
     ExactModeSwitch,
@@ -17,14 +18,14 @@ from megatron_ext.optimizers.sgd import SGD_MOMENTUM, sgd_width_lr_exponents
 def validate_sf_sgd_args(args):
     if not 0.0 < args.sgd_momentum < 1.0:
         raise ValueError(f"--sgd-momentum must be in (0, 1) for sgdschedulefree, got {args.sgd_momentum}")
-    validate_schedulefree_common(args, "sgdschedulefree")
+    validate_schedulefree_common(args)
 
 
 def _sgd_class():
     import schedulefree
 
     class SGDScheduleFree(ExactModeSwitch, schedulefree.SGDScheduleFree):
-        plugin_name = "sgdschedulefree"
+        pass
 
     return SGDScheduleFree
 
@@ -34,6 +35,9 @@ def _sgd_class():
     description="Schedule-Free SGD (Meta schedulefree); evaluation and checkpoints use the averaged weights",
     aliases=("schedulefree-sgd", "sfsgd"),
     arguments=(SGD_MOMENTUM,) + SCHEDULEFREE_ARGS,
+    validate=validate_sf_sgd_args,
+    width_lr_exponents=sgd_width_lr_exponents,
+    engine=SWITCHES_EVALUATION_WEIGHTS,
 )
 def build_sf_sgd(param_groups, args):
     optimizer = _sgd_class()(
@@ -48,7 +52,3 @@ def build_sf_sgd(param_groups, args):
     )
     start_in_train_mode(optimizer)
     return optimizer
-
-
-build_sf_sgd.validate_args = validate_sf_sgd_args
-build_sf_sgd.width_lr_exponents = sgd_width_lr_exponents

@@ -37,6 +37,8 @@ def sgd_width_lr_exponents(args):
     description="SGD with momentum/Nesterov, L2-coupled weight decay (torch.optim.SGD)",
     aliases=("apex.sgd",),
     arguments=SGD_ARGS,
+    validate=validate_sgd_args,
+    width_lr_exponents=sgd_width_lr_exponents,
 )
 def build_sgd(param_groups, args):
     return torch.optim.SGD(
@@ -47,7 +49,3 @@ def build_sgd(param_groups, args):
         nesterov=args.sgd_nesterov,
         weight_decay=args.weight_decay,
     )
-
-
-build_sgd.validate_args = validate_sgd_args
-build_sgd.width_lr_exponents = sgd_width_lr_exponents

@@ -28,9 +28,9 @@ import torch
 
 from megatron_ext.argtypes import nonneg_int, positive_int
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.full_matrices import tp_full, tp_shard
-from megatron_ext.optimizers.hybrid import HybridMatrixOptimizer
-from megatron_ext.optimizers.validation import check_betas, check_positive
+from megatron_ext.optimizers.common.full_matrices import tp_full, tp_shard
+from megatron_ext.optimizers.common.hybrid import WHOLE_MATRICES, HybridMatrixOptimizer
+from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 SHAMPOO_ARGS = (
@@ -144,15 +144,12 @@ class Shampoo(HybridMatrixOptimizer):
 def validate_shampoo_args(args) -> None:
     check_betas(args, "--dshampooadamw-beta1", "--dshampooadamw-beta2", "--dshampooadamw-grafting-beta2")
     check_positive(args, "--dshampooadamw-eps", "--dshampooadamw-grafting-eps")
-    if args.zero_stage == 3:
-        raise ValueError("--optimizer shampoo supports --zero-stage 0, 1 and 2, not 3")
-    if args.cpu_optimizer:
-        raise ValueError("--optimizer shampoo does not support --cpu-optimizer (ZeRO-Offload)")
 
 
 @OPTIMIZERS.register("shampoo", aliases=["dshampooadamw", "distributed-shampoo"], arguments=SHAMPOO_ARGS,
                      description="Shampoo with Adam grafting and blocking on hidden matrices, AdamW on the rest; "
-                                 "whole matrices under ZeRO 0/1/2 and tensor parallel")
+                                 "whole matrices under ZeRO 0/1/2 and tensor parallel",
+                     validate=validate_shampoo_args, engine=WHOLE_MATRICES)
 def build_shampoo(param_groups, args):
     for group in param_groups:
         group["use_matrix"] = group.get("role") == "hidden"
@@ -162,6 +159,3 @@ def build_shampoo(param_groups, args):
                    max_preconditioner_dim=args.dshampooadamw_max_preconditioner_dim,
                    precondition_frequency=args.dshampooadamw_precondition_freq,
                    start_preconditioning_step=args.dshampooadamw_start_preconditioning_step)
-
-
-build_shampoo.validate_args = validate_shampoo_args

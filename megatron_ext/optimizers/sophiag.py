@@ -10,7 +10,7 @@ Per element, at every training step::
     p -= lr * clip(m / max(rho*h, eps), -1, 1)
 
 and every ``--sophiag-hessian-interval`` steps (before the step, starting with the first) the
-trainer runs a curvature pass (``megatron_ext.optimizers.hooks.curvature_pass``): labels sampled
+trainer runs a curvature pass (``megatron_ext.optimizers.common.hooks.curvature_pass``): labels sampled
 from the model's own softmax, the loss on them back-propagated through the DeepSpeed engine, and
 this optimizer's ``step`` then only refreshes ``h = beta2*h + (1-beta2) * B * g_hat**2`` where
 ``g_hat`` is that gradient and ``B`` the number of loss tokens in the global batch (the estimator
@@ -23,7 +23,7 @@ switched off for the curvature pass only (clipping would rescale the estimate).
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
-from megatron_ext.optimizers.validation import check_betas, check_positive
+from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
 SOPHIAG_ARGS = (
@@ -55,9 +55,9 @@ class SophiaG(torch.optim.Optimizer):
         self._curvature_tokens = None  # set during a curvature pass
         self._refresh_due = False  # an extra curvature pass before the next step (after a universal load)
 
-    # -- hook protocol (megatron_ext.optimizers.hooks) ----------------------------------------
+    # -- hook protocol (megatron_ext.optimizers.common.hooks) ----------------------------------------
     def engine_ready(self, engine):
-        from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+        from megatron_ext.optimizers.common.hooks import UnsupportedEngineSetting, zero_stage
 
         # ZeRO 3 steps each param group's sub-groups in turn; the per-group counters assume one.
         sub_groups = getattr(engine.optimizer, "fp16_groups", None)
@@ -139,6 +139,7 @@ class SophiaG(torch.optim.Optimizer):
     description="SophiaG: clipped m/(rho*h) with a Gauss-Newton-Bartlett Hessian EMA refreshed every "
     "--sophiag-hessian-interval steps (own)",
     arguments=SOPHIAG_ARGS,
+    validate=validate_sophiag_args,
 )
 def build_sophiag(param_groups, args):
     return SophiaG(
@@ -150,6 +151,3 @@ def build_sophiag(param_groups, args):
         weight_decay=args.weight_decay,
         hessian_interval=args.sophiag_hessian_interval,
     )
-
-
-build_sophiag.validate_args = validate_sophiag_args

@@ -17,7 +17,7 @@ from typing import Dict
 
 from megatron_ext.argtypes import positive_float, positive_int
 from megatron_ext.parametrizations import PARAMETRIZATIONS
-from megatron_ext.parametrizations.base import EnableParametrization
+from megatron_ext.parametrizations.common.base import EnableParametrization
 from megatron_ext.parametrizations.mup import MaximalUpdateParametrization
 from megatron_ext.registry import Arg
 
@@ -35,12 +35,11 @@ COMPLETEP_ARGS = (
 RESIDUAL_BLOCK_ROLES = ("hidden", "norm", "bias")
 
 
-@PARAMETRIZATIONS.register("completep", arguments=COMPLETEP_ARGS,
+@PARAMETRIZATIONS.register("completep", arguments=COMPLETEP_ARGS, reads_flags_of=("mup",),
                            description="CompleteP: muP width rules plus depth transfer from --depth-base "
                                        "(residual branches x m_L^-alpha)")
 class CompleteP(MaximalUpdateParametrization):
     name = "completep"
-    flag_owners = ("mup", "completep")
 
     @property
     def alpha(self) -> float:

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 from megatron_ext.argtypes import positive_float, positive_int
 from megatron_ext.parametrizations import PARAMETRIZATIONS
-from megatron_ext.parametrizations.base import EnableParametrization, Parametrization
+from megatron_ext.parametrizations.common.base import EnableParametrization, Parametrization
 from megatron_ext.registry import Arg
 
 MUP_ARGS = (
@@ -50,11 +50,11 @@ def _flag(args, name) -> float:
 
 def width_lr_exponents(args) -> Dict[str, float]:
     """Role -> exponent of m_N in the LR under muP, declared by the optimizer plug-in
-    (``build.width_lr_exponents(args)``); element-wise adaptive optimizers (Adam's rules) by default."""
+    (its record's ``width_lr_exponents``); element-wise adaptive optimizers (Adam's rules) by default."""
     from megatron_ext.optimizers import OPTIMIZERS
 
     exponents = {"hidden": -1.0}
-    declared = getattr(OPTIMIZERS.get(args.optimizer).obj, "width_lr_exponents", None)
+    declared = OPTIMIZERS.get(args.optimizer).width_lr_exponents
     if declared is not None:
         exponents.update(declared(args))
     return exponents
@@ -64,7 +64,6 @@ def width_lr_exponents(args) -> Dict[str, float]:
                            description="muP: width transfer from --mup-base-hidden, for any optimizer")
 class MaximalUpdateParametrization(Parametrization):
     name = "mup"
-    flag_owners = ("mup",)
 
     def __init__(self, args):
         super().__init__(args)

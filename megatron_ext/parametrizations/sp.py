@@ -3,7 +3,7 @@ sqrt(2/(5 d))), std/sqrt(2 x layers) for each block's output projections
 (``--no-scaled-output-projection-init`` turns that off), the embedding and output layer at their own
 std when asked; every param group at multiplier 1, no forward multipliers."""
 from megatron_ext.parametrizations import PARAMETRIZATIONS
-from megatron_ext.parametrizations.base import Parametrization
+from megatron_ext.parametrizations.common.base import Parametrization
 
 
 @PARAMETRIZATIONS.register("sp", description="standard parametrization with Megatron's scaled init")

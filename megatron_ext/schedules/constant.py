@@ -5,7 +5,7 @@
 from megatron_ext.argtypes import fraction
 from megatron_ext.registry import Arg
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules._stable_cooldown import StableThenCooldown
+from megatron_ext.schedules.common.stable_cooldown import StableThenCooldown
 
 DEFAULT_COOLDOWN_FRAC = 0.05
 

@@ -2,7 +2,7 @@
 import math
 
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules.scheduler import DecayStyle
+from megatron_ext.schedules.common.scheduler import DecayStyle
 
 
 @SCHEDULES.register("cosine", description="half-cosine decay from --lr to --min-lr over the decay length")

@@ -1,10 +1,10 @@
 """``infinite-cosine``: cooldown c + (max - c) * (1 + cos(pi * n / T_cd)) / 2 from --lr to
 --constant-lr c, then constant c, then the final anneal c * (min/c)^(k/T_ann) to --min-lr (see
-``_infinite.py`` for the phases and their flags)."""
+``common/infinite.py`` for the phases and their flags)."""
 import math
 
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules._infinite import INFINITE_ARGS, Infinite
+from megatron_ext.schedules.common.infinite import INFINITE_ARGS, Infinite
 
 
 @SCHEDULES.register(

@@ -1,12 +1,12 @@
 """``infinite-inv-square-root``: cooldown max + (c - max) * h(n / T_cd) / h(1) from --lr to
 --constant-lr c with h(x) = 1/sqrt(1 + alpha x) - 1, alpha = --timescale (default 10), then
-constant c, then the final anneal c * (min/c)^(k/T_ann) to --min-lr (see ``_infinite.py``)."""
+constant c, then the final anneal c * (min/c)^(k/T_ann) to --min-lr (see ``common/infinite.py``)."""
 import math
 
 from megatron_ext.argtypes import finite_float
 from megatron_ext.registry import Arg
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules._infinite import INFINITE_ARGS, Infinite
+from megatron_ext.schedules.common.infinite import INFINITE_ARGS, Infinite
 
 DEFAULT_TIMESCALE = 10.0
 

@@ -6,7 +6,7 @@ lr = --lr * sqrt(W') / sqrt(max(position, W')) with W' = max(W, 1 sample), floor
 import math
 
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules.scheduler import DecayStyle
+from megatron_ext.schedules.common.scheduler import DecayStyle
 
 
 @SCHEDULES.register(

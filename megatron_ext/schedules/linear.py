@@ -1,6 +1,6 @@
 """``linear``: straight line from ``--lr`` to ``--min-lr`` over the decay length."""
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules.scheduler import DecayStyle
+from megatron_ext.schedules.common.scheduler import DecayStyle
 
 
 @SCHEDULES.register("linear", description="linear decay from --lr to --min-lr over the decay length")

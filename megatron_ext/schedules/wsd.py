@@ -4,8 +4,8 @@ the last part of the decay length: ``--lr-wsd-decay-fraction`` of it (default 0.
 from megatron_ext.argtypes import fraction, positive_int
 from megatron_ext.registry import Arg
 from megatron_ext.schedules import SCHEDULES
-from megatron_ext.schedules._stable_cooldown import StableThenCooldown
-from megatron_ext.schedules.scheduler import one_of, to_samples
+from megatron_ext.schedules.common.stable_cooldown import StableThenCooldown
+from megatron_ext.schedules.common.scheduler import one_of, to_samples
 
 DEFAULT_DECAY_FRACTION = 0.2
 

@@ -189,7 +189,8 @@ def check_base_flags(flags: List[str]) -> None:
 
 def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[str]:
     """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start)."""
-    from megatron_ext.arguments import ArgumentsError, finalize_args
+    from megatron_ext.arguments import ArgumentsError
+    from megatron_ext.plan import build_plan
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -199,7 +200,7 @@ def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[s
             lines = err.getvalue().strip().splitlines() or ["invalid arguments"]
             return lines[-1].split("error: ", 1)[-1]
         try:
-            finalize_args(args, world_size)
+            build_plan(args, world_size)
         except ArgumentsError as e:
             return str(e)
     return None

@@ -18,7 +18,15 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_ext.training.universal import LATEST_UNIVERSAL, load_states, model_states_files, read_latest
+from megatron_ext.training.checkpoint_files import (
+    LATEST_UNIVERSAL,
+    CheckpointFileError,
+    load_states,
+    model_states_file,
+    model_states_files,
+    read_latest,
+    saved_zero_stage,
+)
 
 
 class CheckpointLoadError(ValueError):
@@ -30,14 +38,10 @@ def _client(load_dir: str, tag: str) -> Dict[str, Any]:
     if not files:
         raise CheckpointLoadError(f"--load {load_dir}: checkpoint '{tag}' is missing or incomplete "
                                   f"(no mp_rank_*_model_states.pt in {os.path.join(load_dir, tag)})")
-    return load_states(files[0])
-
-
-def saved_zero_stage(client: Dict[str, Any]) -> int:
-    saved = client.get("args") or {}
-    if "zero_stage" in saved:
-        return int(saved["zero_stage"])
-    return int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    try:
+        return load_states(files[0])
+    except CheckpointFileError as e:
+        raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
 
 
 def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[str]:
@@ -47,7 +51,7 @@ def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[s
         return f"it was saved at tensor-parallel size {saved_tp}, this run uses {tp}"
     if not load_optim:
         return None  # the weights are whole per TP rank: any data-parallel size and ZeRO stage
-    stage, saved_stage = args.zero_stage, saved_zero_stage(client)
+    stage, saved_stage = args.zero_stage, saved_zero_stage(client) or 0
     if (stage == 0) != (saved_stage == 0):
         return (f"it was saved with ZeRO {saved_stage}, this run uses ZeRO {stage} "
                 "(their optimizer-state formats differ)")
@@ -61,7 +65,7 @@ def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[s
 
 def choose_checkpoint(args, load_optim: bool, say=print) -> Optional[Tuple[str, bool]]:
     """``(tag, is_universal)`` to load from ``args.load``, or None (nothing there yet: a fresh run)."""
-    native = read_latest(args.load, "latest")
+    native = read_latest(args.load)
     if not getattr(args, "universal_checkpoint", False):
         return (native, False) if native else None
     universal = read_latest(args.load, LATEST_UNIVERSAL)
@@ -104,8 +108,11 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
         raise CheckpointLoadError(
             f"--load {load_dir} ({tag}): {problem}; convert it with 'megatron-ext to-universal {load_dir}' and "
             f"add --universal-checkpoint{hint}")
-    path = os.path.join(load_dir, tag, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_model_states.pt")
-    saved = load_states(path).get("module") or {}
+    path = model_states_file(os.path.join(load_dir, tag), ps.get_tensor_model_parallel_rank())
+    try:
+        saved = load_states(path).get("module") or {}
+    except CheckpointFileError as e:
+        raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
     _compare([(name, tuple(t.shape)) for name, t in saved.items() if hasattr(t, "shape")],
              [(name, tuple(t.shape)) for name, t in engine.module.state_dict().items() if hasattr(t, "shape")],
              load_dir, tag)
@@ -183,7 +190,7 @@ def universal_state_warning(engine, args, tag: str) -> Optional[str]:
     """After a universal load with optimizer state: the optimizer's own warning (hook
     ``universal_checkpoint_loaded``: it re-created what cannot be resharded), else one naming the
     state the conversion did not carry (from its record), else None."""
-    from megatron_ext.optimizers import hooks as optimizer_hooks
+    from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.training.universal import read_record
 
     warning = optimizer_hooks.universal_checkpoint_loaded(engine.basic_optimizer)

@@ -4,52 +4,20 @@ rank, the LR schedule, and ``universal_checkpoint_info``. Megatron's
 ``latest_checkpointed_iteration.txt`` is written beside DeepSpeed's ``latest``."""
 from __future__ import annotations
 
-import glob
 import os
 import random
-import re
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
 from megatron_ext.fileio import TMP_PREFIX, fsync_dir, write_text_atomically
+from megatron_ext.training.checkpoint_files import LATEST, TRACKER_FILE, own_checkpoints, read_latest, tag_for
+from megatron_ext.training.universal import universal_checkpoint_info
 
 CHECKPOINT_VERSION = 3.0
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-
-
-def tag_for(iteration: int) -> str:
-    return f"global_step{iteration}"
-
-
-def universal_checkpoint_info(args) -> Dict[str, Any]:
-    """What ``ds_to_universal`` needs to merge/split megatron-core GPT tensors across TP sizes.
-    A parameter may match at most one pattern of each kind (the converter asserts it); patterns
-    that match no parameter of the model are dropped at conversion (``training/universal.py``)."""
-    from deepspeed.checkpoint import constants as c
-
-    info = {
-        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        c.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r".*layernorm\.(weight|bias)$",  # also final_layernorm, q/k_layernorm
-            r".*linear_proj\.bias$",
-            r".*linear_fc2\.bias$",
-            r".*position_embeddings\.weight$",
-            r".*router\.weight$",  # MoE router
-            r".*(enorm|hnorm)\.weight$",  # MTP input norms
-        ],
-        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
-        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*output_layer\.weight$"],
-        c.ORIGINAL_VOCAB_SIZE: args.vocab_size_unpadded,
-        c.PADDED_VOCAB_SIZE: args.padded_vocab_size,
-    }
-    if getattr(args, "swiglu", False):
-        # SwiGLU's fused gate/up: a TP shard is [gate_r; up_r], the whole matrix [gate; up].
-        info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*linear_fc1\.(weight|bias)$"]
-    return info
 
 
 def rng_state() -> Dict[str, Any]:
@@ -137,7 +105,6 @@ def save_checkpoint(engine, args, iteration: int, consumed_samples: int, schedul
 # A checkpoint on its way out (replaced, or pruned by --keep-last) is renamed to this prefix first,
 # so a kill while deleting it leaves a hidden leftover, never a half-deleted global_stepN.
 DISCARD_PREFIX = ".discard."
-_TAG_PATTERN = re.compile(r"global_step(\d+)")
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
 
 
@@ -172,7 +139,7 @@ def publish_checkpoint(save_dir: str, staging: str, tag: str, iteration: int) ->
         _discard(save_dir, tag)
         os.rename(staged, final)
     fsync_dir(save_dir)  # the rename is on disk before `latest` names it
-    write_text_atomically(os.path.join(save_dir, "latest"), tag)
+    write_text_atomically(os.path.join(save_dir, LATEST), tag)
     write_text_atomically(os.path.join(save_dir, TRACKER_FILE), str(iteration))
 
 
@@ -192,39 +159,16 @@ def discard_leftovers(save_dir: str) -> None:
                 pass
 
 
-def own_checkpoints(save_dir: str) -> List[Tuple[int, str]]:
-    """``(iteration, name)`` of the checkpoints ``--keep-last`` may prune, oldest first: real
-    directories named exactly ``global_step<N>`` holding a DeepSpeed model-states file. Anything
-    else (``global_stepN_universal``, links, folders made by hand) is never touched."""
-    found = []
-    for name in os.listdir(save_dir):
-        match = _TAG_PATTERN.fullmatch(name)
-        path = os.path.join(save_dir, name)
-        if match and os.path.isdir(path) and not os.path.islink(path) and \
-                glob.glob(os.path.join(glob.escape(path), "mp_rank_*_model_states.pt")):
-            found.append((int(match.group(1)), name))
-    return sorted(found)
-
-
 def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
     """Delete all but ``keep`` checkpoints: the one ``latest`` names and the highest iterations
     among the rest. Returns the names deleted."""
-    latest = latest_tag(save_dir)
+    latest = read_latest(save_dir)
     others = [name for _, name in own_checkpoints(save_dir) if name != latest]
     kept = keep - 1 if latest is not None else keep
     doomed = others[:max(len(others) - kept, 0)]
     for name in doomed:
         _discard(save_dir, name)
     return doomed
-
-
-def latest_tag(load_dir: str) -> Optional[str]:
-    path = os.path.join(load_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag or None
 
 
 def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:

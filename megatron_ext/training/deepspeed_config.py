@@ -1,7 +1,10 @@
 """The DeepSpeed config: generated from the flags; a user's ``--deepspeed-config`` file wins for
 every key it sets, except that its batch sizes must agree with the flags (DeepSpeed would
-otherwise fail later, or train a different batch than the one logged)."""
+otherwise fail later, or train a different batch than the one logged). ``engine_settings`` reads
+the engine the merged config gives (the run plan checks every rule against that)."""
 import json
+
+from megatron_ext.registry import EngineSettings
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -52,12 +55,18 @@ def build_deepspeed_config(args) -> dict:
                     f"({config[key]})"
                 )
         config = _merge(config, {k: v for k, v in user.items() if k not in BATCH_KEYS})
-        args.zero_stage = config.get("zero_optimization", {}).get("stage", args.zero_stage)
     if getattr(args, "universal_checkpoint", False):
         config = _merge(config, {"checkpoint": {"load_universal": True}})
-    args.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
-    if args.universal_checkpoint and args.zero_stage not in (1, 2):
-        # Verified: ZeRO 0 fails reading the optimizer state, ZeRO 3 finds no model-states files.
-        raise DeepSpeedConfigError(f"--universal-checkpoint needs --zero-stage 1 or 2 (DeepSpeed 0.19.8 cannot "
-                                   f"load a universal checkpoint at ZeRO {args.zero_stage})")
+    if engine_settings(config, 1).cpu_offload:  # also when the user's JSON asks for the offload
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+def engine_settings(config: dict, tensor_parallel: int) -> EngineSettings:
+    """The engine a (merged) DeepSpeed config gives."""
+    zero = config.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
+    enabled = lambda key: bool((config.get(key) or {}).get("enabled", False))  # noqa: E731
+    precision = "bf16" if enabled("bf16") else "fp16" if enabled("fp16") else "fp32"
+    return EngineSettings(zero_stage=int(zero.get("stage", 0)), cpu_offload=offload,
+                          tensor_parallel=tensor_parallel, precision=precision)

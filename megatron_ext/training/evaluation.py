@@ -36,27 +36,24 @@ def add_mc_eval_arguments(g) -> None:
                    help="score only the first K examples of --eval-mc-file")
 
 
-def validate_mc_eval_args(args, check_files: bool = True) -> None:
-    """Raise ValueError (one line) for --eval-mc-* settings that cannot work. With ``check_files``
-    the file is read and tokenized here, so a bad line is reported before any work starts."""
+def mc_examples_for(args, tokenizer) -> Optional[tuple]:
+    """The --eval-mc-file examples, read and tokenized (None without the file, or when the tokenizer
+    is not known yet). Fills --eval-mc-interval; raises ValueError (one line) for settings that cannot
+    work or a bad line of the file, so both are reported before any work starts (run plan)."""
     if args.eval_mc_file is None:
         for dest in ("eval_mc_interval", "eval_mc_limit"):
             if getattr(args, dest) is not None:
                 raise ValueError(f"--{dest.replace('_', '-')} has no effect without --eval-mc-file")
-        return
+        return None
     if args.mock_data and args.tokenizer_model is None and args.vocab_file is None:
         raise ValueError("--eval-mc-file needs a tokenizer for its text: --mock-data has none unless "
                          "--tokenizer-model (or --vocab-file/--merge-file) names one")
     if args.eval_mc_interval is None:
         args.eval_mc_interval = args.eval_interval
-    if not check_files:
-        return
-    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
-
+    if tokenizer is None:
+        return None
     examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit)
-    tokenizer = tokenizer_for(args, data_sources(args))
-    for example in examples:
-        encode_mc_example(tokenizer, example, args.seq_length)
+    return tuple(encode_mc_example(tokenizer, example, args.seq_length) for example in examples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +111,8 @@ def evaluate(engine, dataset, args, device) -> Optional[dict]:
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data.gpt_data import make_loader
-    from megatron_ext.optimizers import hooks as optimizer_hooks
-    from megatron_ext.training.trainer import _dp_mean, lm_loss
+    from megatron_ext.optimizers.common import hooks as optimizer_hooks
+    from megatron_ext.training.loss import dp_mean, lm_loss
 
     if dataset is None or args.eval_iters == 0:
         return None
@@ -139,7 +136,7 @@ def evaluate(engine, dataset, args, device) -> Optional[dict]:
     engine.train()
     torch.distributed.all_reduce(hits, group=ps.get_data_parallel_group())
     correct, positions = hits.tolist()
-    return {"lm_loss": _dp_mean(total / max(count, 1)),
+    return {"lm_loss": dp_mean(total / max(count, 1)),
             "accuracy": correct / positions if positions else float("nan")}
 
 
@@ -305,11 +302,10 @@ class MultipleChoiceEval:
         self.path, self.examples = path, examples
 
     @classmethod
-    def from_args(cls, args, tokenizer) -> Optional["MultipleChoiceEval"]:
-        if args.eval_mc_file is None:
+    def from_plan(cls, plan) -> Optional["MultipleChoiceEval"]:
+        if plan.mc_examples is None:
             return None
-        examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit)
-        return cls(args.eval_mc_file, [encode_mc_example(tokenizer, e, args.seq_length) for e in examples])
+        return cls(plan.args.eval_mc_file, list(plan.mc_examples))
 
     def due(self, iteration: int, args) -> bool:
         return iteration % args.eval_mc_interval == 0 and iteration < args.train_iters
@@ -317,7 +313,7 @@ class MultipleChoiceEval:
     def run(self, engine, device, iteration: int, consumed: int, metrics) -> dict:
         from megatron.core import parallel_state as ps
 
-        from megatron_ext.optimizers import hooks as optimizer_hooks
+        from megatron_ext.optimizers.common import hooks as optimizer_hooks
         from megatron_ext.training.metrics import print_rank0
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -30,6 +30,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_ext.argtypes import choice_ci, finite_float, nonneg_int, positive_int
+from megatron_ext.training.run_mode import RunMode
 
 DIR_NAME = "lr_finder"
 CSV_NAME = "lr_finder.csv"
@@ -295,10 +296,13 @@ class _SweepSchedule:
         return f.test.lr(round((position - f.origin) / f.args.global_batch_size))
 
 
-class LRFinder:
-    """The trainer's side of ``--lr-finder``: ``scheduler(optimizer)`` replaces the LR schedule,
-    ``begin`` after any ``--load``, ``record`` once per iteration (True: stop), ``finish`` writes
-    the results (rank 0) and the log summary."""
+class LRFinder(RunMode):
+    """``--lr-finder`` as the trainer's run mode: ``scheduler`` replaces the LR schedule by the
+    sweep, ``begin`` (after any ``--load``) says where the sweep ends, ``after_iteration`` records
+    each iteration and applies the stop rule, ``finish`` writes the results (rank 0) and the log
+    summary. No evaluation and no checkpoint."""
+
+    evaluates_and_saves = False
 
     def __init__(self, args):
         self.args = args
@@ -316,21 +320,21 @@ class LRFinder:
         self._skipped_before = 0
         self._csv = None
 
-    def scheduler(self, optimizer):
+    def scheduler(self, optimizer, plan=None):
         """The trainer's ``ParamScheduler`` (every group gets lr x lr_mult, the run's weight decay)
         driven by the sweep; a loaded checkpoint's schedule is not checked against it."""
-        from megatron_ext.schedules.scheduler import ParamScheduler, build_weight_decay_schedule
+        from megatron_ext.schedules.common.scheduler import ParamScheduler, build_weight_decay_schedule
 
         return ParamScheduler(optimizer, _SweepSchedule(self), build_weight_decay_schedule(self.args), resume="override")
 
-    def begin(self, iteration: int, consumed: int, skipped_steps: int = 0) -> None:
-        """The sweep starts at this iteration (0, or a loaded checkpoint's) and the run ends with
-        it: ``args.train_iters`` becomes ``iteration + iters``."""
+    def begin(self, start: dict, skipped_steps: int = 0) -> int:
+        """The sweep starts at the start iteration (0, or a loaded checkpoint's) and the run ends
+        with it: returns ``iteration + iters``."""
         from megatron_ext.training.metrics import is_rank0, print_rank0
 
+        iteration, consumed = start["iteration"], start["consumed_samples"]
         self.origin, self.start_iteration = float(consumed), iteration
         self._skipped_before = skipped_steps
-        self.args.train_iters = iteration + self.iters
         if is_rank0():
             os.makedirs(self.dir, exist_ok=True)
             for name in (JSON_NAME, PLOT_NAME):  # results of an earlier test here would not match the new CSV
@@ -343,6 +347,7 @@ class LRFinder:
                     f"({a.lr_finder_mode}), stop when the smoothed loss (beta {a.lr_finder_beta:g}) exceeds "
                     f"{a.lr_finder_stop_factor:g} x its best; the LR schedule is not used, no evaluation, no "
                     f"checkpoint; results in {self.dir}")
+        return iteration + self.iters
 
     def record(self, lr: float, loss: float, skipped_steps: int = 0) -> bool:
         """Add the data-parallel mean loss of the iteration just run at ``lr``; True: stop now.
@@ -363,6 +368,12 @@ class LRFinder:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+    def after_iteration(self, lr: float, iteration_loss, engine) -> bool:
+        """The trainer's hook: the data-parallel mean of the iteration's loss goes to ``record``."""
+        from megatron_ext.training.loss import dp_mean
+
+        return self.record(lr, dp_mean(iteration_loss), engine.skipped_steps)
 
     def finish(self) -> Dict[str, Any]:
         from megatron_ext.training.metrics import is_rank0, print_rank0

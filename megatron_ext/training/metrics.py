@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from megatron_ext import moe_mtp
 from megatron_ext.training.moe_mtp_metrics import log_line_fields
 
 
@@ -37,30 +36,10 @@ def format_log_line(r: dict, train_iters: int) -> str:
     )
 
 
-def startup_table(args, num_params: int, start: dict, parametrization: str = "") -> str:
-    tokens_per_step = args.global_batch_size * args.seq_length
-    rows = [
-        ("parameters", f"{num_params:,}"),
-        ("world size", args.world_size),
-        ("data-parallel size", args.data_parallel_size),
-        ("tensor-parallel size", args.tensor_model_parallel_size),
-        ("ZeRO stage", args.zero_stage),
-        ("precision", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"),
-        ("micro batch", args.micro_batch_size),
-        ("gradient accumulation", args.gradient_accumulation_steps),
-        ("global batch", args.global_batch_size),
-        ("sequence length", args.seq_length),
-        ("tokens per step", f"{tokens_per_step:,}"),
-        ("train iterations", args.train_iters),
-        ("train tokens", f"{args.train_iters * tokens_per_step:,}"),
-        ("optimizer", args.optimizer),
-        ("lr schedule", f"{args.lr_decay_style} (lr {args.lr:g}, min {args.min_lr:g})"),
-        ("parametrization", parametrization or args.parametrization),
-        *([("MoE / MTP", moe_mtp.summary(args))] if moe_mtp.summary(args) else []),
-        ("vocabulary", f"{args.vocab_size_unpadded} (padded {args.padded_vocab_size})"),
-        ("resumed from", start["path"] or "-"),
-        ("start iteration", start["iteration"]),
-    ]
+def startup_table(plan, num_params: int, start: dict) -> str:
+    """The start-up block: the run plan's rows, the parameter count and where the run starts."""
+    rows = [("parameters", f"{num_params:,}"), *plan.rows(),
+            ("resumed from", start["path"] or "-"), ("start iteration", start["iteration"])]
     width = max(len(k) for k, _ in rows)
     lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows] + ["-" * 60]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ our checkpoints, and the few things megatron-core models need around it.
    * the model-states files lose megatron-core's ``*._extra_state = None`` entries (the converter
      calls ``.float()`` on every module entry);
    * their ``universal_checkpoint_info`` is rebuilt from the checkpoint's saved ``args`` (TP
-     patterns, original/padded vocabulary; ``checkpointing.universal_checkpoint_info``), keeping
+     patterns, original/padded vocabulary; ``universal_checkpoint_info``), keeping
      only patterns that match a parameter (the converter rejects unused patterns);
    * optimizer partitions that lack one of Adam's two moments (Muon's matrices keep only
      ``exp_avg``) get a zero placeholder, because the converter reads both from every group; the
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import io
 import json
@@ -39,9 +40,15 @@ import tempfile
 import types
 from typing import Any, Dict, List, Optional
 
-LATEST_UNIVERSAL = "latest_universal"
-MODEL_STATES = "mp_rank_*_model_states.pt"
-OPTIM_STATES = "*_optim_states.pt"
+from megatron_ext.training.checkpoint_files import (
+    LATEST_UNIVERSAL,
+    MODEL_STATES,
+    CheckpointFileError,
+    client_state,
+    model_states_files,
+    optim_states_files,
+    saved_zero_stage,
+)
 CONVERSION_RECORD = "universal_conversion.json"
 CARRIED = ("exp_avg", "exp_avg_sq")  # the optimizer states ds_to_universal extracts (with fp32 and step)
 STAGING_PREFIX = ".to-universal."
@@ -51,57 +58,32 @@ class ConversionError(ValueError):
     """Bad input for the conversion; the message is one line."""
 
 
-# -- reading checkpoints --------------------------------------------------------------------------
-def load_states(path: str) -> Dict[str, Any]:
-    """A DeepSpeed ``*.pt`` file, memory-mapped (reading the client state of a big model-states
-    file costs no tensor reads)."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # written in the legacy (non-zip) format: no mmap
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def model_states_files(tag_dir: str) -> List[str]:
-    return sorted(glob.glob(os.path.join(glob.escape(tag_dir), MODEL_STATES)))
-
-
-def read_latest(load_dir: str, name: str) -> Optional[str]:
-    """The tag a DeepSpeed ``latest``-style file names, or None."""
-    path = os.path.join(load_dir, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag or None
-
-
-def find_checkpoint(path: str) -> str:
-    """The checkpoint folder (``global_stepN``) for a checkpoint folder or a run directory (its
-    ``latest`` checkpoint)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path}: no such directory")
-    if model_states_files(path):
-        return path
-    tag = read_latest(path, "latest")
-    if tag is None:
-        raise ConversionError(f"{path}: not a checkpoint (no {MODEL_STATES} files) and not a run directory "
-                              "(no 'latest' file)")
-    tag_dir = os.path.join(path, tag)
-    if not model_states_files(tag_dir):
-        raise ConversionError(f"{path}: 'latest' names {tag}, but {tag_dir} holds no checkpoint")
-    return tag_dir
-
-
 # -- what the conversion needs --------------------------------------------------------------------
-def _zero_stage(tag_dir: str, client: Dict[str, Any]) -> Optional[int]:
-    saved = client.get("args") or {}
-    if "zero_stage" in saved:
-        return int(saved["zero_stage"])
-    ds_config = client.get("ds_config") or {}
-    return (ds_config.get("zero_optimization") or {}).get("stage")
+def universal_checkpoint_info(args) -> Dict[str, Any]:
+    """What ``ds_to_universal`` needs to merge/split megatron-core GPT tensors across TP sizes.
+    A parameter may match at most one pattern of each kind (the converter asserts it); patterns
+    that match no parameter of the model are dropped at conversion (``training/universal.py``)."""
+    from deepspeed.checkpoint import constants as c
+
+    info = {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: [
+            r".*layernorm\.(weight|bias)$",  # also final_layernorm, q/k_layernorm
+            r".*linear_proj\.bias$",
+            r".*linear_fc2\.bias$",
+            r".*position_embeddings\.weight$",
+            r".*router\.weight$",  # MoE router
+            r".*(enorm|hnorm)\.weight$",  # MTP input norms
+        ],
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*linear_proj\.weight$", r".*linear_fc2\.weight$"],
+        c.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*output_layer\.weight$"],
+        c.ORIGINAL_VOCAB_SIZE: args.vocab_size_unpadded,
+        c.PADDED_VOCAB_SIZE: args.padded_vocab_size,
+    }
+    if getattr(args, "swiglu", False):
+        # SwiGLU's fused gate/up: a TP shard is [gate_r; up_r], the whole matrix [gate; up].
+        info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*linear_fc1\.(weight|bias)$"]
+    return info
 
 
 def check_input(tag_dir: str) -> Dict[str, Any]:
@@ -110,19 +92,17 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
     if not models:
         raise ConversionError(f"{tag_dir}: not a checkpoint (no {MODEL_STATES} files)")
     try:
-        client = load_states(models[0])
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
-        raise ConversionError(f"{models[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(client, dict) or "module" not in client:
-        raise ConversionError(f"{models[0]}: not a DeepSpeed model-states file")
+        client = client_state(tag_dir)
+    except CheckpointFileError as e:
+        raise ConversionError(str(e)) from None
     if "args" not in client and "universal_checkpoint_info" not in client:
         raise ConversionError(f"{models[0]}: no 'args' or 'universal_checkpoint_info' in the client state "
                               "(not written by megatron_ext or Megatron-DeepSpeed)")
-    stage = _zero_stage(tag_dir, client)
+    stage = saved_zero_stage(client)
     if glob.glob(os.path.join(glob.escape(tag_dir), "zero_pp_rank_*_model_states.pt")) or stage == 3:
         raise ConversionError(f"{tag_dir}: a ZeRO 3 checkpoint; converting those is not supported here "
                               "(DeepSpeed 0.19.8 cannot load a universal checkpoint into ZeRO 3 either)")
-    optims = sorted(glob.glob(os.path.join(glob.escape(tag_dir), OPTIM_STATES)))
+    optims = optim_states_files(tag_dir)
     if not optims:
         raise ConversionError(f"{tag_dir}: saved with --zero-stage 0 (no ZeRO optimizer partitions); DeepSpeed's "
                               "converter needs a ZeRO 1 or 2 checkpoint (a ZeRO 0 checkpoint already loads at "
@@ -154,8 +134,6 @@ def conversion_info(client: Dict[str, Any], param_names: List[str]) -> Dict[str,
     written before a fix of the patterns convert right), with only the patterns that match a
     parameter (DeepSpeed's converter fails on unused ones)."""
     from deepspeed.checkpoint import constants as c
-
-    from megatron_ext.training.checkpointing import universal_checkpoint_info
 
     if client.get("args"):
         info = universal_checkpoint_info(types.SimpleNamespace(**client["args"]))
@@ -233,12 +211,24 @@ def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
             _link_or_copy(src, dst)
 
 
-def _run_converter(input_folder: str, output_folder: str, workers: int, log) -> None:
+@dataclasses.dataclass(frozen=True)
+class ConverterOptions:
+    """DeepSpeed's own ``ds_to_universal`` options (the flags users type for it)."""
+
+    extract_workers: int = 1
+    merge_workers: Optional[int] = None  # default: half the extract workers
+    keep_temp_folder: bool = False  # keep <output>/tmp, the extracted partition slices
+    strict: bool = True  # --no_strict: tolerate parameter patterns that match nothing
+
+
+def _run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
+    merge = options.merge_workers or max(1, options.extract_workers // 2)
     ns = argparse.Namespace(input_folder=input_folder, output_folder=output_folder,
-                            num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
-                            keep_temp_folder=False, strict=True, inject_missing_state=False)
+                            num_extract_workers=options.extract_workers, num_merge_workers=merge,
+                            keep_temp_folder=options.keep_temp_folder, strict=options.strict,
+                            inject_missing_state=False)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
         ds_to_universal.main(ns)
 
@@ -252,7 +242,8 @@ def _remove_stale_staging(parent: str, out_name: str) -> None:
 
 
 # -- the conversion ---------------------------------------------------------------------------
-def convert(tag_dir: str, output_dir: Optional[str] = None, workers: int = 1, verbose: bool = False) -> Dict[str, Any]:
+def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOptions = ConverterOptions(),
+            verbose: bool = False) -> Dict[str, Any]:
     """Convert the checkpoint folder ``tag_dir`` into ``output_dir`` (default ``<tag_dir>_universal``)
     and point ``latest_universal`` beside it at it. Returns a summary (see ``describe``)."""
     from megatron_ext.fileio import write_text_atomically
@@ -280,7 +271,7 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, workers: int = 1, ve
         staged_out = os.path.join(staging, "out", out_name)
         _stage_input(tag_dir, staged_in, record)
         try:
-            _run_converter(staged_in, staged_out, workers, log)
+            _run_converter(staged_in, staged_out, options, log)
         except Exception as e:  # noqa: BLE001 - the converter's own failure, reported in one line
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             hint = "" if verbose else " (run again with --verbose for the converter's output)"
@@ -338,51 +329,3 @@ def describe(summary: Dict[str, Any]) -> str:
     lines.append(f"load it at any data-parallel / tensor-parallel size (ZeRO 1 or 2) with: "
                  f"--load {load_dir} --universal-checkpoint")
     return "\n".join(lines)
-
-
-# -- command line (tools/ds_to_universal.py, megatron-ext to-universal) -----------------------------
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False,
-        description="Convert a megatron_ext (DeepSpeed ZeRO 1/2) checkpoint to DeepSpeed's universal format, "
-                    "which loads at any data-parallel and tensor-parallel size (--universal-checkpoint). "
-                    "Details: docs/checkpoints.md.")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
-    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
-                   help="a run's --save directory: converts its 'latest' checkpoint (or give --input_folder)")
-    p.add_argument("--load", dest="load_dir", default=None, metavar="DIR", help="same as RUN_DIR")
-    p.add_argument("--input_folder", "--input-folder", default=None, metavar="CK/global_stepN",
-                   help="the checkpoint folder to convert")
-    p.add_argument("--output_folder", "--output-folder", default=None, metavar="OUT",
-                   help="where to write (default: <input folder>_universal); 'latest_universal' is written "
-                        "beside it, so keep it inside the directory you will --load")
-    p.add_argument("--num_extract_workers", "--num-extract-workers", type=int, default=1,
-                   help="processes extracting ZeRO partitions (DeepSpeed's option)")
-    p.add_argument("--verbose", action="store_true", help="show the converter's own output")
-    return p
-
-
-def main(argv=None, prog: str = "ds_to_universal.py") -> int:
-    parser = build_parser(prog)
-    ns = parser.parse_args(argv)
-    given = [x for x in (ns.run_dir, ns.load_dir, ns.input_folder) if x]
-    if len(given) > 1:
-        parser.error("give one of RUN_DIR, --load DIR or --input_folder CK/global_stepN")
-    if not given:
-        parser.error("nothing to convert: give --input_folder CK/global_stepN, or a run directory (RUN_DIR or --load DIR)")
-    if ns.num_extract_workers < 1:
-        parser.error(f"--num_extract_workers {ns.num_extract_workers}: give at least 1")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter; stdout is the summary
-            if ns.input_folder:
-                tag_dir = os.path.abspath(ns.input_folder)
-                if not os.path.isdir(tag_dir):
-                    raise ConversionError(f"--input_folder {tag_dir}: no such directory")
-            else:
-                tag_dir = find_checkpoint(ns.run_dir or ns.load_dir)
-            summary = convert(tag_dir, ns.output_folder, workers=ns.num_extract_workers, verbose=ns.verbose)
-    except ConversionError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(describe(summary))
-    return 0

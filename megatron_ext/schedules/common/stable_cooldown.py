@@ -1,7 +1,7 @@
 """Shared by ``constant`` (with ``--lr-constant-plus-cooldown``) and ``wsd``: hold ``--lr`` after
 warmup, then cool down to ``--min-lr`` over the last part of the decay length, with a shape from
 ``--lr-wsd-decay-style``. (A private module: the registry skips names starting with ``_``.)"""
-from megatron_ext.schedules.scheduler import DEFAULT_COOLDOWN_SHAPE, DecayStyle, cooldown_factor
+from megatron_ext.schedules.common.scheduler import DEFAULT_COOLDOWN_SHAPE, DecayStyle, cooldown_factor
 
 
 class StableThenCooldown(DecayStyle):

@@ -14,7 +14,7 @@ extended and annealed later (resume with --lr-constant-fraction and --override-o
 
 from megatron_ext.argtypes import fraction, nonneg_float
 from megatron_ext.registry import Arg
-from megatron_ext.schedules.scheduler import DecayStyle
+from megatron_ext.schedules.common.scheduler import DecayStyle
 
 CONSTANT_LR = Arg("--constant-lr", type=nonneg_float, default=None,
                   help="infinite schedules: the constant LR c after the cooldown, in (--min-lr, --lr]")

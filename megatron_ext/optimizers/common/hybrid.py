@@ -27,8 +27,9 @@ from typing import Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_ext.optimizers.full_matrices import flat_layouts, model_params_of, number_groups
-from megatron_ext.optimizers.hooks import UnsupportedEngineSetting, zero_stage
+from megatron_ext.optimizers.common.full_matrices import flat_layouts, model_params_of, number_groups
+from megatron_ext.optimizers.common.hooks import zero_stage
+from megatron_ext.registry import EngineSupport
 
 
 def matrix_cost(shape: Sequence[int]) -> int:
@@ -65,6 +66,11 @@ def _data_parallel_group():
     return group, dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
+# Whole matrices are gathered from ZeRO 1/2 partitions on the accelerator; ZeRO 3 partitions each
+# parameter and ZeRO-Offload steps on the CPU copy, where neither gathering is implemented.
+WHOLE_MATRICES = EngineSupport(zero_stages=(0, 1, 2), cpu_offload=False,
+                               reason="whole matrices are gathered from ZeRO 0/1/2 layouts only")
+
 class HybridMatrixOptimizer(torch.optim.Optimizer):
     name = "hybrid"
     keeps_matrix_state = False  # True: matrix_updates gets a persistent dict per matrix
@@ -77,10 +83,6 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
 
     # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
     def engine_ready(self, engine) -> None:
-        if zero_stage(engine) == 3:
-            raise UnsupportedEngineSetting(f"--optimizer {self.name} supports --zero-stage 0, 1 and 2, not 3")
-        if engine.zero_optimization() and engine.zero_offload_optimizer():
-            raise UnsupportedEngineSetting(f"--optimizer {self.name} does not support --cpu-optimizer (ZeRO-Offload)")
         self._layouts = flat_layouts(engine, self.param_groups)
         self._model_params = model_params_of(engine, self.param_groups)
 

@@ -51,9 +51,17 @@ from typing import List, Optional
 
 import torch
 
+from megatron_ext.registry import EngineSupport
+
 
 class UnsupportedEngineSetting(ValueError):
     """The optimizer cannot run under this engine setting; the message is one line."""
+
+
+# The engine support of an optimizer with evaluation weights (``eval_mode``): they are switched
+# into the model by ``sync_model_from_master``, which knows ZeRO 0/1/2 layouts only.
+SWITCHES_EVALUATION_WEIGHTS = EngineSupport(
+    zero_stages=(0, 1, 2), reason="its evaluation weights cannot be switched into a ZeRO 3 partitioned model")
 
 
 def _has(optimizer, name: str) -> bool:
@@ -89,11 +97,8 @@ def sync_model_from_master(engine) -> None:
     opt = engine.optimizer
     if opt is getattr(engine, "basic_optimizer", None) or opt is None:
         return
-    if zero_stage(engine) == 3:
-        raise UnsupportedEngineSetting(
-            "--zero-stage 3: switching the optimizer's weights (evaluation weights) is not supported; "
-            "use --zero-stage 0, 1 or 2"
-        )
+    if zero_stage(engine) == 3:  # declared by SWITCHES_EVALUATION_WEIGHTS, checked by the run plan
+        raise RuntimeError("evaluation weights cannot be switched into a ZeRO 3 partitioned model")
     if _has(opt, "update_lp_params"):
         opt.update_lp_params()
         return

@@ -310,25 +310,6 @@ def build_weight_decay_schedule(args) -> WeightDecaySchedule:
     return WeightDecaySchedule(style, float(start), float(end), float(args.train_iters * args.global_batch_size))
 
 
-def _check_unused_style_flags(args, chosen) -> None:
-    """A flag of another decay style would silently do nothing: reject it."""
-    owners: Dict[str, List[str]] = {}
-    declared: Dict[str, Any] = {}
-    for plugin in SCHEDULES.plugins():
-        for arg in plugin.arguments:
-            owners.setdefault(arg.dest, []).append(plugin.name)
-            declared[arg.dest] = arg
-    for dest, names in owners.items():
-        if chosen.name in names:
-            continue
-        arg = declared[dest]
-        value = getattr(args, dest, None)
-        if value != arg.kwargs.get("default") and value is not None and value is not False:
-            flags = {dest: arg.flags[0]}
-            raise ValueError(f"{flags[dest]} has no effect with --lr-decay-style {chosen.name} "
-                             f"(it belongs to {', '.join(names)})")
-
-
 def build_schedule(args) -> LRSchedule:
     """The schedule the flags describe; raises ValueError (one line) if they cannot be served."""
     if args.min_lr > args.lr:
@@ -354,9 +335,7 @@ def build_schedule(args) -> LRSchedule:
         )
     _validate_resume_flags(args)
     span = ScheduleSpan(args.lr, args.min_lr, warmup, decay_end, train_end)
-    plugin = SCHEDULES.get(args.lr_decay_style)
-    _check_unused_style_flags(args, plugin)
-    plugin.obj.validate_args(args)
+    plugin = SCHEDULES.get(args.lr_decay_style)  # checked by the run plan (SCHEDULES.check)
     schedule = LRSchedule(span, plugin.name, plugin.obj(args, span))
     if getattr(args, "lr_wsd_decay_style", None) is not None and not _uses_cooldown_shape(schedule, args):
         raise ValueError(

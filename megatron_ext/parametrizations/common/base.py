@@ -56,7 +56,6 @@ class EnableParametrization(argparse.Action):
 
 class Parametrization:
     name = "sp"
-    flag_owners = ("sp",)  # plug-ins whose flags this one reads; the others' flags are refused
 
     def __init__(self, args):
         self.args = args
@@ -132,7 +131,7 @@ class Parametrization:
 
     def attach(self, model: torch.nn.Module) -> None:
         """Finish the built model: the output layer's own init and the forward multipliers."""
-        from megatron_ext.parametrizations.apply import attach_multipliers, init_output_layer
+        from megatron_ext.parametrizations.common.apply import attach_multipliers, init_output_layer
 
         if self.args.untie_embeddings_and_output_weights:
             stds = self.init_stds()
@@ -152,13 +151,5 @@ class Parametrization:
 
     @classmethod
     def validate_args(cls, args) -> None:
-        """Raise ValueError (one line naming the flag) for settings this plug-in cannot serve."""
-        from megatron_ext.parametrizations import PARAMETRIZATIONS
-
-        for plugin in PARAMETRIZATIONS.plugins():
-            if plugin.name in cls.flag_owners:
-                continue
-            for arg in plugin.arguments:
-                if arg.dest != "parametrization" and getattr(args, arg.dest, None) is not None:
-                    raise ValueError(f"{arg.flags[0]} belongs to --parametrization {plugin.name}; "
-                                     f"this run uses {cls.name}")
+        """Raise ValueError (one line naming the flag) for settings this plug-in cannot serve (flags
+        of other parametrizations are refused by the registry, ``Registry.check``)."""

@@ -1,0 +1,338 @@
+"""The run plan: everything a run will do, resolved once from the parsed flags and the world size.
+
+``build_plan(args, world_size)`` fills every default and derived value (model shape, batch,
+accumulation, length, the DeepSpeed config with the user's JSON merged and so the final ZeRO stage,
+the tokenizer and data files, the LR schedule, the parametrization, the selected plug-ins checked
+against that engine) and returns a frozen ``RunPlan``. Validation IS building the plan: any problem
+is one ``ArgumentsError`` line, before any work starts. The trainer runs a plan
+(``training.trainer.pretrain(plan)``), the launcher prints one (``DRY_RUN=1``), and tools that need
+the resolved flags (``megatron-ext schedule``, ``cooldown``, ``init-report``, sweeps) build one.
+
+After planning ``plan.args`` is read-only: a component that needs another derived value gets it
+from the plan, it never writes it into ``args``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from megatron_ext.arguments import MODEL_STYLES, ArgumentsError, build_parser
+from megatron_ext.registry import EngineSettings
+
+
+class ResolvedArgs(argparse.Namespace):
+    """The flags of a plan: every value filled in; setting an attribute afterwards is an error."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"args.{name}: the run plan's flags are read-only (derive it in megatron_ext/plan.py)")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> "ResolvedArgs":
+        self.__dict__["_frozen"] = True
+        return self
+
+    def __getstate__(self):  # pickles (DeepSpeed client state, spawn) as a plain namespace
+        return {k: v for k, v in self.__dict__.items() if k != "_frozen"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    args: ResolvedArgs
+    world_size: int
+    data_parallel_size: int
+    engine: EngineSettings  # final ZeRO stage (the user's DeepSpeed JSON merged), offload, TP, precision
+    ds_config: Dict[str, Any]
+    schedule: Any  # schedules.common.scheduler.LRSchedule
+    parametrization: Any  # parametrizations.common.base.Parametrization
+    plugins: Dict[str, Any]  # family -> the selected plug-in's record
+    data_sources: Optional[list]  # (weight, prefix, corpus); None for mock data
+    tokenizer: Any  # None when files were not checked (check_files=False)
+    mc_examples: Optional[tuple]  # --eval-mc-file, read and tokenized
+    notes: Tuple[str, ...]  # what the user should know about how the flags were resolved
+
+    @property
+    def train_iters(self) -> int:
+        return self.args.train_iters
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.args.global_batch_size * self.args.seq_length
+
+    def rows(self) -> List[Tuple[str, Any]]:
+        """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
+        from megatron_ext import moe_mtp
+
+        a = self.args
+        rows = [
+            ("world size", self.world_size),
+            ("data-parallel size", self.data_parallel_size),
+            ("tensor-parallel size", a.tensor_model_parallel_size),
+            ("ZeRO stage", self.engine.zero_stage),
+            ("precision", self.engine.precision),
+            ("micro batch", a.micro_batch_size),
+            ("gradient accumulation", a.gradient_accumulation_steps),
+            ("global batch", a.global_batch_size),
+            ("sequence length", a.seq_length),
+            ("tokens per step", f"{self.tokens_per_iteration:,}"),
+            ("train iterations", a.train_iters),
+            ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
+            ("optimizer", a.optimizer),
+            ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
+            ("parametrization", self.parametrization.summary()),
+        ]
+        if moe_mtp.summary(a):
+            rows.append(("MoE / MTP", moe_mtp.summary(a)))
+        if a.vocab_size_unpadded is not None:
+            rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
+        return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Building the plan
+# --------------------------------------------------------------------------------------------
+
+
+def parse_plan(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
+               prog: str = "megatron_ext.train") -> RunPlan:
+    """Parse ``argv`` and plan; exits with one error line (code 2) on bad input."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if world_size is None:
+        from megatron_ext.platform.distributed import discover
+
+        world_size = discover().world_size
+    try:
+        return build_plan(args, world_size)
+    except ArgumentsError as e:
+        parser.error(str(e))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """The resolved flags of ``parse_plan`` (for code that only needs them)."""
+    return parse_plan(argv, world_size).args
+
+
+def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = True) -> RunPlan:
+    """Resolve and check ``args`` for ``world_size`` ranks; raises ArgumentsError (one line).
+
+    ``args`` is not modified. ``check_files=False`` skips what needs the files the flags name
+    (tokenizer, data prefixes, --eval-mc-file): the launcher plans the demo before building it."""
+    a = ResolvedArgs(**{k: v for k, v in vars(args).items() if k != "_frozen"})
+    notes: List[str] = []
+    try:
+        _model_shape(a)
+        _batch(a, world_size)
+        _length(a, notes)
+        _data_flags(a)
+        _checkpoint_flags(a)
+        ds_config, engine = _deepspeed(a, check_files)
+        sources, tokenizer = _files(a, check_files)
+        plugins = _check_plugins(a, engine)
+        schedule = _schedule(a)
+        mc_examples = _mc_eval(a, tokenizer)
+        _lr_finder(a)
+    except ValueError as e:  # ArgumentsError, and the one-line ValueErrors of the parts used here
+        raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    from megatron_ext.parametrizations import parametrization_for
+
+    parametrization = parametrization_for(a)
+    a.freeze()
+    return RunPlan(args=a, world_size=world_size, data_parallel_size=a.data_parallel_size, engine=engine,
+                   ds_config=ds_config, schedule=schedule, parametrization=parametrization, plugins=plugins,
+                   data_sources=sources, tokenizer=tokenizer, mc_examples=mc_examples, notes=tuple(notes))
+
+
+def _model_shape(a) -> None:
+    if a.parametrization is None:
+        a.parametrization = "sp"
+    for key, value in MODEL_STYLES[a.model_style].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    tp = a.tensor_model_parallel_size
+    if a.pipeline_model_parallel_size != 1:
+        raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
+    if a.num_attention_heads % tp:
+        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
+                             f"{a.num_attention_heads}")
+    if a.hidden_size % a.num_attention_heads:
+        raise ArgumentsError(f"--num-attention-heads {a.num_attention_heads} does not divide --hidden-size "
+                             f"{a.hidden_size}")
+    if a.num_key_value_heads is None:
+        a.num_key_value_heads = a.num_attention_heads
+    if a.num_attention_heads % a.num_key_value_heads:
+        raise ArgumentsError(f"--num-key-value-heads {a.num_key_value_heads} does not divide "
+                             f"--num-attention-heads {a.num_attention_heads}")
+    if a.num_key_value_heads % tp:
+        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide --num-key-value-heads "
+                             f"{a.num_key_value_heads}")
+    if a.ffn_hidden_size is None:
+        a.ffn_hidden_size = int(math.ceil(8 * a.hidden_size / 3 / 64) * 64) if a.swiglu else 4 * a.hidden_size
+    if a.max_position_embeddings is None:
+        a.max_position_embeddings = a.seq_length
+    if a.position_embedding_type == "learned_absolute" and a.max_position_embeddings < a.seq_length:
+        raise ArgumentsError(f"--max-position-embeddings {a.max_position_embeddings} is smaller than "
+                             f"--seq-length {a.seq_length}")
+    if a.recompute_activations and a.num_layers % a.recompute_num_layers:
+        raise ArgumentsError(f"--recompute-num-layers {a.recompute_num_layers} does not divide --num-layers "
+                             f"{a.num_layers}")
+    if a.bf16 and a.fp16:
+        raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
+    from megatron_ext.moe_mtp import validate_moe_mtp_args
+
+    validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
+
+
+def _batch(a, world_size: int) -> None:
+    tp = a.tensor_model_parallel_size
+    if world_size % tp:
+        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
+    a.world_size = world_size
+    a.data_parallel_size = world_size // tp
+    per_step = a.micro_batch_size * a.data_parallel_size
+    if a.global_batch_size is None:
+        a.global_batch_size = per_step * (a.gradient_accumulation_steps or 1)
+    if a.global_batch_size % per_step:
+        raise ArgumentsError(f"--global-batch-size {a.global_batch_size} is not divisible by data-parallel size "
+                             f"{a.data_parallel_size} x --micro-batch-size {a.micro_batch_size}")
+    acc = a.global_batch_size // per_step
+    if a.gradient_accumulation_steps not in (None, acc):
+        raise ArgumentsError(f"--gradient-accumulation-steps {a.gradient_accumulation_steps} disagrees with "
+                             f"--global-batch-size {a.global_batch_size} / (data-parallel size "
+                             f"{a.data_parallel_size} x --micro-batch-size {a.micro_batch_size}) = {acc}")
+    a.gradient_accumulation_steps = acc
+
+
+def _length(a, notes: List[str]) -> None:
+    """Iterations win, then samples, then tokens (each rounding down, said in a note)."""
+    tokens_per_iter = a.global_batch_size * a.seq_length
+    if a.train_iters is not None:
+        for flag, value in (("--train-samples", a.train_samples), ("--train-tokens", a.train_tokens)):
+            if value is not None:
+                notes.append(f"--train-iters {a.train_iters} wins over {flag} {value}")
+        return
+    if a.train_samples is not None:
+        a.train_iters = a.train_samples // a.global_batch_size
+        dropped, unit, given = a.train_samples - a.train_iters * a.global_batch_size, "samples", \
+            f"--train-samples {a.train_samples}"
+        formula = f"{a.train_samples} // {a.global_batch_size}"
+    elif a.train_tokens is not None:
+        a.train_iters = a.train_tokens // tokens_per_iter
+        dropped, unit, given = a.train_tokens - a.train_iters * tokens_per_iter, "tokens", \
+            f"--train-tokens {a.train_tokens}"
+        formula = f"{a.train_tokens} // ({a.seq_length} x {a.global_batch_size})"
+    else:
+        raise ArgumentsError("no training length: give --train-iters, --train-samples or --train-tokens")
+    if a.train_iters < 1:
+        raise ArgumentsError(f"training length is shorter than one iteration of {a.global_batch_size} samples "
+                             f"x {a.seq_length} tokens")
+    trained = a.train_iters * (tokens_per_iter if unit == "tokens" else a.global_batch_size)
+    notes.append(f"{given} -> --train-iters = {formula} = {a.train_iters} ({trained} {unit} trained, "
+                 f"{dropped} dropped by rounding)")
+
+
+def _data_flags(a) -> None:
+    if not a.mock_data and not a.data_path and not a.data_file_list:
+        raise ArgumentsError("no training data: give --data-file-list, --data-path or --mock-data")
+    if a.data_path and a.data_file_list:
+        raise ArgumentsError("give either --data-path or --data-file-list, not both")
+    if a.mock_data and a.vocab_size is None and a.tokenizer_model is None:
+        a.vocab_size = 1024
+    if a.num_workers is None:
+        from megatron_ext.platform.accelerator import has_gpu
+
+        a.num_workers = 2 if has_gpu() else 0
+
+
+def _checkpoint_flags(a) -> None:
+    if a.save_interval is not None and not a.save:
+        raise ArgumentsError("--save-interval needs --save DIR")
+    if a.finetune and not a.load:
+        raise ArgumentsError("--finetune needs --load DIR")
+    if a.universal_checkpoint and not a.load:
+        raise ArgumentsError("--universal-checkpoint needs --load DIR")
+    if a.keep_last is not None and not a.save:
+        raise ArgumentsError("--keep-last needs --save DIR")
+    if a.tensorboard_dir is None and a.save and not a.no_tensorboard:
+        a.tensorboard_dir = os.path.join(a.save, "tensorboard")
+
+
+def _deepspeed(a, check_files: bool) -> Tuple[Dict[str, Any], EngineSettings]:
+    """The DeepSpeed config (flags, then the user's JSON: its keys win) and the engine it gives. The
+    engine rules are checked on the MERGED config: a user JSON that sets the ZeRO stage or offload
+    is what runs. Without ``check_files`` a --deepspeed-config not written yet is left out."""
+    from megatron_ext.training.deepspeed_config import build_deepspeed_config, engine_settings
+
+    if a.deepspeed_config and not os.path.isfile(a.deepspeed_config):
+        if check_files:
+            raise ArgumentsError(f"--deepspeed-config: no such file: {a.deepspeed_config}")
+        config = build_deepspeed_config(argparse.Namespace(**{**vars(a), "deepspeed_config": None}))
+    else:
+        config = build_deepspeed_config(a)
+    engine = engine_settings(config, a.tensor_model_parallel_size)
+    a.zero_stage = engine.zero_stage
+    a.cpu_optimizer = engine.cpu_offload
+    a.bf16, a.fp16 = engine.precision == "bf16", engine.precision == "fp16"  # the model's dtype follows
+    a.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
+    if engine.cpu_offload and engine.zero_stage == 0:
+        raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
+    if a.universal_checkpoint and engine.zero_stage not in (1, 2):
+        # Verified: ZeRO 0 fails reading the optimizer state, ZeRO 3 finds no model-states files.
+        raise ArgumentsError(f"--universal-checkpoint needs --zero-stage 1 or 2 (DeepSpeed 0.19.8 cannot load a "
+                             f"universal checkpoint at ZeRO {engine.zero_stage})")
+    return config, engine
+
+
+def _files(a, check_files: bool):
+    """The data sources and the tokenizer; the vocabulary sizes the model and checkpoints use."""
+    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
+    from megatron_ext.model import padded_vocab_size
+
+    a.vocab_size_unpadded = a.padded_vocab_size = None
+    if not check_files:
+        return None, None
+    sources = data_sources(a)
+    tokenizer = tokenizer_for(a, sources)
+    a.vocab_size_unpadded = tokenizer.vocab_size
+    a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
+                                            a.tensor_model_parallel_size)
+    return sources, tokenizer
+
+
+def _check_plugins(a, engine: EngineSettings) -> Dict[str, Any]:
+    """Every family's selected plug-in: its flags, its own checks and the engine it supports."""
+    from megatron_ext import registry
+
+    selected = {}
+    for family, reg in registry.families().items():
+        plugin = reg.selected(a)
+        if plugin is not None:
+            reg.check(plugin, a, engine)
+            selected[family] = plugin
+    return selected
+
+
+def _schedule(a):
+    from megatron_ext.schedules.common.scheduler import build_schedule, build_weight_decay_schedule
+
+    schedule = build_schedule(a)  # the whole curve must be servable before any work starts
+    build_weight_decay_schedule(a)  # validates the weight-decay flags
+    return schedule
+
+
+def _mc_eval(a, tokenizer):
+    from megatron_ext.training.evaluation import mc_examples_for
+
+    return mc_examples_for(a, tokenizer)
+
+
+def _lr_finder(a) -> None:
+    from megatron_ext.training.lr_finder import validate_lr_finder_args
+
+    validate_lr_finder_args(a)

@@ -1,0 +1,98 @@
+"""The structure the project promises: no import circles inside the package, and a family folder
+lists its plug-ins (shared code lives in its ``common`` sub-package)."""
+import ast
+import os
+import pkgutil
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, "megatron_ext")
+
+
+def _modules():
+    mods = {}
+    for dirpath, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                mods[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
+    return mods
+
+
+def _imports(mods):
+    """Module -> package modules it imports (any nesting level: a function-level import is a
+    dependency too)."""
+    edges = {m: set() for m in mods}
+    for module, path in mods.items():
+        is_pkg = path.endswith("__init__.py")
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = module.split(".") if is_pkg else module.split(".")[:-1]
+                    parts = parts[:len(parts) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    edges[module].add(target)
+    return edges
+
+
+def _cycles(edges):
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles_in_the_package():
+    assert _cycles(_imports(_modules())) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("family", ["optimizers", "schedules", "parametrizations"])
+def test_a_family_folder_lists_its_plugins(family):
+    from megatron_ext import registry
+
+    folder = os.path.join(PACKAGE, family)
+    modules = {m.name for m in pkgutil.iter_modules([folder]) if not m.ispkg}
+    registered = {p.source.rsplit(".", 1)[-1] for reg in registry.families().values() for p in reg.plugins()
+                  if p.source.startswith(f"megatron_ext.{family}.")}
+    assert modules == registered, "every module of a family folder registers a plug-in; shared code is in common/"
