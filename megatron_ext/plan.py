@@ -138,7 +138,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         schedule = _schedule(a)
         mc_examples = _mc_eval(a, tokenizer)
         _lr_finder(a)
-    except ValueError as e:  # ArgumentsError, and the one-line ValueErrors of the parts used here
+    except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     from megatron_ext.parametrizations import parametrization_for
 

@@ -41,16 +41,14 @@ class InProcessRun:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def run_trainer_in_process(args, cwd=None) -> InProcessRun:
-    """``megatron_ext.train`` in this process: the same code path as the command (parse, plan,
-    train, one-line errors), without ~6 s of imports per run. One process group of size 1 (and
-    tensor-parallel size 1) serves every such run; runs that need another layout use torchrun."""
+def run_in_process(entry, args, cwd=None) -> InProcessRun:
+    """``entry(args)`` (a command's main function) in this process, its output captured: the same
+    code path as the command, without ~6 s of imports per run. For training, one process group of
+    size 1 (and tensor-parallel size 1) serves every such run; other layouts use torchrun."""
     import contextlib
     import io
     import traceback
     import warnings
-
-    from megatron_ext.train import run
 
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
@@ -58,7 +56,7 @@ def run_trainer_in_process(args, cwd=None) -> InProcessRun:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             try:
-                code = run(list(args))
+                code = entry(list(args))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except Exception:  # noqa: BLE001 - reported like a crashed process would be
@@ -73,7 +71,9 @@ def run_trainer(args, nproc=1, check=True, timeout=300, cwd=None, isolated=False
     """Run ``megatron_ext.train``: in this process for one rank (``isolated=True``: a fresh
     ``python -m megatron_ext.train``), under torchrun when nproc > 1."""
     if nproc == 1 and not isolated:
-        proc = run_trainer_in_process(args, cwd)
+        from megatron_ext.train import run
+
+        proc = run_in_process(run, args, cwd)
         if check and proc.returncode != 0:
             raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         return proc
@@ -88,7 +88,19 @@ def run_trainer(args, nproc=1, check=True, timeout=300, cwd=None, isolated=False
     return proc
 
 
+# Modules whose command runs in this process when a test needs no other environment.
+IN_PROCESS = {"megatron_ext.train": ("megatron_ext.train", "run"), "megatron_ext.cli": ("megatron_ext.cli", "main")}
+
+
 def run_module(module, args, check=False, timeout=120, cwd=None, env=None):
+    if module in IN_PROCESS and env is None:
+        import importlib
+
+        name, function = IN_PROCESS[module]
+        proc = run_in_process(getattr(importlib.import_module(name), function), args, cwd)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env={**_env(), **(env or {})}, timeout=timeout, cwd=cwd or REPO)
     if check and proc.returncode != 0:

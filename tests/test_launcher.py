@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, _env, error_lines, read_metrics
+from conftest import REPO, _env, error_lines, read_metrics, run_in_process
 
 # Every variable the launcher reads; stripped from the test environment so the machine's own
 # settings (a PBS_NODEFILE, an OPT in the shell...) cannot leak into a test.
@@ -21,13 +21,30 @@ WANDB_PROJECT LAUNCH_WITH LAUNCH_CMD HOSTFILE PBS_NODEFILE NGPU_PER_HOST EXEC DS
 MASTER_PORT""".split()
 
 
-def launch(env=None, extra=(), dry_run=True, timeout=120):
+def launch(env=None, extra=(), dry_run=True, timeout=120, shell=False):
+    """``bash train_alcf.sh`` with ``env``; a dry run goes through the launcher's own entry point in
+    this process (everything but the two-line shell wrapper) unless ``shell``."""
     full = {k: v for k, v in _env().items() if k not in LAUNCHER_VARS}
     if dry_run:
         full["DRY_RUN"] = "1"
     full.update(env or {})
+    if dry_run and not shell:
+        return launch_in_process(full, extra)
     return subprocess.run(["bash", os.path.join(REPO, "train_alcf.sh"), *extra], capture_output=True, text=True,
                           env=full, timeout=timeout, cwd=REPO)
+
+
+def launch_in_process(environ, extra):
+    from megatron_ext.launcher.__main__ import main
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ, MEGATRON_EXT_ROOT=REPO)
+    try:
+        return run_in_process(main, extra, cwd=REPO)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def resolved(proc):

@@ -26,8 +26,14 @@ _MOE_TRACKED = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss"
 
 class AuxiliaryLosses:
     def __init__(self, model: torch.nn.Module, args):
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
         from megatron.core.transformer.moe.router import TopKRouter
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+        # megatron-core keeps these trackers in module globals, sized by the first model that
+        # logged into them: a second run in the same process (a sweep, a notebook) starts them anew.
+        get_moe_layer_wise_logging_tracker().clear()
+        MTPLossLoggingHelper.tracker.clear()
         self.moe = args.num_experts is not None
         self.mtp = args.mtp_num_layers is not None
         self.routers: List[str] = []
