@@ -175,6 +175,13 @@ def lr_schedule_from_state(state: Dict[str, Any]):
     return LRSchedule.from_state(state)
 
 
+def weight_decay_at(state: Dict[str, Any], position: float) -> float:
+    """The weight decay a saved weight-decay schedule gives at ``position`` (samples)."""
+    from megatron_ext.schedules.scheduler import WeightDecaySchedule
+
+    return WeightDecaySchedule.from_state(state).wd(position)
+
+
 def lr_finder(args):
     from megatron_ext.training.lr_finder import LRFinder
 
@@ -198,11 +205,39 @@ def universal_conversion_error():
 
 
 def checkpoint_io():
-    """The helpers that read DeepSpeed checkpoints (load_states, model_states_files, read_latest,
-    find_checkpoint, LATEST_UNIVERSAL, CONVERSION_RECORD)."""
+    """The module that reads and converts our DeepSpeed checkpoints. Names used: load_states,
+    model_states_files, find_checkpoint, read_latest, LATEST_UNIVERSAL, CONVERSION_RECORD,
+    STAGING_PREFIX, CARRIED, ConversionError, and for staging a fork checkpoint through DeepSpeed's
+    converter the same way: _stage_optim_states (zero placeholders for missing Adam moments),
+    _run_converter (ds_to_universal, quiet), _link_or_copy."""
     from megatron_ext.training import universal
 
     return universal
+
+
+def our_rng_state_keys():
+    """Keys of one data-parallel rank's RNG state in our checkpoints."""
+    return ("random", "numpy", "torch", "tensor_parallel", "accelerator")
+
+
+def our_flag_defaults() -> Dict[str, Any]:
+    """dest -> default of every flag our shared definitions and plug-ins declare (to read a
+    Megatron-DeepSpeed run's saved arguments as our code expects them)."""
+    recorded = RecordingParser()
+    define_shared_flags(recorded)
+    define_plugin_flags(recorded)
+    out = {}
+    for flags, kwargs, _ in recorded.calls:
+        dest = kwargs.get("dest") or next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_")
+        out.setdefault(dest, kwargs.get("default"))
+    return out
+
+
+def schedule_states(args) -> Dict[str, Any]:
+    """Our LR- and weight-decay-schedule states for ``args`` (what a checkpoint stores)."""
+    from megatron_ext.schedules.scheduler import build_schedule, build_weight_decay_schedule
+
+    return {"schedule": build_schedule(args).state(), "weight_decay": build_weight_decay_schedule(args).state()}
 
 
 def our_universal_checkpoint_info(args_namespace) -> Dict[str, Any]:
