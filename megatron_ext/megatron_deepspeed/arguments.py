@@ -105,7 +105,7 @@ class ForkArguments:
             existing = by_dest.get(dest) or next((by_flag[_key(f)] for f in flags if _key(f) in by_flag), None)
             if existing is None:
                 group.add_argument(*flags, **kwargs)
-                self.added[dest] = {"family": family, "default": kwargs.get("default"), "flag": flags[0]}
+                self.added.setdefault(dest, {"family": family, "default": kwargs.get("default"), "flag": flags[0]})
                 continue
             self._reuse(parser, existing, flags, kwargs, family, plugin_dests)
 
@@ -129,6 +129,9 @@ class ForkArguments:
             negative = "--no-" + flags[0][2:]
             if negative not in parser._option_string_actions:
                 parser.add_argument(negative, dest=action.dest, action="store_false", help=argparse.SUPPRESS)
+        ours_type = kwargs.get("type")
+        if callable(ours_type) and action.type in (None, int, float, str) and not action.choices:
+            action.type = ours_type  # same Python type, our bounds (e.g. --muon-ns-steps must be positive)
         record = {"family": family, "ours": kwargs.get("default"), "fork": action.default, "flag": action.option_strings[0]}
         if action.dest in plugin_dests or family == "init":
             action.default = UNSET
@@ -151,11 +154,11 @@ class ForkArguments:
         if getattr(args, "init_method_std", None) == project_api.init_std_type()[1]:  # 'auto' -> a number the fork uses
             args.init_method_std = project_api.init_std_type()[2](args.hidden_size)
             args.init_method_std_auto = True
-        if getattr(args, "parametrization", None) is None:
-            args.parametrization = "sp"
         for dest, record in self.added.items():
             if not owner.ours(record["family"]) and getattr(args, dest, None) not in (record["default"], None, False):
                 raise ValueError(f"{record['flag']} has no effect: {owner.why_not(record['family'])}")
+        if getattr(args, "parametrization", None) is None:
+            args.parametrization = "sp"
         return owner
 
     def _given_new(self, args) -> List[str]:

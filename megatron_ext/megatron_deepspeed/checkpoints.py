@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron_ext.megatron_deepspeed import names, project_api
 from megatron_ext.megatron_deepspeed.arguments import our_view
-from megatron_ext.megatron_deepspeed.scheduler import STATE_KEY
+from megatron_ext.megatron_deepspeed.scheduler import STATE_KEY, fork_scheduler_state
 
 FORK, OURS = "Megatron-DeepSpeed", "megatron_ext"
 STAGING_PREFIX = ".convert."
@@ -421,18 +421,6 @@ def fork_args_from_ours(oa: Dict[str, Any], client: Dict[str, Any]) -> argparse.
         converted_from=OURS,
     )
     return argparse.Namespace(**fields)
-
-
-def fork_scheduler_state(ours: Dict[str, Any], position: int, tokens) -> Dict[str, Any]:
-    """The fork's ``OptimizerParamScheduler`` fields for our schedule (and ours under ``megatron_ext``)."""
-    s, wd = ours["schedule"], ours["weight_decay"]
-    return {
-        "max_lr": s["max_lr"], "min_lr": s["min_lr"], "lr_warmup_steps": s["warmup"], "lr_warmup_tokens": None,
-        "num_steps": position, "num_tokens": int(tokens or 0), "lr_decay_style": s["style"],
-        "lr_decay_steps": s["decay_end"], "lr_decay_tokens": None, "start_wd": wd["start"], "end_wd": wd["end"],
-        "wd_incr_style": wd["style"], "wd_incr_steps": wd["length"] or s["train_end"],
-        STATE_KEY: {**ours, "position": float(position)},
-    }
 
 
 def fork_universal_info(fa: argparse.Namespace, ours_info: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 import inspect
 import json
 import os
@@ -41,6 +42,7 @@ class Session:
         self.parametrization = None
         self.applied = None
         self.engine_is_ready = False
+        self.calls = Counter()  # optimizer hooks called (reported)
 
     # -- helpers --------------------------------------------------------------------------------
     def view(self):
@@ -58,6 +60,7 @@ class Session:
         if self.optimizer is None:
             self.optimizer = engine.basic_optimizer
         hooks = project_api.optimizer_hooks()
+        self.calls["engine_ready"] += 1
         try:
             hooks.engine_ready(self.optimizer, engine)
         except hooks.UnsupportedEngineSetting as e:
@@ -66,6 +69,8 @@ class Session:
     def evaluation_weights(self):
         if self.engine is None or self.optimizer is None:
             return contextlib.nullcontext()
+        if callable(getattr(self.optimizer, "eval_mode", None)):
+            self.calls["evaluation_weights"] += 1
         return project_api.optimizer_hooks().evaluation_weights(self.optimizer, self.engine)
 
     def write_report(self) -> None:
@@ -82,7 +87,7 @@ class Session:
                   "scheduler": type(self.scheduler.inner).__name__ if self.scheduler is not None else None,
                   "param_groups": groups,
                   "parametrization": self.applied.report() if self.applied is not None else None,
-                  "lr_finder_ran": self.finder_ran}
+                  "lr_finder_ran": self.finder_ran, "hook_calls": dict(self.calls)}
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)
 
@@ -235,6 +240,7 @@ def apply(mode: str) -> None:
             bound = _bind(original, a, kw)
             hooks = project_api.optimizer_hooks()
             if session.optimizer is not None and hooks.curvature_pass_due(session.optimizer):
+                session.calls["curvature_pass"] += 1
                 bound.arguments["data_iterator"] = loop.curvature_pass(
                     session.fork, session, bound.arguments["forward_step_func"], bound.arguments["data_iterator"],
                     bound.arguments["model"][0])

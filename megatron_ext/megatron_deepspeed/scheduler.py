@@ -48,7 +48,13 @@ class ForkScheduler:
         self.inner.step(self.num_steps)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {STATE_KEY: self.inner.state_dict(), "num_steps": self.num_steps}
+        """Ours under ``megatron_ext``, and the fork's own fields beside it, so the fork without the
+        plug-ins continues this checkpoint too (with a decay style it knows)."""
+        try:
+            ours = self.inner.state_dict()
+        except AttributeError:  # the LR finder's sweep: a range test saves nothing
+            return {"num_steps": self.num_steps}
+        return fork_scheduler_state(ours, self.num_steps, None)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         ours = state.get(STATE_KEY)
@@ -85,3 +91,15 @@ def from_fork_state(state: Dict[str, Any], inner) -> Dict[str, Any]:
     else:
         weight_decay = inner.wd_schedule.state()
     return {"schedule": schedule, "weight_decay": weight_decay, "position": float(position)}
+
+
+def fork_scheduler_state(ours: Dict[str, Any], position: int, tokens) -> Dict[str, Any]:
+    """The fork's ``OptimizerParamScheduler`` fields for our schedule (and ours under ``megatron_ext``)."""
+    s, wd = ours["schedule"], ours["weight_decay"]
+    return {
+        "max_lr": s["max_lr"], "min_lr": s["min_lr"], "lr_warmup_steps": s["warmup"], "lr_warmup_tokens": None,
+        "num_steps": position, "num_tokens": int(tokens or 0), "lr_decay_style": s["style"],
+        "lr_decay_steps": s["decay_end"], "lr_decay_tokens": None, "start_wd": wd["start"], "end_wd": wd["end"],
+        "wd_incr_style": wd["style"], "wd_incr_steps": wd["length"] or s["train_end"],
+        STATE_KEY: {**ours, "position": float(position)},
+    }
