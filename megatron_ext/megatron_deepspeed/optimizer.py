@@ -97,5 +97,5 @@ def _moe_groups(groups):
     fork's ``--create-moe-param-group`` does to its groups); our role groups are split the same way."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    plain = [{**{k: v for k, v in g.items() if k != "param_names"}, "name": g["role"]} for g in groups]
     return split_params_into_different_moe_groups_for_optimizer(plain)

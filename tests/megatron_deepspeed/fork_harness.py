@@ -129,11 +129,13 @@ class Fork:
         return path
 
     def run(self, flags: List[str], *, plugins: Optional[str] = None, via: str = "env", iters: int = 20,
-            zero_stage: int = 1, nproc: int = 1, check: bool = True, timeout: int = 600) -> Run:
+            zero_stage: int = 1, nproc: int = 1, pipeline_model: bool = False, check: bool = True,
+            timeout: int = 600) -> Run:
         """``pretrain_gpt_alcf.py`` on the tiny model and the test corpus, ``flags`` last (they win).
         ``plugins``: None (the fork alone) or a mode; ``via``: how they are switched on: ``env``
         (MEGATRON_EXT_PLUGINS and the start-up hook), ``module`` (``python -m
-        megatron_ext.megatron_deepspeed``) or ``install`` (an entry point calling ``install()``)."""
+        megatron_ext.megatron_deepspeed``) or ``install`` (an entry point calling ``install()``).
+        ``pipeline_model``: the fork's GPTModelPipe (its default) instead of ``--no-pipeline-parallel``."""
         self._runs += 1
         out = os.path.join(self.work, f"run{self._runs}.jsonl")
         report = os.path.join(self.work, f"run{self._runs}.report.json")
@@ -145,7 +147,8 @@ class Fork:
             target = ["-m", "megatron_ext.megatron_deepspeed", "--plugins", plugins, "pretrain_gpt_alcf.py"]
         elif plugins is not None and via == "install":
             target = [os.path.basename(self.entry_with_install())]
-        argv = [RECORDER, out, *target, *TINY, "--train-iters", str(iters), "--data-path", self.data_prefix,
+        tiny = [f for f in TINY if not (pipeline_model and f == "--no-pipeline-parallel")]
+        argv = [RECORDER, out, *target, *tiny, "--train-iters", str(iters), "--data-path", self.data_prefix,
                 "--tokenizer-model", os.path.join(self.root, "ALCF", "tokenizer.model"),
                 "--deepspeed_config", self.ds_config(zero_stage), "--zero-stage", str(zero_stage), *flags]
         env = self.env(extra)

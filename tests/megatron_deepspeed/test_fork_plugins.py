@@ -83,18 +83,21 @@ def test_mup_multipliers_act_on_the_forks_model(fork, fork_with_ours):
                         "--mup-base-hidden", "64"], plugins="all")
     for it in range(1, 21):  # m_N = 1: every multiplier is 1 -> exactly the standard parametrization
         assert abs(at_base.losses[it] - sp.losses[it]) <= 1e-6, it
+    # m_N = 2, on the fork's pipeline model (GPTModelPipe: N.lm_head.weight is the output layer)
     wide = fork.run(["--optimizer", "adamw", "--lr-decay-style", "cosine", "--parametrization", "mup",
-                     "--mup-base-hidden", "32", "--mup-output-multiplier", "1e-6"], plugins="all", iters=4)
+                     "--mup-base-hidden", "32", "--mup-output-multiplier", "1e-6"], plugins="all", iters=4,
+                    pipeline_model=True)
     applied = wide.report["parametrization"]
-    # logits x 1e-6 / m_N (m_N = 2): the first loss is the uniform distribution's, ln(vocabulary)
+    # logits x 1e-6 / m_N: the first loss is the uniform distribution's, ln(vocabulary)
     assert applied["logit_multiplier"] == pytest.approx(0.5e-6)
     assert abs(wide.losses[1] - LN_VOCAB) < 1e-4 < abs(sp.losses[1] - LN_VOCAB) - 0.01
-    assert applied["hook_calls"]["logits"] >= 4  # the final-norm hook ran every forward
+    assert applied["hook_calls"]["logits"] >= 4  # the LM head's input was scaled every forward
     assert applied["redrawn"]["hidden"] == pytest.approx(0.02 / math.sqrt(2))
     assert applied["measured_std"]["hidden"] == pytest.approx(0.02 / math.sqrt(2), rel=0.05)
     assert applied["softmax_scale"] == pytest.approx(math.sqrt(8) / 16) and applied["attention_modules"] == 2
-    lr_mult = {g["role"]: g["lr_mult"] for g in wide.report["param_groups"]}
-    assert lr_mult["hidden"] == pytest.approx(0.5) and lr_mult["embedding"] == lr_mult["output"] == 1.0
+    groups = {g["role"]: g for g in wide.report["param_groups"]}
+    assert groups["hidden"]["lr_mult"] == pytest.approx(0.5) and groups["output"]["lr_mult"] == 1.0
+    assert groups["output"]["numel"] == 32000 * 64 and groups["final_norm"]["numel"] == 64  # lm_head, bare N.weight
 
 
 def test_our_lr_finder_replaces_the_forks_and_sophiags_curvature_pass_runs(fork):
@@ -109,10 +112,16 @@ def test_our_lr_finder_replaces_the_forks_and_sophiags_curvature_pass_runs(fork)
     assert not os.path.exists(os.path.join(save, "lr_finder", "lr_finder_data.csv"))  # the fork's finder did not run
 
 
-def test_schedule_free_evaluates_with_its_averaged_weights(fork):
-    run = fork.run(["--optimizer", "adamwschedulefree", "--eval-interval", "4"], plugins="all", iters=8)
+def test_schedule_free_evaluates_with_its_averaged_weights_and_moe_routers_keep_their_role(fork):
+    run = fork.run(["--optimizer", "adamwschedulefree", "--eval-interval", "4", "--num-experts", "2",
+                    "--create-moe-param-group"], plugins="all", iters=8)
     assert run.report["optimizer"] == "AdamWScheduleFree"
     assert run.report["hook_calls"]["evaluation_weights"] == 2  # evaluations at 4 and 8
+    groups = run.report["param_groups"]
+    router = [g for g in groups if g["role"] == "router"]
+    # deepspeed_moe.gate.wg of the one MoE layer (the fork's --expert-interval 2): 2 experts x hidden 64
+    assert len(router) == 1 and router[0]["numel"] == 2 * 64
+    assert [g["role"] for g in groups if g.get("moe")] == ["hidden"]  # the experts' matrices, in DeepSpeed's MoE group
 
 
 def test_new_adds_only_what_the_fork_lacks(fork):
