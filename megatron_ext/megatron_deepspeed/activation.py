@@ -17,7 +17,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 ENV_VAR = "MEGATRON_EXT_PLUGINS"
 MODES = ("all", "new", "off")
@@ -41,7 +41,7 @@ def parse_mode(value: Optional[str], source: str = ENV_VAR) -> str:
     return text
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr (from the first rank only), then exit with ``code`` on every rank."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megatron_ext: error: {message}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from megatron_ext.megatron_deepspeed import project_api
 from megatron_ext.megatron_deepspeed.ownership import Ownership
@@ -105,7 +105,8 @@ class ForkArguments:
             existing = by_dest.get(dest) or next((by_flag[_key(f)] for f in flags if _key(f) in by_flag), None)
             if existing is None:
                 group.add_argument(*flags, **kwargs)
-                self.added.setdefault(dest, {"family": family, "default": kwargs.get("default"), "flag": flags[0]})
+                self.added.setdefault(dest, {"family": family, "default": project_api.flag_default(kwargs),
+                                             "flag": flags[0]})
                 continue
             self._reuse(parser, existing, flags, kwargs, family, plugin_dests)
 
@@ -132,7 +133,8 @@ class ForkArguments:
         ours_type = kwargs.get("type")
         if callable(ours_type) and action.type in (None, int, float, str) and not action.choices:
             action.type = ours_type  # same Python type, our bounds (e.g. --muon-ns-steps must be positive)
-        record = {"family": family, "ours": kwargs.get("default"), "fork": action.default, "flag": action.option_strings[0]}
+        record = {"family": family, "ours": project_api.flag_default(kwargs), "fork": action.default,
+                  "flag": action.option_strings[0]}
         if action.dest in plugin_dests or family == "init":
             action.default = UNSET
         self.reused[action.dest] = record
@@ -193,7 +195,7 @@ def _one_line_errors(parser) -> None:
 # -- the view our checks and builders read ----------------------------------------------------------
 
 
-def our_view(args, owner: Optional[Ownership] = None):
+def our_view(args):
     """A copy of the fork's arguments as our trainer's code expects them: derived values our
     finalisation computes (global batch, data-parallel size, training iterations from samples) and
     the fork's own derivations undone (constant weight decay filled into start/end)."""
@@ -218,7 +220,7 @@ def our_view(args, owner: Optional[Ownership] = None):
 
 def check(args, owner: Ownership) -> None:
     """Our trainer's checks for the families we run; raises ValueError with one line."""
-    view = our_view(args, owner)
+    view = our_view(args)
     if owner.ours("schedule") or owner.ours("lr_finder"):
         if view.lr is None:
             raise ValueError("--lr is required")

@@ -34,7 +34,7 @@ class _SampledLabelModel:
         hooks = project_api.optimizer_hooks()
         output = self.engine(tokens, position_ids, attention_mask, **kwargs)
         logits, others = (output[0], output[1]) if isinstance(output, tuple) else (output, [])
-        logits = hooks._full_vocab_logits(logits).float()
+        logits = project_api.full_vocab_logits(logits).float()
         sampled = hooks.sample_labels(logits, self.generator)
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), reduction="none").reshape(sampled.shape)

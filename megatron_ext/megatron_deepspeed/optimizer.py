@@ -34,12 +34,6 @@ class NamedAsCore:
         for _, core, param in self.entries:
             yield core, param
 
-    def fork_name(self, param) -> str:
-        for fork, _, p in self.entries:
-            if p is param:
-                return fork
-        return "?"
-
 
 def build(models, args, parametrization, no_weight_decay_cond=None, scale_lr_cond=None, lr_mult=1.0):
     """Our ``--optimizer`` over ``models`` (the fork's unwrapped modules)."""

@@ -46,7 +46,7 @@ class Session:
 
     # -- helpers --------------------------------------------------------------------------------
     def view(self):
-        return fork_arguments.our_view(self.args, self.owner)
+        return fork_arguments.our_view(self.args)
 
     def say(self, text: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -290,8 +290,3 @@ def apply(mode: str) -> None:
     }
     for (module, name), make in patches.items():
         _wrap(module, name, make)
-    global current
-    current = session
-
-
-current: Optional[Session] = None

@@ -26,11 +26,6 @@ def registries():
     return OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS
 
 
-def unknown_plugin_error():
-    from megatron_ext.registry import UnknownPluginError
-
-    return UnknownPluginError
-
 
 # -- flag definitions -----------------------------------------------------------------------------
 
@@ -131,6 +126,13 @@ def optimizer_hooks():
     return hooks
 
 
+def full_vocab_logits(logits):
+    """[..., V/tp] vocabulary-parallel logits -> [..., V] (the trainer's curvature pass does this)."""
+    from megatron_ext.optimizers.hooks import _full_vocab_logits
+
+    return _full_vocab_logits(logits)
+
+
 def curvature_label_generator(device, seed: int, iteration: int, slot: int):
     """The generator our trainer's curvature pass draws a micro-batch's labels from."""
     from megatron_ext.optimizers.hooks import _generator
@@ -215,10 +217,6 @@ def checkpoint_io():
     return universal
 
 
-def our_rng_state_keys():
-    """Keys of one data-parallel rank's RNG state in our checkpoints."""
-    return ("random", "numpy", "torch", "tensor_parallel", "accelerator")
-
 
 def our_flag_defaults() -> Dict[str, Any]:
     """dest -> default of every flag our shared definitions and plug-ins declare (to read a
@@ -229,8 +227,15 @@ def our_flag_defaults() -> Dict[str, Any]:
     out = {}
     for flags, kwargs, _ in recorded.calls:
         dest = kwargs.get("dest") or next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_")
-        out.setdefault(dest, kwargs.get("default"))
+        out.setdefault(dest, flag_default(kwargs))
     return out
+
+
+def flag_default(kwargs: Dict[str, Any]):
+    """The default ``add_argument(**kwargs)`` gives its destination."""
+    if "default" in kwargs:
+        return kwargs["default"]
+    return {"store_true": False, "store_false": True}.get(kwargs.get("action"))
 
 
 def schedule_states(args) -> Dict[str, Any]:
@@ -246,11 +251,6 @@ def our_universal_checkpoint_info(args_namespace) -> Dict[str, Any]:
     return universal_checkpoint_info(args_namespace)
 
 
-def our_tracker_file() -> str:
-    from megatron_ext.training.checkpointing import TRACKER_FILE
-
-    return TRACKER_FILE
-
 
 def write_text_atomically(path: str, text: str) -> None:
     from megatron_ext.fileio import write_text_atomically as write
@@ -260,11 +260,6 @@ def write_text_atomically(path: str, text: str) -> None:
 
 # -- argument types (for flags the integration defines itself) -----------------------------------
 
-
-def argtypes():
-    from megatron_ext import argtypes
-
-    return argtypes
 
 
 def recording_parser() -> "RecordingParser":
