@@ -5,13 +5,13 @@ What the fork calls: rank/world helpers (from the launcher's environment variabl
 ``setup_wandb`` (never reached: the tests run with ``WANDB_MODE=disabled``). Importing it configures
 the root logger at INFO, as ezpz does, since the fork logs its iteration lines through ``logging``.
 """
-import functools
 import logging
 import os
 import socket
 import sys
 
 from ezpz import dist, profile, utils  # noqa: F401
+from ezpz.dist import timeitlogit  # noqa: F401
 
 if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
@@ -73,17 +73,6 @@ def setup_torch(backend=None, port=None, seed=None, timeout=None, **_):
 
 def setup_wandb(*args, **kwargs):
     return None
-
-
-def timeitlogit(rank=None, verbose=False, **_):
-    def decorator(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **kw):
-            return fn(*a, **kw)
-
-        return wrapper
-
-    return decorator
 
 
 def breakpoint(rank=0):  # noqa: A001 - ezpz's name
