@@ -107,6 +107,29 @@ def _allow_client_optimizer_under_zero(session) -> None:
                     f"is megatron_ext's, under ZeRO {stage})")
 
 
+def _universal_group_mismatch(session) -> Optional[str]:
+    """DeepSpeed's universal load pairs the checkpoint's param groups with the optimizer's by
+    position and silently skips the surplus: a different count would leave parameters unloaded."""
+    args = session.args
+    if not (getattr(args, "universal_checkpoint", False) and getattr(args, "load", None) and session.owner.optimizer):
+        return None
+    ckio = project_api.checkpoint_io()
+    tag = getattr(args, "load_tag", None) or ckio.read_latest(args.load, ckio.LATEST_UNIVERSAL)
+    path = os.path.join(args.load, str(tag), "zero", "optimizer_state.pt")
+    if tag is None or not os.path.isfile(path):
+        return None  # DeepSpeed reports a missing checkpoint itself
+    import torch
+
+    saved = len(torch.load(path, map_location="cpu", weights_only=False)["param_groups"])
+    ours = len(session.optimizer.param_groups)
+    if saved == ours:
+        return None
+    layout = "roles" if ours > 2 else "fork"
+    return (f"--load {args.load} ({tag}): the universal checkpoint has {saved} optimizer param groups, --optimizer "
+            f"{args.optimizer} here has {ours} (DeepSpeed would leave parameters unloaded); convert the source "
+            f"checkpoint with megatron-ext convert --optimizer-groups {layout}")
+
+
 def _bind(fn, a, kw):
     bound = inspect.signature(fn).bind(*a, **kw)
     bound.apply_defaults()
@@ -217,6 +240,9 @@ def apply(mode: str) -> None:
             model = _bind(original, a, kw).arguments["model"]
             if model:
                 session.engine_ready(model[0])
+            problem = _universal_group_mismatch(session)
+            if problem:
+                fail(problem)
             try:
                 return original(*a, **kw)
             except project_api.schedule_resume_error() as e:

@@ -38,9 +38,11 @@ class ForkScheduler:
     def current_lr(self) -> float:
         return self.inner.current_lr
 
-    def step(self, increment=0, token_num=None):
-        """After an optimizer step: advance by ``increment`` samples and set the next iteration's LR."""
-        self.num_steps += float(increment or 0)
+    def step(self, increment, token_num=None):
+        """After an optimizer step: advance by ``increment`` samples and set the next iteration's LR.
+        ``increment`` is required, as in the fork's scheduler: DeepSpeed's pipeline engine calls
+        ``step()`` without it and, on the TypeError, again with the batch size."""
+        self.num_steps += float(increment)
         self.inner.step(self.num_steps)
 
     def refresh(self) -> None:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-import fork_harness
+from megatron_deepspeed import fork_harness
 
 
 @pytest.fixture(scope="session")

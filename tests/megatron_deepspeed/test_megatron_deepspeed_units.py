@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from fork_harness import REPO, noise_free
+from megatron_deepspeed.fork_harness import REPO, noise_free
 from megatron_ext.megatron_deepspeed import activation, arguments, names, optimizer, project_api, scheduler
 
 # -- names and roles -----------------------------------------------------------------------------
@@ -289,3 +289,16 @@ def test_a_missing_hook_point_stops_the_run_in_one_line_before_anything_is_patch
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("megatron_ext: error: this Megatron-DeepSpeed checkout does not fit: megatron.training "
                                "has no train_step (the hook point that runs SophiaG's curvature pass)")
+
+
+def test_a_bad_mode_in_the_environment_is_one_line_once_the_fork_starts(tmp_path):
+    for path, text in FAKE_FORK.items():
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+    quiet = _python("print('other programs run')", {"MEGATRON_EXT_PLUGINS": "al"}, cwd=str(tmp_path))
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "other programs run"
+    proc = _python("import sys; sys.path.insert(0, '.'); import megatron.training", {"MEGATRON_EXT_PLUGINS": "al"},
+                   cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert noise_free(proc.stderr) == ["megatron_ext: error: MEGATRON_EXT_PLUGINS='al': expected one of all, new, off"]
+
