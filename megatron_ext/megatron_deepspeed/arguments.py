@@ -230,6 +230,10 @@ def check(args, owner: Ownership) -> None:
         project_api.validate_optimizer(view)
     if owner.ours("init"):
         project_api.validate_parametrization(view)
+        if view.parametrization != "sp" and not owner.ours("optimizer"):
+            raise ValueError(f"--parametrization {view.parametrization} sets per-role LRs that the fork's own "
+                             f"--optimizer {view.optimizer} would not apply: use MEGATRON_EXT_PLUGINS=all with one of "
+                             "megatron_ext's optimizers")
         if view.parametrization != "sp" and getattr(view, "num_layers", None) is None:
             raise ValueError("--parametrization needs --num-layers")
     if owner.ours("schedule"):

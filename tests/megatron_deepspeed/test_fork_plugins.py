@@ -114,16 +114,24 @@ def test_our_lr_finder_replaces_the_forks_and_sophiags_curvature_pass_runs(fork)
     assert not os.path.exists(os.path.join(save, "lr_finder", "lr_finder_data.csv"))  # the fork's finder did not run
 
 
-def test_schedule_free_evaluates_with_its_averaged_weights_and_moe_routers_keep_their_role(fork):
+def test_schedule_free_evaluation_weights_completep_branches_and_moe_router_roles(fork):
+    """One run, three checks: schedule-free's evaluation weights, CompleteP's residual-branch
+    multipliers (on dense and DeepSpeed-MoE layers), the router's role."""
     run = fork.run(["--optimizer", "adamwschedulefree", "--eval-interval", "4", "--num-experts", "2",
-                    "--create-moe-param-group"], plugins="all", iters=8)
+                    "--create-moe-param-group", "--parametrization", "completep", "--depth-base", "1"],
+                   plugins="all", iters=8)
     assert run.report["optimizer"] == "AdamWScheduleFree"
     assert run.report["hook_calls"]["evaluation_weights"] == 2  # evaluations at 4 and 8
+    applied = run.report["parametrization"]
+    assert applied["residual_multiplier"] == pytest.approx(0.5)  # m_L = 2 layers / depth base 1, alpha 1
+    calls = applied["hook_calls"]
+    assert calls["residual_self_attention"] == calls["residual_mlp"] >= 2 * 8  # both layers, every forward
     groups = run.report["param_groups"]
     router = [g for g in groups if g["role"] == "router"]
     # deepspeed_moe.gate.wg of the one MoE layer (the fork's --expert-interval 2): 2 experts x hidden 64
-    assert len(router) == 1 and router[0]["numel"] == 2 * 64
+    assert len(router) == 1 and router[0]["numel"] == 2 * 64 and router[0]["lr_mult"] == 1.0
     assert [g["role"] for g in groups if g.get("moe")] == ["hidden"]  # the experts' matrices, in DeepSpeed's MoE group
+    assert all(math.isfinite(v) for v in run.losses.values())
 
 
 def test_new_adds_only_what_the_fork_lacks(fork):

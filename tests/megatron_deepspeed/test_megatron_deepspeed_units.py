@@ -215,6 +215,11 @@ def test_a_bad_value_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("pretrain_gpt_alcf.py: error: argument --optimizer: unknown name 'sgdd'")
 
 
+def test_a_parametrization_with_the_forks_own_optimizer_is_refused():
+    with pytest.raises(ValueError, match=r"^--parametrization mup sets per-role LRs that the fork's own --optimizer adamw"):
+        _parse("new", "--optimizer", "adamw", "--parametrization", "mup")
+
+
 def test_a_flag_of_a_family_the_fork_runs_is_refused():
     with pytest.raises(ValueError, match="^--lr-wsd-decay-fraction has no effect: --lr-decay-style cosine is Megatron"):
         _parse("new", "--lr-decay-style", "cosine", "--lr-wsd-decay-fraction", "0.1")
