@@ -3,7 +3,7 @@
 ``extend(parser)`` (run as the fork's ``extra_args_provider``) replays our trainer's flag
 definitions onto the fork's parser: every plug-in's flags (from the registries) and the flags every
 schedule, the init / parametrization and the LR finder share. A flag the fork already defines
-(same destination or spelling; 35 of ours at the fork's pinned commit) is REUSED, never
+(same destination or spelling; 42 of ours at the fork's pinned commit) is REUSED, never
 redefined (argparse would refuse a second definition):
 
 * our spellings become aliases of it (``--lr-constant-plus-cooldown`` for the fork's
@@ -29,6 +29,7 @@ from typing import Dict, List
 
 from megatron_ext.megatron_deepspeed import project_api
 from megatron_ext.megatron_deepspeed.ownership import Ownership
+
 
 class _Unset:
     """Shown as the default in --help; never left in the parsed arguments."""
@@ -157,7 +158,7 @@ class ForkArguments:
             args.init_method_std = project_api.init_std_type()[2](args.hidden_size)
             args.init_method_std_auto = True
         for dest, record in self.added.items():
-            if not owner.ours(record["family"]) and getattr(args, dest, None) not in (record["default"], None, False):
+            if not owner.ours(record["family"]) and _given(args, dest, record):
                 raise ValueError(f"{record['flag']} has no effect: {owner.why_not(record['family'])}")
         if getattr(args, "parametrization", None) is None:
             args.parametrization = "sp"
@@ -165,8 +166,12 @@ class ForkArguments:
 
     def _given_new(self, args) -> List[str]:
         """Our init / parametrization flags the user set (they ask for our init under ``new``)."""
-        return [d for d, r in self.added.items() if r["family"] == "init"
-                and getattr(args, d, None) not in (r["default"], None, False)]
+        return [d for d, r in self.added.items() if r["family"] == "init" and _given(args, d, r)]
+
+
+def _given(args, dest: str, record: dict) -> bool:
+    value = getattr(args, dest, None)
+    return value is not None and value != record["default"]
 
 
 def _shared_family(dest: str) -> str:

@@ -215,6 +215,11 @@ def test_a_bad_value_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("pretrain_gpt_alcf.py: error: argument --optimizer: unknown name 'sgdd'")
 
 
+def test_an_init_flag_under_new_switches_our_init_on():
+    assert not _parse("new", "--optimizer", "adamw")[1].init
+    assert _parse("new", "--optimizer", "adamw", "--no-scaled-output-projection-init")[1].init
+
+
 def test_a_parametrization_with_the_forks_own_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"^--parametrization mup sets per-role LRs that the fork's own --optimizer adamw"):
         _parse("new", "--optimizer", "adamw", "--parametrization", "mup")
