@@ -1,4 +1,40 @@
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+# The start-up hook of megatron_ext.megatron_deepspeed: a .pth line Python runs at every start.
+# It imports megatron_ext only when MEGATRON_EXT_PLUGINS asks for the plug-ins (unset or "off":
+# one environment lookup, nothing imported), so the fork's own launcher needs no change.
+STARTUP_PTH = "megatron_ext_plugins.pth"
+STARTUP_LINE = (
+    "import os; os.environ.get('MEGATRON_EXT_PLUGINS', '').strip().lower() not in ('', 'off') "
+    "and __import__('megatron_ext.megatron_deepspeed.startup')\n"
+)
+
+
+class BuildPyWithStartupHook(build_py):
+    """A regular install (wheel): the .pth goes to the top of site-packages with the package."""
+
+    def run(self):
+        super().run()
+        with open(os.path.join(self.build_lib, STARTUP_PTH), "w") as f:
+            f.write(STARTUP_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, STARTUP_PTH)]
+
+
+class EditableWheelWithStartupHook(editable_wheel):
+    """``pip install -e .``: the editable wheel carries the .pth too (written where the wheel's own
+    files are collected)."""
+
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        with open(os.path.join(installation_dir, STARTUP_PTH), "w") as f:
+            f.write(STARTUP_LINE)
+
 
 setup(
     name="megatron_ext",
@@ -27,8 +63,13 @@ setup(
         "tensorboard": ["tensorboard>=2.15,<3"],
         "wandb": ["wandb>=0.17,<1"],
         "plots": ["matplotlib>=3.8,<4"],
-        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too
-        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4"],
+        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too. The rest are what
+        # the Megatron-DeepSpeed fixture imports at module level (tests/megatron_deepspeed: the
+        # plug-ins and checkpoint conversion are tested inside the real fork).
+        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "tensorboard>=2.15,<3", "nltk>=3.8,<4",
+                 "pybind11>=2.11,<4", "regex>=2023.0,<2027", "six>=1.16,<2", "einops>=0.7,<1", "rich>=13,<16",
+                 "transformers>=4.40,<6", "wandb>=0.17,<1"],
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
+    cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook},
 )

@@ -1,0 +1,209 @@
+"""Our init and parametrization (``--parametrization sp|mup|completep``, ``--init-method-std auto``,
+``--adjust-word-embedding-init``, ``--output-layer-init-std``) on the model the fork built.
+
+The fork's model is not megatron-core's, so the parametrization's numbers are applied here:
+
+* **Init.** The fork draws the word embeddings and the untied output layer with the hidden init
+  (its ``--adjust-word-embedding-init`` never reaches the embedding) and the blocks' output
+  projections at std/sqrt(2 layers). Each family whose std differs from what our parametrization
+  asks is redrawn from N(0, std): the whole (unsharded) tensor from a generator seeded by
+  ``--seed`` and the parameter's name, then this rank's tensor-parallel shard, so the result does
+  not depend on the TP size. Families the fork already drew right are left alone (standard
+  parametrization with default flags changes nothing).
+* **Output logits x l.** The fork computes logits from ``output_layer.weight`` directly (a forward
+  hook on the output layer never fires), so the final norm's output is scaled instead (logits are
+  linear in it; for ``GPTModelPipe`` the input of the LM head).
+* **Residual branches x r** (CompleteP): forward hooks on every layer's ``self_attention`` and
+  ``mlp`` scale their (output, bias) before the fork adds them to the residual stream (for
+  DeepSpeed-MoE, the output only, not its auxiliary loss).
+* **Attention scale.** The fork's ``CoreAttention`` divides scores by ``norm_factor`` (times the
+  layer number with query-key layer scaling, which its softmax multiplies back) and its flash
+  attention modules take ``softmax_scale``: both are set so the scores get our scale.
+
+Each hook counts its calls (``Applied.calls``): ``megatron_ext/megatron_deepspeed`` reports them at
+the end of training, which shows the multipliers acted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections import Counter
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_ext.megatron_deepspeed import names
+from megatron_ext.megatron_deepspeed.activation import ActivationError
+
+
+@dataclasses.dataclass
+class Applied:
+    """What was done to the model (reported, and read by the tests)."""
+
+    redrawn: Dict[str, float] = dataclasses.field(default_factory=dict)  # family -> std
+    measured_std: Dict[str, float] = dataclasses.field(default_factory=dict)  # family -> std after init
+    logit_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    softmax_scale: Optional[float] = None
+    attention_modules: int = 0
+    calls: Counter = dataclasses.field(default_factory=Counter)  # hook -> forward calls
+    handles: List = dataclasses.field(default_factory=list)
+
+    def report(self) -> dict:
+        return {"redrawn": self.redrawn, "measured_std": self.measured_std,
+                "logit_multiplier": self.logit_multiplier, "residual_multiplier": self.residual_multiplier,
+                "softmax_scale": self.softmax_scale, "attention_modules": self.attention_modules,
+                "hook_calls": dict(self.calls)}
+
+
+def family_of(core: str) -> Optional[str]:
+    """Our init family of a megatron-core parameter name (None: norms, biases, routers keep theirs)."""
+    if core.endswith(".bias") or "norm" in core.rsplit(".", 2)[-2] or core.endswith("router.weight"):
+        return None
+    if core.startswith("embedding."):
+        return "embedding"
+    if core.startswith("output_layer."):
+        return "output_layer"
+    if ".linear_proj." in core or ".linear_fc2." in core:
+        return "output_projection"
+    if ".linear_qkv." in core or ".linear_fc1." in core:
+        return "hidden"
+    return None
+
+
+def fork_stds(args) -> Dict[str, float]:
+    """The stds the fork drew each family with (its ``language_model.py`` / ``utils.py``)."""
+    std = float(args.init_method_std)
+    return {"embedding": std, "hidden": std, "output_projection": std / math.sqrt(2.0 * args.num_layers),
+            "output_layer": std}
+
+
+def apply(models, args, parametrization) -> Applied:
+    """Init, forward multipliers and attention scale of ``parametrization`` on the fork's models."""
+    if getattr(args, "init_method_xavier_uniform", False):
+        raise ActivationError("--init-method-xavier-uniform: megatron_ext's init (MEGATRON_EXT_PLUGINS=all or "
+                              "--parametrization) draws normal weights; drop the flag or use MEGATRON_EXT_PLUGINS=new")
+    applied = Applied()
+    stds = parametrization.init_stds()
+    theirs = fork_stds(args)
+    for model in models:
+        try:
+            entries = names.core_names(model.named_parameters())
+        except names.UnknownParameterError as e:
+            raise ActivationError(str(e)) from None
+        pipeline = names.is_pipeline_model(n for n, _, _ in entries)
+        sums: Dict[str, List[float]] = {}
+        for fork, core, param in entries:
+            family = family_of(core)
+            if family is None:
+                continue
+            if family == "output_layer" and not args.untie_embeddings_and_output_weights:
+                continue  # tied: the embedding is the output layer
+            if not math.isclose(stds[family], theirs[family], rel_tol=1e-9):
+                redraw(param, stds[family], args.seed, fork)
+                applied.redrawn[family] = stds[family]
+            total = sums.setdefault(family, [0.0, 0.0])
+            total[0] += float(param.detach().double().pow(2).sum())
+            total[1] += param.numel()
+        applied.measured_std.update({f: math.sqrt(s / n) for f, (s, n) in sums.items() if n})
+        _attach(model, parametrization, applied, pipeline)
+    return applied
+
+
+@torch.no_grad()
+def redraw(param: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """N(0, std) for ``param``: the whole tensor drawn from a generator keyed by seed and name, then
+    this rank's tensor-parallel shard of it."""
+    shape = list(param.shape)
+    dim, rank, world = _tp_layout(param)
+    shape[dim] *= world
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    shard = full.narrow(dim, rank * param.shape[dim], param.shape[dim]) if world > 1 else full
+    param.copy_(shard.to(dtype=param.dtype, device=param.device))
+
+
+def _tp_layout(param):
+    if not getattr(param, "tensor_model_parallel", False):
+        return 0, 0, 1
+    from megatron.core import parallel_state as ps  # the fork's own (vendored) megatron.core
+
+    return int(param.partition_dim), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+# -- forward multipliers ------------------------------------------------------------------------
+
+
+def _counted(applied: Applied, key: str, fn):
+    def hook(*a):
+        applied.calls[key] += 1
+        return fn(*a)
+
+    return hook
+
+
+def _scale_output(multiplier: float, moe: bool):
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            first = output[0] * multiplier
+            if moe:  # (output, auxiliary loss, expert counts): only the output is the branch
+                return (first, *output[1:])
+            rest = tuple(x * multiplier if torch.is_tensor(x) else x for x in output[1:2])  # the bias
+            return (first, *rest, *output[2:])
+        return output * multiplier
+
+    return hook
+
+
+def _scale_input(multiplier: float):
+    def hook(module, inputs):
+        if isinstance(inputs[0], tuple):
+            return ((inputs[0][0] * multiplier, *inputs[0][1:]), *inputs[1:])
+        return (inputs[0] * multiplier, *inputs[1:])
+
+    return hook
+
+
+def _attach(model, parametrization, applied: Applied, pipeline: bool) -> None:
+    logit, residual = parametrization.logit_multiplier(), parametrization.residual_multiplier()
+    scale = parametrization.softmax_scale()
+    applied.logit_multiplier, applied.residual_multiplier, applied.softmax_scale = logit, residual, scale
+    modules = dict(model.named_modules())
+    if logit != 1.0:
+        if pipeline:
+            heads = [m for m in modules.values() if type(m).__name__ == "LMHeadPipe"]
+            if not heads:
+                raise ActivationError("--parametrization with tied embeddings under the pipeline model (GPTModelPipe) "
+                                      "is not supported: add --untie-embeddings-and-output-weights or "
+                                      "--no-pipeline-parallel")
+            for head in heads:
+                applied.handles.append(head.register_forward_pre_hook(_counted(applied, "logits", _scale_input(logit))))
+        else:
+            norm = modules.get("language_model.encoder.final_layernorm")
+            if norm is None:
+                raise ActivationError("--parametrization: the fork's model has no language_model.encoder.final_layernorm "
+                                      "to scale the logits at")
+            applied.handles.append(norm.register_forward_hook(_counted(applied, "logits", _scale_output(logit, False))))
+    if residual != 1.0:
+        for name, module in modules.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("self_attention", "mlp") and _is_layer_branch(name):
+                moe = type(module).__name__ == "MoE"
+                applied.handles.append(module.register_forward_hook(
+                    _counted(applied, f"residual_{leaf}", _scale_output(residual, moe))))
+    if scale is not None:
+        for module in modules.values():
+            if hasattr(module, "norm_factor") and hasattr(module, "hidden_size_per_attention_head"):
+                coeff = module.layer_number if getattr(module, "apply_query_key_layer_scaling", False) else 1.0
+                module.norm_factor = coeff / scale  # scores * coeff / norm_factor after the softmax's coeff
+                applied.attention_modules += 1
+            elif hasattr(module, "softmax_scale") and type(module).__name__.startswith("FlashSelfAttention"):
+                module.softmax_scale = scale
+                applied.attention_modules += 1
+
+
+def _is_layer_branch(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and (parts[-2].isdigit() or "layers" in parts)

@@ -1,0 +1,288 @@
+"""Every megatron_ext internal the Megatron-DeepSpeed integration uses, in one place.
+
+The integration reaches the project only through the names below (registries, the argument
+definitions of the shared schedule / init / LR-finder flags, the per-plug-in validation, the param
+grouping, the LR scheduler, the optimizer hook protocol, the parametrizations, universal
+checkpoints). When those modules move, only this file changes.
+
+Nothing here imports megatron-core at module level: inside the fork, ``megatron`` is the fork's own
+package (with its vendored ``megatron.core``), and this module is imported before it is.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+# -- registries ---------------------------------------------------------------------------------
+
+
+def registries():
+    """(optimizers, LR schedules, parametrizations), every plug-in loaded."""
+    from megatron_ext import registry
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.parametrizations import PARAMETRIZATIONS
+    from megatron_ext.schedules import SCHEDULES
+
+    registry.load_plugins()
+    return OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS
+
+
+
+# -- flag definitions -----------------------------------------------------------------------------
+
+
+def define_shared_flags(parser) -> None:
+    """The flags our trainer defines for every schedule, the init / parametrization and the LR
+    finder (not the per-plug-in ones, which come from the registries)."""
+    from megatron_ext.arguments import add_init_arguments
+    from megatron_ext.schedules.scheduler import add_schedule_arguments
+    from megatron_ext.training.lr_finder import add_lr_finder_arguments
+
+    add_schedule_arguments(parser)
+    add_init_arguments(parser)
+    add_lr_finder_arguments(parser)
+
+
+def define_plugin_flags(parser) -> None:
+    """Every registered plug-in's own flags (optimizers, schedules, parametrizations)."""
+    for family in registries():
+        family.add_arguments(parser)
+
+
+def init_std_type():
+    """``type=`` of --init-method-std (a number or ``auto``) and the value ``auto`` resolves to."""
+    from megatron_ext.parametrizations.base import SMALL_INIT, init_std, small_init_std
+
+    return init_std, SMALL_INIT, small_init_std
+
+
+# -- validation (the checks our trainer runs before any work) -------------------------------------
+
+
+def validate_optimizer(args) -> None:
+    optimizers, _, _ = registries()
+    validate = getattr(optimizers.get(args.optimizer).obj, "validate_args", None)
+    if validate is not None:
+        validate(args)
+
+
+def validate_parametrization(args) -> None:
+    _, _, parametrizations = registries()
+    validate = getattr(parametrizations.get(args.parametrization).obj, "validate_args", None)
+    if validate is not None:
+        validate(args)
+
+
+def validate_schedule(args) -> None:
+    from megatron_ext.schedules.scheduler import build_schedule
+
+    build_schedule(args)
+
+
+def validate_lr_finder(args) -> None:
+    from megatron_ext.training.lr_finder import validate_lr_finder_args
+
+    validate_lr_finder_args(args)
+
+
+# -- optimizer ----------------------------------------------------------------------------------
+
+
+def param_groups(named_model, parametrization) -> List[dict]:
+    """Our trainer's param groups (one per role, the parametrization's multipliers) over
+    ``named_model`` (anything whose ``named_parameters()`` yields megatron-core names)."""
+    from megatron_ext.optimizers.param_groups import build_param_groups
+
+    return build_param_groups(named_model, parametrization.group_options)
+
+
+def build_optimizer_from_groups(groups: List[dict], args):
+    """The registry's ``--optimizer`` over ``groups``, each group's epsilon scaled by its
+    ``eps_mult`` once (what ``megatron_ext.optimizers.build_optimizer`` does over our model)."""
+    optimizers, _, _ = registries()
+    optimizer = optimizers.get(args.optimizer).obj(groups, args)
+    for group in optimizer.param_groups:
+        if "eps" in group and group.get("eps_mult", 1.0) != 1.0:
+            group["eps"] = group["eps"] * group["eps_mult"]
+    return optimizer
+
+
+def is_hybrid_matrix_optimizer(optimizer) -> bool:
+    from megatron_ext.optimizers.hybrid import HybridMatrixOptimizer
+
+    return isinstance(optimizer, HybridMatrixOptimizer)
+
+
+def param_role(name: str, param) -> str:
+    from megatron_ext.optimizers.param_groups import param_role as role
+
+    return role(name, param)
+
+
+def optimizer_hooks():
+    """The optimizer hook protocol module (engine_ready, train_mode, evaluation_weights,
+    curvature_pass_due, gradient_clipping_disabled, sample_labels, UnsupportedEngineSetting)."""
+    from megatron_ext.optimizers import hooks
+
+    return hooks
+
+
+def full_vocab_logits(logits):
+    """[..., V/tp] vocabulary-parallel logits -> [..., V] (the trainer's curvature pass does this)."""
+    from megatron_ext.optimizers.hooks import _full_vocab_logits
+
+    return _full_vocab_logits(logits)
+
+
+def curvature_label_generator(device, seed: int, iteration: int, slot: int):
+    """The generator our trainer's curvature pass draws a micro-batch's labels from."""
+    from megatron_ext.optimizers.hooks import _generator
+
+    return _generator(device, seed, iteration, slot)
+
+
+# -- parametrization ------------------------------------------------------------------------------
+
+
+def parametrization_for(args):
+    from megatron_ext.parametrizations import parametrization_for as choose
+
+    return choose(args)
+
+
+# -- LR schedule ----------------------------------------------------------------------------------
+
+
+def param_scheduler(optimizer, args):
+    """Our ``ParamScheduler`` as the flags describe it (schedule, weight-decay schedule, resume rules)."""
+    from megatron_ext.schedules.scheduler import ParamScheduler
+
+    return ParamScheduler.from_args(optimizer, args)
+
+
+def schedule_resume_error():
+    from megatron_ext.schedules.scheduler import ScheduleResumeError
+
+    return ScheduleResumeError
+
+
+def weight_decay_schedule_state(style: str, start: float, end: float, length: Optional[float]) -> Dict[str, Any]:
+    from megatron_ext.schedules.scheduler import WeightDecaySchedule
+
+    return WeightDecaySchedule(style, float(start), float(end), length).state()
+
+
+def lr_schedule_from_state(state: Dict[str, Any]):
+    from megatron_ext.schedules.scheduler import LRSchedule
+
+    return LRSchedule.from_state(state)
+
+
+def weight_decay_at(state: Dict[str, Any], position: float) -> float:
+    """The weight decay a saved weight-decay schedule gives at ``position`` (samples)."""
+    from megatron_ext.schedules.scheduler import WeightDecaySchedule
+
+    return WeightDecaySchedule.from_state(state).wd(position)
+
+
+def lr_finder(args):
+    from megatron_ext.training.lr_finder import LRFinder
+
+    return LRFinder(args)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def to_universal(tag_dir: str, output_dir: Optional[str], workers: int = 1, verbose: bool = False):
+    """Our checkpoint -> DeepSpeed's universal format (megatron_ext.training.universal.convert)."""
+    from megatron_ext.training.universal import convert
+
+    return convert(tag_dir, output_dir, workers=workers, verbose=verbose)
+
+
+def universal_conversion_error():
+    from megatron_ext.training.universal import ConversionError
+
+    return ConversionError
+
+
+def checkpoint_io():
+    """The module that reads and converts our DeepSpeed checkpoints. Names used: load_states,
+    model_states_files, find_checkpoint, read_latest, LATEST_UNIVERSAL, CONVERSION_RECORD,
+    STAGING_PREFIX, CARRIED, ConversionError, and for staging a fork checkpoint through DeepSpeed's
+    converter the same way: _stage_optim_states (zero placeholders for missing Adam moments),
+    _run_converter (ds_to_universal, quiet), _link_or_copy."""
+    from megatron_ext.training import universal
+
+    return universal
+
+
+
+def our_flag_defaults() -> Dict[str, Any]:
+    """dest -> default of every flag our shared definitions and plug-ins declare (to read a
+    Megatron-DeepSpeed run's saved arguments as our code expects them)."""
+    recorded = RecordingParser()
+    define_shared_flags(recorded)
+    define_plugin_flags(recorded)
+    out = {}
+    for flags, kwargs, _ in recorded.calls:
+        dest = kwargs.get("dest") or next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_")
+        out.setdefault(dest, flag_default(kwargs))
+    return out
+
+
+def flag_default(kwargs: Dict[str, Any]):
+    """The default ``add_argument(**kwargs)`` gives its destination."""
+    if "default" in kwargs:
+        return kwargs["default"]
+    return {"store_true": False, "store_false": True}.get(kwargs.get("action"))
+
+
+def schedule_states(args) -> Dict[str, Any]:
+    """Our LR- and weight-decay-schedule states for ``args`` (what a checkpoint stores)."""
+    from megatron_ext.schedules.scheduler import build_schedule, build_weight_decay_schedule
+
+    return {"schedule": build_schedule(args).state(), "weight_decay": build_weight_decay_schedule(args).state()}
+
+
+def our_universal_checkpoint_info(args_namespace) -> Dict[str, Any]:
+    from megatron_ext.training.checkpointing import universal_checkpoint_info
+
+    return universal_checkpoint_info(args_namespace)
+
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    from megatron_ext.fileio import write_text_atomically as write
+
+    write(path, text)
+
+
+# -- argument types (for flags the integration defines itself) -----------------------------------
+
+
+
+def recording_parser() -> "RecordingParser":
+    return RecordingParser()
+
+
+class RecordingParser:
+    """Collects ``add_argument`` calls (and groups) instead of building a parser, so our flag
+    definitions can be replayed onto the fork's parser one by one."""
+
+    def __init__(self):
+        self.calls: List[tuple] = []  # (flags, kwargs, group title)
+        self._title = None
+
+    def add_argument_group(self, title=None, description=None):
+        group = RecordingParser()
+        group.calls = self.calls
+        group._title = title
+        return group
+
+    def add_argument(self, *flags, **kwargs):
+        self.calls.append((tuple(flags), dict(kwargs), self._title))
+
+    def set_defaults(self, **kwargs):  # not used by our definitions
+        raise NotImplementedError
+
