@@ -124,7 +124,7 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
     require("safetensors")
     if options.dtype is not None and options.dtype not in DTYPES:
         raise HFError(f"--dtype {options.dtype}: choose one of fp32, bf16, fp16")
-    tag_dir = checkpoint_reader.locate(options.checkpoint, say)
+    tag_dir = checkpoint_reader.locate(options.checkpoint)  # progress only once every check has passed
     out_dir = check_output_dir(options.out_dir, options.overwrite, inside=tag_dir)
     args = checkpoint_reader.saved_args(tag_dir)
     architecture = config_mapping.export_architecture(args)
@@ -136,6 +136,7 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
         raise HFError(f"the tokenizer {tok_source} has {tok.vocab_size} ids, the model was trained with a "
                       f"vocabulary of {vocab}: not the training tokenizer")
 
+    say(f"reading {tag_dir}")
     weights = checkpoint_reader.read(tag_dir, say)
     dtype = DTYPES[options.dtype] if options.dtype else weights.dtype
     start = time.time()

@@ -178,7 +178,7 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> Dict:
     if not os.path.isdir(target):
         raise HFError(f"{target}: no such checkpoint or model directory")
     hf_folder = target if is_hf_folder(target) else None
-    tag_dir = None if hf_folder else checkpoint_reader.locate(target, say)
+    tag_dir = None if hf_folder else checkpoint_reader.locate(target)
     if tag_dir is not None:
         _check_tokenizer(tag_dir, options)
     for path in options.include_path:
