@@ -30,7 +30,8 @@ def byte_level_tokenizer(folder, vocab_size=400):
 
 
 def tiny_hf_model(folder, architecture="LlamaForCausalLM", seed=0, **config):
-    """A randomly initialised ``architecture`` (norm weights perturbed too) with a tokenizer, saved to ``folder``."""
+    """A randomly initialised ``architecture`` (norm weights perturbed, attention sharpened) with a
+    tokenizer, saved to ``folder``."""
     import transformers
 
     os.makedirs(folder, exist_ok=True)
@@ -46,6 +47,8 @@ def tiny_hf_model(folder, architecture="LlamaForCausalLM", seed=0, **config):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if "q_proj" in name or "k_proj" in name:  # sharp attention: positions (rope) matter to the logits
+                p.mul_(10.0)
     model.save_pretrained(str(folder))
     return str(folder)
 
