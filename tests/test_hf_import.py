@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from conftest import TINY, error_lines, read_metrics, run_module, run_trainer
+from conftest import error_lines, read_metrics, run_module, run_trainer
 from hf_fixtures import fake_hub_cache, one_process_megatron, tiny_hf_model  # noqa: F401 (fixture)
 
 TOL = 1e-4

@@ -2,7 +2,6 @@
 on a checkpoint (exported to a temporary Hugging Face folder) or on a Hugging Face folder, offline,
 with local task data; the JSON results go next to the checkpoint. See megatron_ext/hf/lm_eval_bridge.py
 and docs/huggingface.md."""
-import sys
 
 PASS_THROUGH = True  # its own parser: one-line errors
 PROG = "megatron-ext eval"
@@ -64,13 +63,12 @@ def run_argv(argv) -> int:
     ns = build_parser().parse_args(argv)
     ns.tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
 
-    def work():
+    def work(say):
         from megatron_ext.hf.lm_eval_bridge import EvalOptions, run_eval
 
-        summary = run_eval(EvalOptions(**vars(ns)), say=lambda line: print(line, file=sys.stderr, flush=True))
-        print(describe(summary))
+        return run_eval(EvalOptions(**vars(ns)), say)
 
-    return run_command(PROG, work)
+    return run_command(PROG, work, describe)
 
 
 def describe(s) -> str:

@@ -1,7 +1,6 @@
 """``megatron-ext export-hf CHECKPOINT OUT_DIR``: a checkpoint (any ZeRO stage, DP/TP size,
 precision, or universal; a run directory means its latest checkpoint) as a Hugging Face
 ``transformers`` folder. See megatron_ext/hf/export.py and docs/huggingface.md."""
-import sys
 
 PASS_THROUGH = True  # its own parser: one-line errors
 PROG = "megatron-ext export-hf"
@@ -40,13 +39,12 @@ def run_argv(argv) -> int:
 
     ns = build_parser().parse_args(argv)
 
-    def work():
+    def work(say):
         from megatron_ext.hf.export import ExportOptions, export
 
-        summary = export(ExportOptions(**vars(ns)), say=lambda line: print(line, file=sys.stderr, flush=True))
-        print(describe(summary))
+        return export(ExportOptions(**vars(ns)), say)
 
-    return run_command(PROG, work)
+    return run_command(PROG, work, describe)
 
 
 def describe(s) -> str:

@@ -1,7 +1,6 @@
 """``megatron-ext import-hf HF_DIR_OR_NAME OUT_DIR``: a Llama-family (Llama, Mistral) or Mixtral
 model from a local folder or the local Hugging Face cache as a checkpoint the trainer continues
 with ``--finetune``, with its flags written out. See megatron_ext/hf/importer.py and docs/huggingface.md."""
-import sys
 
 PASS_THROUGH = True  # its own parser: one-line errors
 PROG = "megatron-ext import-hf"
@@ -40,13 +39,12 @@ def run_argv(argv) -> int:
 
     ns = build_parser().parse_args(argv)
 
-    def work():
+    def work(say):
         from megatron_ext.hf.importer import ImportOptions, import_hf
 
-        summary = import_hf(ImportOptions(**vars(ns)), say=lambda line: print(line, file=sys.stderr, flush=True))
-        print(describe(summary))
+        return import_hf(ImportOptions(**vars(ns)), say)
 
-    return run_command(PROG, work)
+    return run_command(PROG, work, describe)
 
 
 def describe(s) -> str:

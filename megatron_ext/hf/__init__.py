@@ -46,8 +46,9 @@ def command_parser(prog: str, description: str):
     return parser
 
 
-def run_command(prog: str, work) -> int:
-    """Run ``work()`` quietly: bad input (HFError, a missing file) is one ``error:`` line and exit 2."""
+def run_command(prog: str, work, describe) -> int:
+    """Run ``work(say)`` (progress lines to stderr) and print ``describe(its summary)``; bad input
+    (HFError, a missing file) is one ``error:`` line and exit 2."""
     import os
     import sys
     import warnings
@@ -56,8 +57,10 @@ def run_command(prog: str, work) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
     try:
-        return work() or 0
+        summary = work(lambda line: print(line, file=sys.stderr, flush=True))
     except (HFError, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    print(describe(summary))
+    return 0

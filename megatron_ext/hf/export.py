@@ -14,6 +14,7 @@ read, from where, and what was folded or left out).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -84,6 +85,24 @@ def publish(staging: str, out_dir: str, say: Callable[[str], None]) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged(out_dir: str, say: Callable[[str], None]):
+    """A hidden staging folder beside ``out_dir`` to build the output in: renamed into place when the
+    block ends, deleted when it raises (or is interrupted)."""
+    staging = staging_dir(out_dir)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out_dir, say)
+
+
+def write_record(folder: str, name: str, summary: Dict) -> None:
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
 def write_config(config, out_dir: str, extra: Dict) -> None:
     data = config.to_dict()
     data.update({k: v for k, v in extra.items() if v is not None})
@@ -146,8 +165,7 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
     config = config_mapping.hf_config(args, architecture, vocab_size=vocab, tie=tie,
                                       bos=None if tok is None else tok.bos, eos=None if tok is None else tok.eod,
                                       dtype=str(dtype).replace("torch.", ""))
-    staging = staging_dir(out_dir)
-    try:
+    with staged(out_dir, say) as staging:
         write_config(config, staging, config_mapping.legacy_config_keys(config))
         generation = transformers.GenerationConfig(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -173,12 +191,7 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
         }
         if options.verify:
             summary["verify"] = verify(staging, args, weights.state, dtype, say)
-        with open(os.path.join(staging, RECORD), "w") as f:
-            json.dump(summary, f, indent=2)
-        publish(staging, out_dir, say)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_record(staging, RECORD, summary)
     summary["seconds"] = round(time.time() - start, 1)
     return summary
 

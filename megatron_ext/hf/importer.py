@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron_ext.hf import HFError, require
-from megatron_ext.hf.export import DTYPES, VERIFY_TOLERANCE, check_output_dir, publish, staging_dir
+from megatron_ext.hf.export import DTYPES, VERIFY_TOLERANCE, check_output_dir, staged, write_record
 from megatron_ext.hf.tokenizer_export import TOKENIZER_FILES
 
 RECORD = "megatron_ext_import.json"
@@ -139,27 +139,25 @@ def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dic
                                                                              "vocab.json")):
         raise HFError(f"{tokenizer_folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
                       "give one with --tokenizer DIR_OR_NAME")
-    weights = _Weights(folder)
+    tok = HFTokenizer(tokenizer_folder)
     seq = options.seq_length or config_mapping.seq_length_for(config.max_position_embeddings)
+    model_flags = flags + ["--seq-length", str(seq), "--tensor-model-parallel-size", str(tp),
+                           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", os.path.join(out_dir, TOKENIZER_DIR)]
+    args = checkpoint_writer.trainer_args(model_flags, world_size=tp)  # the trainer's own checks (TP size...)
+    rows = int(config.vocab_size)
+    notes = []
+    if tok.vocab_size > rows:
+        raise HFError(f"{options.source}: its tokenizer has {tok.vocab_size} ids but the model only {rows} "
+                      "embedding rows")
+    if tok.vocab_size < rows:
+        notes.append(f"the model has {rows} embedding rows, its tokenizer {tok.vocab_size} ids: the "
+                     f"{rows - tok.vocab_size} rows no token reaches are dropped (the trainer's vocabulary is "
+                     "the tokenizer's)")
+    args.vocab_size_unpadded = tok.vocab_size
+    weights = _Weights(folder)
     start = time.time()
-    staging = staging_dir(out_dir)
-    try:
+    with staged(out_dir, say) as staging:
         tokenizer_files = _copy_tokenizer(tokenizer_folder, os.path.join(staging, TOKENIZER_DIR))
-        tok = HFTokenizer(os.path.join(staging, TOKENIZER_DIR))
-        final_tokenizer = os.path.join(out_dir, TOKENIZER_DIR)
-        model_flags = flags + ["--seq-length", str(seq), "--tensor-model-parallel-size", str(tp),
-                               "--tokenizer-type", "HFTokenizer", "--tokenizer-model", final_tokenizer]
-        args = checkpoint_writer.trainer_args(model_flags, world_size=tp)
-        rows = int(config.vocab_size)
-        notes = []
-        if tok.vocab_size > rows:
-            raise HFError(f"{options.source}: its tokenizer has {tok.vocab_size} ids but the model only "
-                          f"{rows} embedding rows")
-        if tok.vocab_size < rows:
-            notes.append(f"the model has {rows} embedding rows, its tokenizer {tok.vocab_size} ids: the "
-                         f"{rows - tok.vocab_size} rows no token reaches are dropped (the trainer's vocabulary is "
-                         "the tokenizer's)")
-        args.vocab_size_unpadded = tok.vocab_size
         say(f"reading {len(weights.names())} tensors of {architecture} from {folder}")
         state = weight_mapping.from_hf(weights.get, weights.names(), config, architecture)
         dtype = DTYPES.get(options.dtype) if options.dtype else None
@@ -180,12 +178,7 @@ def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dic
                    "flags": model_flags, "launch": launch, "notes": notes, **provenance}
         if options.verify:
             summary["verify"] = verify(folder, args, state, say)
-        with open(os.path.join(staging, RECORD), "w") as f:
-            json.dump(summary, f, indent=2)
-        publish(staging, out_dir, say)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_record(staging, RECORD, summary)
     summary["seconds"] = round(time.time() - start, 1)
     return summary
 
