@@ -79,5 +79,13 @@ def one_process_megatron():
         torch.distributed.destroy_process_group()
 
 
+@pytest.fixture
+def command_env(monkeypatch):
+    """The variables our commands set for their own process, restored after an in-process call."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
+                 "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, os.environ[name]) if name in os.environ else monkeypatch.delenv(name, raising=False)
+
+
 __all__ = ["SAMPLES", "corpus_lines", "byte_level_tokenizer", "tiny_hf_model", "fake_hub_cache",
-           "one_process_megatron"]
+           "one_process_megatron", "command_env"]

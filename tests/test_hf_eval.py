@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, error_lines, read_metrics, run_module, run_trainer
+from hf_fixtures import command_env  # noqa: F401 (fixture)
 
 MC_FILE = os.path.join(REPO, "tests", "data", "mc_tiny.jsonl")
 SENTENCE = "every small model reads this sentence many times until it knows which word comes next"
@@ -119,7 +120,7 @@ def test_builtin_task_on_local_data_and_one_line_errors(trained, tmp_path):
     assert sorted(os.listdir(trained["run"])) == before  # nothing exported, nothing written
 
 
-def test_eval_input_errors_are_one_line(tmp_path, capsys):
+def test_eval_input_errors_are_one_line(tmp_path, capsys, command_env):  # noqa: F811
     from megatron_ext.cli import main
 
     bad = tmp_path / "bad.jsonl"

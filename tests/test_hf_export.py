@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY, error_lines, run_module, run_trainer, tree_digest
-from hf_fixtures import SAMPLES, corpus_lines, one_process_megatron  # noqa: F401 (fixture)
+from hf_fixtures import SAMPLES, command_env, corpus_lines, one_process_megatron  # noqa: F401 (fixtures)
 
 ITERS = ["--mock-data", "--train-iters", "4", "--save-interval", "4", "--num-key-value-heads", "2"]
 TOL = 1e-4
@@ -197,7 +197,7 @@ def _error(proc):
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys):
+def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, capsys, command_env):  # noqa: F811
     import shutil
 
     src = runs["completep_tied"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import error_lines, read_metrics, run_module, run_trainer
-from hf_fixtures import fake_hub_cache, one_process_megatron, tiny_hf_model  # noqa: F401 (fixture)
+from hf_fixtures import command_env, fake_hub_cache, one_process_megatron, tiny_hf_model  # noqa: F401 (fixtures)
 
 TOL = 1e-4
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0, "low_freq_factor": 1.0,
@@ -187,7 +187,7 @@ def _config_only(folder, architecture, **config):
     return str(folder)
 
 
-def test_bad_inputs_are_one_line_before_any_work(models, tmp_path, capsys):
+def test_bad_inputs_are_one_line_before_any_work(models, tmp_path, capsys, command_env):  # noqa: F811
     from megatron_ext.cli import main
 
     busy = tmp_path / "busy"
