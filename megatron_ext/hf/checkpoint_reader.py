@@ -120,9 +120,10 @@ def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWe
     if os.path.isdir(zero):
         state, source, dtype = _read_universal(zero), "fp32 weights of a universal checkpoint", torch.float32
     else:
-        shards, source, dtype = _read_native(tag_dir, files, args, notes)
+        shards, source, dtype = _read_native(tag_dir, files, args, notes, say)
         info = _tp_info(client, shards[0])
-        state = {name: tp_layout.merge(name, [s[name] for s in shards], info) for name in shards[0]}
+        # shard tensors are dropped as they are merged: at most one tensor is held twice
+        state = {name: tp_layout.merge(name, [s.pop(name) for s in shards], info) for name in list(shards[0])}
     info = _tp_info(client, state)
     for name, tensor in state.items():
         if tp_layout.layout(name, info) == tp_layout.VOCAB and tensor.shape[0] != vocab:
@@ -158,7 +159,7 @@ def _tensors(module: dict) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in module.items() if torch.is_tensor(v)}  # megatron-core's _extra_state entries are None
 
 
-def _read_native(tag_dir: str, files: List[str], args, notes: List[str]):
+def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Callable[[str], None]):
     """(per TP rank: name -> tensor, source line, dtype)."""
     from megatron_ext.training.universal import load_states
 
@@ -169,13 +170,13 @@ def _read_native(tag_dir: str, files: List[str], args, notes: List[str]):
     partitions = glob.glob(os.path.join(glob.escape(tag_dir), "*zero_pp_rank_*_optim_states.pt"))
     layout = f"TP={tp}"
     if zero3:
-        return [_zero_to_fp32(tag_dir, r) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {layout}", torch.float32
+        return [_zero_to_fp32(tag_dir, r, say) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {layout}", torch.float32
     modules = [_tensors(load_states(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in ranks]
     dtype = next(iter(modules[0].values())).dtype
     if dtype == torch.float32:
         return modules, f"fp32 weights of the model-states files, ZeRO {stage}, {layout}", dtype
     if partitions:
-        return ([_zero_to_fp32(tag_dir, r) for r in ranks],
+        return ([_zero_to_fp32(tag_dir, r, say) for r in ranks],
                 f"fp32 master weights of the ZeRO-{stage} optimizer partitions, {layout}, {_name(dtype)} training", torch.float32)
     masters = [_mixed_precision_masters(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt")) for r in ranks]
     if all(m is not None for m in masters):
@@ -213,10 +214,11 @@ def _mixed_precision_masters(path: str) -> Optional[Dict[str, torch.Tensor]]:
     return masters
 
 
-def _zero_to_fp32(tag_dir: str, rank: int) -> Dict[str, torch.Tensor]:
+def _zero_to_fp32(tag_dir: str, rank: int, say: Callable[[str], None] = lambda _: None) -> Dict[str, torch.Tensor]:
     """DeepSpeed's fp32 reconstruction from the ZeRO files of one tensor-parallel rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    say(f"rebuilding the fp32 weights of tensor-parallel rank {rank} from its ZeRO partitions")
     staging = tempfile.mkdtemp(prefix="megatron-ext-hf-read.")  # links only: never writes into the checkpoint
     try:
         tag = os.path.join(staging, "tag")
