@@ -36,6 +36,12 @@ class EditableWheelWithStartupHook(editable_wheel):
             f.write(STARTUP_LINE)
 
 
+# Hugging Face interop (megatron-ext export-hf / import-hf, hub tokenizers without tokenizer.json);
+# protobuf reads SentencePiece model files when exporting their tokenizer.
+HF = ["transformers>=5.24,<6", "safetensors>=0.6,<1", "accelerate>=1.10,<2", "protobuf>=7.36.1,<8"]
+# megatron-ext eval: EleutherAI lm-evaluation-harness on an export
+EVAL = HF + ["lm-eval>=0.4.13,<0.5"]
+
 setup(
     name="megatron_ext",
     version="0.1.0",
@@ -51,6 +57,8 @@ setup(
         "megatron-core==0.16.1",
         "sentencepiece>=0.2,<0.3",
         "tokenizers>=0.20,<1",
+        # hub names resolved through the local cache (megatron_ext/hf/hub.py); tokenizers needs it anyway
+        "huggingface_hub>=0.26,<3",
         "numpy>=1.24,<3",
         "tqdm>=4.60,<5",
         # optimizer plug-ins: Lion and ADOPT (pytorch-optimizer), schedule-free AdamW/SGD
@@ -63,12 +71,14 @@ setup(
         "tensorboard": ["tensorboard>=2.15,<3"],
         "wandb": ["wandb>=0.17,<1"],
         "plots": ["matplotlib>=3.8,<4"],
-        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too. The rest are what
-        # the Megatron-DeepSpeed fixture imports at module level (tests/megatron_deepspeed: the
-        # plug-ins and checkpoint conversion are tested inside the real fork).
+        "hf": HF,
+        "eval": EVAL,
+        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too; so are export/import/
+        # eval (EVAL). The rest are what the Megatron-DeepSpeed fixture imports at module level
+        # (tests/megatron_deepspeed: the plug-ins and checkpoint conversion tested inside the real fork).
         "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "tensorboard>=2.15,<3", "nltk>=3.8,<4",
                  "pybind11>=2.11,<4", "regex>=2023.0,<2027", "six>=1.16,<2", "einops>=0.7,<1", "rich>=13,<16",
-                 "transformers>=4.40,<6", "wandb>=0.17,<1"],
+                 "wandb>=0.17,<1"] + EVAL,
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
     cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook},

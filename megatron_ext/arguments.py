@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from megatron_ext import registry
-from megatron_ext.argtypes import choice_ci, finite_float, fraction, nonneg_float, nonneg_int, positive_int
+from megatron_ext.argtypes import choice_ci, finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 
 MODEL_STYLES = {
     # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
@@ -168,6 +168,11 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type",
                    action="store_const", const="rope")
     g.add_argument("--rope-theta", "--rotary-base", dest="rope_theta", type=finite_float, default=10000.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x rotary frequency scaling (megatron-core: low/high frequency factors 1 and 4, "
+                        "original context 8192); models imported with megatron-ext import-hf set it")
+    g.add_argument("--rope-scaling-factor", type=positive_float, default=8.0,
+                   help="factor of --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
     g.add_argument("--untie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
                    action="store_const", const=True, default=None)
     g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",

@@ -82,6 +82,8 @@ def build_model(args, vocab_size: int, parametrization=None):
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
         rotary_base=int(args.rope_theta),
+        rope_scaling=getattr(args, "use_rope_scaling", False),  # absent from checkpoints saved before the flag
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
     )
     parametrization.attach(model)
     return model

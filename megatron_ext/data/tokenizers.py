@@ -101,25 +101,29 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A ``tokenizer.json`` read with the ``tokenizers`` library (no ``transformers``, no network).
+    """A Hugging Face tokenizer: a ``tokenizer.json`` file, a folder, or a hub name (``org/name``)
+    found in the local Hugging Face cache (never downloaded; ``megatron_ext/hf/hub.py``).
 
-    ``tokenize`` applies the file's own post-processor, as Megatron-DeepSpeed's HFTokenizer does
+    ``tokenizer.json`` is read with the ``tokenizers`` library; a folder without one (only a
+    SentencePiece ``tokenizer.model`` or GPT-2 ``vocab.json``/``merges.txt``) goes through
+    ``transformers``' ``AutoTokenizer`` (extra ``[hf]``), whose fast tokenizer is used the same way.
+    ``tokenize`` applies the tokenizer's own post-processor, as Megatron-DeepSpeed's HFTokenizer does
     (``AutoTokenizer.encode``): a Llama-3 style file therefore prepends its begin-of-text token.
     """
 
     name = "HFTokenizer"
 
     def __init__(self, model_path: str):
-        from tokenizers import Tokenizer as _HF
+        from megatron_ext.hf.hub import resolve
 
-        path = _existing(model_path, "--tokenizer-model")
-        if os.path.isdir(path):
-            path = _existing(os.path.join(path, "tokenizer.json"), "--tokenizer-model")
-        try:
-            self._tok = _HF.from_file(path)
-        except Exception as e:  # the Rust side raises plain Exception on a malformed file
-            raise ValueError(f"--tokenizer-model {path}: cannot load tokenizer.json ({e})") \
-                from None
+        path = resolve(model_path, "--tokenizer-model")  # a local path, or a cached hub snapshot
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")) and any(
+                os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
+            self._tok = _fast_tokenizer_of(path)
+        else:
+            if os.path.isdir(path):
+                path = _existing(os.path.join(path, "tokenizer.json"), "--tokenizer-model")
+            self._tok = _tokenizer_json(path)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values(), default=-1) + 1  # ids of added tokens may leave holes
         self.bos = _first_in(vocab, BOS_CANDIDATES)
@@ -136,6 +140,33 @@ class HFTokenizer(Tokenizer):
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _tokenizer_json(path: str):
+    from tokenizers import Tokenizer as _HF
+
+    try:
+        return _HF.from_file(path)
+    except Exception as e:  # the Rust side raises plain Exception on a malformed file
+        raise ValueError(f"--tokenizer-model {path}: cannot load tokenizer.json ({e})") from None
+
+
+def _fast_tokenizer_of(folder: str):
+    """The ``tokenizers`` object behind ``AutoTokenizer`` for a folder without tokenizer.json."""
+    from megatron_ext.hf import require
+
+    transformers = require("transformers")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for an unusable folder
+        raise ValueError(f"--tokenizer-model {folder}: no tokenizer.json, and transformers cannot load a "
+                         f"tokenizer from it ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") \
+            from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"--tokenizer-model {folder}: transformers loads only a slow tokenizer from it; "
+                         "HFTokenizer needs a fast one (tokenizer.json)")
+    return backend
 
 
 class GPT2BPETokenizer(Tokenizer):

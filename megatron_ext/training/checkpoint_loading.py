@@ -102,6 +102,9 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
 
     load_dir = args.load
     client = _client(load_dir, tag)
+    if client.get("imported_from") and not args.finetune:  # megatron_ext/hf/checkpoint_writer.py
+        raise CheckpointLoadError(f"--load {load_dir} ({tag}) holds weights only (megatron-ext import-hf of "
+                                  f"{client['imported_from'].get('source')}): start from it with --finetune")
     problem = layout_problem(client, args, load_optim)
     if problem:
         hint = "" if "tensor-parallel" in problem else " (or pass --no-load-optim to load the weights only)"
