@@ -62,7 +62,7 @@ class CheckpointWeights:
 def locate(path: str, say: Callable[[str], None] = lambda _: None) -> str:
     """The checkpoint folder for ``path``: a checkpoint folder itself (``global_stepN``, a universal
     ``..._universal`` folder) or a run directory (its ``latest`` checkpoint, else ``latest_universal``)."""
-    from megatron_ext.training.universal import LATEST_UNIVERSAL, read_latest
+    from megatron_ext.training.checkpoint_files import LATEST_UNIVERSAL, read_latest
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
@@ -82,6 +82,16 @@ def locate(path: str, say: Callable[[str], None] = lambda _: None) -> str:
                   f"(no 'latest' or '{LATEST_UNIVERSAL}' file)")
 
 
+def _load_states(path: str):
+    """A checkpoint file through the project's one reader; a bad file is HFError (one line)."""
+    from megatron_ext.training.checkpoint_files import CheckpointFileError, load_states
+
+    try:
+        return load_states(path)
+    except CheckpointFileError as e:
+        raise HFError(str(e)) from None
+
+
 def _model_files(tag_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(glob.escape(tag_dir), "*mp_rank_*_model_states.pt")))
 
@@ -92,10 +102,9 @@ def _ranks(files: List[str]) -> List[int]:
 
 def saved_args(tag_dir: str) -> types.SimpleNamespace:
     """The flags the run saved with the checkpoint (any of its model-states files)."""
-    from megatron_ext.training.universal import load_states
 
     files = _model_files(tag_dir)
-    client = load_states(files[0])
+    client = _load_states(files[0])
     if not isinstance(client, dict) or not client.get("args"):
         raise HFError(f"{files[0]}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
     return types.SimpleNamespace(**client["args"])
@@ -103,11 +112,10 @@ def saved_args(tag_dir: str) -> types.SimpleNamespace:
 
 def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWeights:
     """Whole weights of the checkpoint at ``path`` (see ``locate``); ``say`` gets progress lines."""
-    from megatron_ext.training.universal import load_states
 
     tag_dir = locate(path, say)
     files = _model_files(tag_dir)
-    client = load_states(files[0])
+    client = _load_states(files[0])
     if not isinstance(client, dict) or not client.get("args"):
         raise HFError(f"{files[0]}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
     args = types.SimpleNamespace(**client["args"])
@@ -143,13 +151,12 @@ def _tp_info(client: dict, names) -> dict:
 def _read_universal(zero: str) -> Dict[str, torch.Tensor]:
     from deepspeed.checkpoint.constants import PARAM
 
-    from megatron_ext.training.universal import load_states
 
     state = {}
     for name in sorted(os.listdir(zero)):
         path = os.path.join(zero, name, "fp32.pt")
         if os.path.isfile(path):
-            state[name] = load_states(path)[PARAM].float()
+            state[name] = _load_states(path)[PARAM].float()
     if not state:
         raise HFError(f"{zero}: a universal checkpoint folder without fp32.pt files")
     return state
@@ -161,7 +168,6 @@ def _tensors(module: dict) -> Dict[str, torch.Tensor]:
 
 def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Callable[[str], None]):
     """(per TP rank: name -> tensor, source line, dtype)."""
-    from megatron_ext.training.universal import load_states
 
     ranks = _ranks(files)
     tp = len(ranks)
@@ -171,7 +177,7 @@ def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Ca
     layout = f"TP={tp}"
     if zero3:
         return [_zero_to_fp32(tag_dir, r, say) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {layout}", torch.float32
-    modules = [_tensors(load_states(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in ranks]
+    modules = [_tensors(_load_states(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in ranks]
     dtype = next(iter(modules[0].values())).dtype
     if dtype == torch.float32:
         return modules, f"fp32 weights of the model-states files, ZeRO {stage}, {layout}", dtype
@@ -196,9 +202,8 @@ def _name(dtype: torch.dtype) -> str:
 
 def _mixed_precision_masters(path: str) -> Optional[Dict[str, torch.Tensor]]:
     """name -> fp32 master of DeepSpeed's ZeRO-0 bf16/fp16 optimizer state, or None if absent."""
-    from megatron_ext.training.universal import load_states
 
-    optimizer = load_states(path).get("optimizer")
+    optimizer = _load_states(path).get("optimizer")
     if not isinstance(optimizer, dict) or "fp32_groups" not in optimizer:
         return None
     groups = (optimizer.get("optimizer_state_dict") or {}).get("param_groups") or []

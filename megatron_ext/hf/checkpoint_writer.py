@@ -31,14 +31,16 @@ def trainer_args(flags: List[str], world_size: int) -> argparse.Namespace:
     import contextlib
     import io
 
-    from megatron_ext.arguments import ArgumentsError, build_parser, finalize_args
+    from megatron_ext.arguments import ArgumentsError, build_parser
+    from megatron_ext.plan import build_plan
 
     parser = build_parser()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             args = parser.parse_args(flags + ["--mock-data", "--train-iters", "1"])
-        finalize_args(args, world_size, check_files=False)
+        # a copy to describe the imported checkpoint (its vocabulary is filled in from the tokenizer)
+        args = argparse.Namespace(**vars(build_plan(args, world_size, check_files=False).args))
     except SystemExit:
         raise HFError((err.getvalue().strip().splitlines() or ["invalid flags"])[-1].split("error: ", 1)[-1]) from None
     except ArgumentsError as e:
@@ -53,8 +55,9 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
 
     from megatron_ext.fileio import write_text_atomically
     from megatron_ext.model import padded_vocab_size
-    from megatron_ext.training.checkpointing import (CHECKPOINT_VERSION, TRACKER_FILE, tag_for,
-                                                     universal_checkpoint_info)
+    from megatron_ext.training.checkpoint_files import TRACKER_FILE, tag_for
+    from megatron_ext.training.checkpointing import CHECKPOINT_VERSION
+    from megatron_ext.training.universal import universal_checkpoint_info
 
     tp = args.tensor_model_parallel_size
     args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args.make_vocab_size_divisible_by, tp)

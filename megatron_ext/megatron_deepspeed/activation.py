@@ -17,17 +17,15 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from typing import NoReturn, Optional
+from typing import Optional
+
+from megatron_ext.megatron_deepspeed.errors import ActivationError, fail  # noqa: F401 (re-exported)
 
 ENV_VAR = "MEGATRON_EXT_PLUGINS"
 MODES = ("all", "new", "off")
 TRIGGER = "megatron.training"  # patched once this module of the fork has executed
 
 _state = {"mode": None, "error": None, "patched": False}
-
-
-class ActivationError(RuntimeError):
-    """The plug-ins cannot be switched on; the message is one line."""
 
 
 def parse_mode(value: Optional[str], source: str = ENV_VAR) -> str:
@@ -39,13 +37,6 @@ def parse_mode(value: Optional[str], source: str = ENV_VAR) -> str:
     if text not in MODES:
         raise ActivationError(f"{source}={value!r}: expected one of {', '.join(MODES)}")
     return text
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr (from the first rank only), then exit with ``code`` on every rank."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"megatron_ext: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
 
 
 def current_mode() -> Optional[str]:

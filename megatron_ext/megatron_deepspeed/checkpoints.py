@@ -89,25 +89,25 @@ def side_of(client: Dict[str, Any]) -> Optional[str]:
 
 
 def inspect_source(path: str) -> Source:
-    ckio = project_api.checkpoint_io()
+    files = project_api.checkpoint_files()
     try:
-        tag_dir = ckio.find_checkpoint(path)
-    except ckio.ConversionError as e:
+        tag_dir = os.path.join(*files.find_checkpoint(path))
+    except files.CheckpointFileError as e:
         raise ConvertError(str(e)) from None
-    models = ckio.model_states_files(tag_dir)
+    models = files.model_states_files(tag_dir)
     if glob.glob(os.path.join(glob.escape(tag_dir), "layer_*-model_*-model_states.pt")) or not models:
         raise ConvertError(f"{tag_dir}: a pipeline (GPTModelPipe) checkpoint; convert one saved with "
                            "--no-pipeline-parallel")
     try:
-        client = ckio.load_states(models[0])
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
-        raise ConvertError(f"{models[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        client = files.load_states(models[0])
+    except files.CheckpointFileError as e:
+        raise ConvertError(str(e)) from None
     side = side_of(client)
     if side is None:
         raise ConvertError(f"{models[0]}: neither a Megatron-DeepSpeed nor a megatron_ext checkpoint (no argument record)")
     if glob.glob(os.path.join(glob.escape(tag_dir), "zero_pp_rank_*_model_states.pt")):
         raise ConvertError(f"{tag_dir}: a ZeRO 3 checkpoint; convert one saved with --zero-stage 1 or 2")
-    optims = sorted(glob.glob(os.path.join(glob.escape(tag_dir), ckio.OPTIM_STATES)))
+    optims = files.optim_states_files(tag_dir)
     if not optims:
         raise ConvertError(f"{tag_dir}: saved with ZeRO 0 (no optimizer partitions); DeepSpeed's universal "
                            "conversion needs a --zero-stage 1 or 2 checkpoint")
@@ -168,7 +168,7 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
         os.rename(staged_out, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    latest = os.path.join(load_dir, project_api.checkpoint_io().LATEST_UNIVERSAL)
+    latest = os.path.join(load_dir, project_api.checkpoint_files().LATEST_UNIVERSAL)
     project_api.write_text_atomically(latest, name)
     summary.update(output=target, latest_universal=latest)
     return summary
@@ -211,7 +211,7 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
 
     ours = our_args_from_fork(fork_args, src.client)
     schedule, schedule_note = _our_schedule(src.client, fork_args)
-    for path in ckio.model_states_files(staged_out):
+    for path in project_api.checkpoint_files().model_states_files(staged_out):
         state = torch.load(path, map_location="cpu", weights_only=False)
         state.update(
             module=None, args=ours, checkpoint_version=CHECKPOINT_VERSION, iteration=src.iteration,
@@ -355,7 +355,7 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
 
     fork_args = fork_args_from_ours(oa, src.client)
     fork_schedule = fork_scheduler_state(schedule, consumed, src.client.get("tokens"))
-    for path in ckio.model_states_files(staged_out):
+    for path in project_api.checkpoint_files().model_states_files(staged_out):
         state = torch.load(path, map_location="cpu", weights_only=False)
         for key in ("consumed_samples",):
             state.pop(key, None)
@@ -480,7 +480,7 @@ def _used_patterns(info: Dict[str, Any], rename: Dict[str, str]) -> Dict[str, An
 def _run_converter(staged_in: str, staged_out: str, workers: int, log) -> None:
     ckio = project_api.checkpoint_io()
     try:
-        ckio._run_converter(staged_in, staged_out, workers, log)
+        ckio._run_converter(staged_in, staged_out, ckio.ConverterOptions(extract_workers=workers), log)
     except Exception as e:  # noqa: BLE001 - DeepSpeed's own failure, reported in one line
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConvertError(f"DeepSpeed's ds_to_universal failed: {type(e).__name__}: {detail} "

@@ -15,7 +15,7 @@ import importlib
 import inspect
 from typing import Dict, Tuple
 
-from megatron_ext.megatron_deepspeed.activation import ActivationError
+from megatron_ext.megatron_deepspeed.errors import ActivationError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Iterable, List, Tuple
 
 from megatron_ext.megatron_deepspeed import names, project_api
-from megatron_ext.megatron_deepspeed.activation import ActivationError
+from megatron_ext.megatron_deepspeed.errors import ActivationError
 
 _KEYS_NOT_OPTIONS = ("params", "param_names", "role", "name")
 

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_ext.megatron_deepspeed import names
-from megatron_ext.megatron_deepspeed.activation import ActivationError
+from megatron_ext.megatron_deepspeed.errors import ActivationError
 
 
 @dataclasses.dataclass

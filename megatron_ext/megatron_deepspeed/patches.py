@@ -19,7 +19,7 @@ from megatron_ext.megatron_deepspeed import arguments as fork_arguments
 from megatron_ext.megatron_deepspeed import hook_points, loop, optimizer as fork_optimizer
 from megatron_ext.megatron_deepspeed import parametrization as fork_parametrization
 from megatron_ext.megatron_deepspeed import project_api
-from megatron_ext.megatron_deepspeed.activation import ActivationError, fail
+from megatron_ext.megatron_deepspeed.errors import ActivationError, fail
 from megatron_ext.megatron_deepspeed.scheduler import ForkScheduler
 
 REPORT_ENV = "MEGATRON_EXT_REPORT"  # a JSON file: what the plug-ins did in this run (rank 0)
@@ -113,8 +113,8 @@ def _universal_group_mismatch(session) -> Optional[str]:
     args = session.args
     if not (getattr(args, "universal_checkpoint", False) and getattr(args, "load", None) and session.owner.optimizer):
         return None
-    ckio = project_api.checkpoint_io()
-    tag = getattr(args, "load_tag", None) or ckio.read_latest(args.load, ckio.LATEST_UNIVERSAL)
+    files = project_api.checkpoint_files()
+    tag = getattr(args, "load_tag", None) or files.read_latest(args.load, files.LATEST_UNIVERSAL)
     path = os.path.join(args.load, str(tag), "zero", "optimizer_state.pt")
     if tag is None or not os.path.isfile(path):
         return None  # DeepSpeed reports a missing checkpoint itself

@@ -34,7 +34,7 @@ def define_shared_flags(parser) -> None:
     """The flags our trainer defines for every schedule, the init / parametrization and the LR
     finder (not the per-plug-in ones, which come from the registries)."""
     from megatron_ext.arguments import add_init_arguments
-    from megatron_ext.schedules.scheduler import add_schedule_arguments
+    from megatron_ext.schedules.common.scheduler import add_schedule_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
     add_schedule_arguments(parser)
@@ -50,7 +50,7 @@ def define_plugin_flags(parser) -> None:
 
 def init_std_type():
     """``type=`` of --init-method-std (a number or ``auto``) and the value ``auto`` resolves to."""
-    from megatron_ext.parametrizations.base import SMALL_INIT, init_std, small_init_std
+    from megatron_ext.parametrizations.common.base import SMALL_INIT, init_std, small_init_std
 
     return init_std, SMALL_INIT, small_init_std
 
@@ -58,23 +58,37 @@ def init_std_type():
 # -- validation (the checks our trainer runs before any work) -------------------------------------
 
 
+def _engine_of(args):
+    """The engine the fork's flags ask for (its DeepSpeed config follows them)."""
+    from megatron_ext.registry import EngineSettings
+
+    precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
+    return EngineSettings(zero_stage=int(getattr(args, "zero_stage", 0) or 0),
+                          cpu_offload=bool(getattr(args, "cpu_optimizer", False)),
+                          tensor_parallel=int(getattr(args, "tensor_model_parallel_size", 1) or 1),
+                          precision=precision)
+
+
+def _check(registry, name: str, args) -> None:
+    """The plug-in record's checks, as our run plan applies them (one-line ValueError)."""
+    registry.check(registry.get(name), args, _engine_of(args))
+
+
 def validate_optimizer(args) -> None:
     optimizers, _, _ = registries()
-    validate = getattr(optimizers.get(args.optimizer).obj, "validate_args", None)
-    if validate is not None:
-        validate(args)
+    _check(optimizers, args.optimizer, args)
 
 
 def validate_parametrization(args) -> None:
     _, _, parametrizations = registries()
-    validate = getattr(parametrizations.get(args.parametrization).obj, "validate_args", None)
-    if validate is not None:
-        validate(args)
+    _check(parametrizations, args.parametrization, args)
 
 
 def validate_schedule(args) -> None:
-    from megatron_ext.schedules.scheduler import build_schedule
+    from megatron_ext.schedules.common.scheduler import build_schedule
 
+    _, schedules, _ = registries()
+    _check(schedules, args.lr_decay_style, args)
     build_schedule(args)
 
 
@@ -90,7 +104,7 @@ def validate_lr_finder(args) -> None:
 def param_groups(named_model, parametrization) -> List[dict]:
     """Our trainer's param groups (one per role, the parametrization's multipliers) over
     ``named_model`` (anything whose ``named_parameters()`` yields megatron-core names)."""
-    from megatron_ext.optimizers.param_groups import build_param_groups
+    from megatron_ext.optimizers.common.param_groups import build_param_groups
 
     return build_param_groups(named_model, parametrization.group_options)
 
@@ -99,7 +113,7 @@ def build_optimizer_from_groups(groups: List[dict], args):
     """The registry's ``--optimizer`` over ``groups``, each group's epsilon scaled by its
     ``eps_mult`` once (what ``megatron_ext.optimizers.build_optimizer`` does over our model)."""
     optimizers, _, _ = registries()
-    optimizer = optimizers.get(args.optimizer).obj(groups, args)
+    optimizer = optimizers.get(args.optimizer).build(groups, args)
     for group in optimizer.param_groups:
         if "eps" in group and group.get("eps_mult", 1.0) != 1.0:
             group["eps"] = group["eps"] * group["eps_mult"]
@@ -107,13 +121,13 @@ def build_optimizer_from_groups(groups: List[dict], args):
 
 
 def is_hybrid_matrix_optimizer(optimizer) -> bool:
-    from megatron_ext.optimizers.hybrid import HybridMatrixOptimizer
+    from megatron_ext.optimizers.common.hybrid import HybridMatrixOptimizer
 
     return isinstance(optimizer, HybridMatrixOptimizer)
 
 
 def param_role(name: str, param) -> str:
-    from megatron_ext.optimizers.param_groups import param_role as role
+    from megatron_ext.optimizers.common.param_groups import param_role as role
 
     return role(name, param)
 
@@ -121,21 +135,21 @@ def param_role(name: str, param) -> str:
 def optimizer_hooks():
     """The optimizer hook protocol module (engine_ready, train_mode, evaluation_weights,
     curvature_pass_due, gradient_clipping_disabled, sample_labels, UnsupportedEngineSetting)."""
-    from megatron_ext.optimizers import hooks
+    from megatron_ext.optimizers.common import hooks
 
     return hooks
 
 
 def full_vocab_logits(logits):
     """[..., V/tp] vocabulary-parallel logits -> [..., V] (the trainer's curvature pass does this)."""
-    from megatron_ext.optimizers.hooks import _full_vocab_logits
+    from megatron_ext.optimizers.common.hooks import _full_vocab_logits
 
     return _full_vocab_logits(logits)
 
 
 def curvature_label_generator(device, seed: int, iteration: int, slot: int):
     """The generator our trainer's curvature pass draws a micro-batch's labels from."""
-    from megatron_ext.optimizers.hooks import _generator
+    from megatron_ext.optimizers.common.hooks import _generator
 
     return _generator(device, seed, iteration, slot)
 
@@ -154,32 +168,32 @@ def parametrization_for(args):
 
 def param_scheduler(optimizer, args):
     """Our ``ParamScheduler`` as the flags describe it (schedule, weight-decay schedule, resume rules)."""
-    from megatron_ext.schedules.scheduler import ParamScheduler
+    from megatron_ext.schedules.common.scheduler import ParamScheduler
 
     return ParamScheduler.from_args(optimizer, args)
 
 
 def schedule_resume_error():
-    from megatron_ext.schedules.scheduler import ScheduleResumeError
+    from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     return ScheduleResumeError
 
 
 def weight_decay_schedule_state(style: str, start: float, end: float, length: Optional[float]) -> Dict[str, Any]:
-    from megatron_ext.schedules.scheduler import WeightDecaySchedule
+    from megatron_ext.schedules.common.scheduler import WeightDecaySchedule
 
     return WeightDecaySchedule(style, float(start), float(end), length).state()
 
 
 def lr_schedule_from_state(state: Dict[str, Any]):
-    from megatron_ext.schedules.scheduler import LRSchedule
+    from megatron_ext.schedules.common.scheduler import LRSchedule
 
     return LRSchedule.from_state(state)
 
 
 def weight_decay_at(state: Dict[str, Any], position: float) -> float:
     """The weight decay a saved weight-decay schedule gives at ``position`` (samples)."""
-    from megatron_ext.schedules.scheduler import WeightDecaySchedule
+    from megatron_ext.schedules.common.scheduler import WeightDecaySchedule
 
     return WeightDecaySchedule.from_state(state).wd(position)
 
@@ -195,9 +209,9 @@ def lr_finder(args):
 
 def to_universal(tag_dir: str, output_dir: Optional[str], workers: int = 1, verbose: bool = False):
     """Our checkpoint -> DeepSpeed's universal format (megatron_ext.training.universal.convert)."""
-    from megatron_ext.training.universal import convert
+    from megatron_ext.training.universal import ConverterOptions, convert
 
-    return convert(tag_dir, output_dir, workers=workers, verbose=verbose)
+    return convert(tag_dir, output_dir, ConverterOptions(extract_workers=workers), verbose=verbose)
 
 
 def universal_conversion_error():
@@ -206,12 +220,19 @@ def universal_conversion_error():
     return ConversionError
 
 
+def checkpoint_files():
+    """The module that knows our checkpoint directory layout and reads its files: load_states,
+    model_states_files, read_latest, LATEST_UNIVERSAL, find_checkpoint, CheckpointFileError."""
+    from megatron_ext.training import checkpoint_files
+
+    return checkpoint_files
+
+
 def checkpoint_io():
-    """The module that reads and converts our DeepSpeed checkpoints. Names used: load_states,
-    model_states_files, find_checkpoint, read_latest, LATEST_UNIVERSAL, CONVERSION_RECORD,
-    STAGING_PREFIX, CARRIED, ConversionError, and for staging a fork checkpoint through DeepSpeed's
-    converter the same way: _stage_optim_states (zero placeholders for missing Adam moments),
-    _run_converter (ds_to_universal, quiet), _link_or_copy."""
+    """The module that converts our DeepSpeed checkpoints to the universal format. Names used:
+    CONVERSION_RECORD, STAGING_PREFIX, CARRIED, ConversionError, ConverterOptions, and for staging a
+    fork checkpoint through DeepSpeed's converter the same way: _stage_optim_states (zero
+    placeholders for missing Adam moments), _run_converter (ds_to_universal, quiet), _link_or_copy."""
     from megatron_ext.training import universal
 
     return universal
@@ -240,13 +261,13 @@ def flag_default(kwargs: Dict[str, Any]):
 
 def schedule_states(args) -> Dict[str, Any]:
     """Our LR- and weight-decay-schedule states for ``args`` (what a checkpoint stores)."""
-    from megatron_ext.schedules.scheduler import build_schedule, build_weight_decay_schedule
+    from megatron_ext.schedules.common.scheduler import build_schedule, build_weight_decay_schedule
 
     return {"schedule": build_schedule(args).state(), "weight_decay": build_weight_decay_schedule(args).state()}
 
 
 def our_universal_checkpoint_info(args_namespace) -> Dict[str, Any]:
-    from megatron_ext.training.checkpointing import universal_checkpoint_info
+    from megatron_ext.training.universal import universal_checkpoint_info
 
     return universal_checkpoint_info(args_namespace)
 
