@@ -14,6 +14,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -63,6 +64,10 @@ class MegatronArgumentParser(argparse.ArgumentParser):
     def __init__(self, *a, **kw):
         kw.setdefault("allow_abbrev", False)  # an abbreviation silently picking a flag is a trap
         super().__init__(*a, **kw)
+        # argparse takes "-1e-3" (a negative number in exponent form) for an option and reports
+        # "expected one argument"; every negative number, however written, is a value here.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
+                                                   re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -253,6 +258,9 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="load the universal checkpoint 'latest_universal' names in --load (made by megatron-ext "
                         "to-universal): any data-parallel and tensor-parallel size, ZeRO 1 or 2 (docs/checkpoints.md)")
+    g.add_argument("--restart-from-load", action="store_true",
+                   help="with --finetune / --universal-checkpoint and a --save that already holds this run's "
+                        "checkpoint: start over from --load (default: resume the run from --save)")
     g.add_argument("--keep-last", type=positive_int, default=None, metavar="N",
                    help="after each complete save keep only N global_stepN checkpoints in --save: the one "
                         "'latest' names and the newest others (docs/checkpoints.md)")

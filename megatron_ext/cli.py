@@ -14,6 +14,9 @@ def _command_modules():
 
 
 def main(argv=None) -> int:
+    from megatron_ext.platform.known_warnings import silence_known_warnings
+
+    silence_known_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="megatron-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -23,6 +23,19 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str) -> None:
+    """Make every file under ``path`` and every directory entry in it durable (fsync each file,
+    then each directory bottom-up), so a power loss after this returns cannot lose any of it."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
 def write_text_atomically(path: str, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
     folder = os.path.dirname(os.path.abspath(path))

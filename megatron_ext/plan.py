@@ -131,9 +131,10 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         _batch(a, world_size)
         _length(a, notes)
         _data_flags(a)
+        _resume_own_checkpoint(a, notes)
         _checkpoint_flags(a)
         ds_config, engine = _deepspeed(a, check_files)
-        sources, tokenizer = _files(a, check_files)
+        sources, tokenizer = _files(a, check_files, notes)
         plugins = _check_plugins(a, engine)
         schedule = _schedule(a)
         mc_examples = _mc_eval(a, tokenizer)
@@ -250,6 +251,30 @@ def _data_flags(a) -> None:
         a.num_workers = 2 if has_gpu() else 0
 
 
+def _resume_own_checkpoint(a, notes: List[str]) -> None:
+    """A continual-pretraining job (``--load PRETRAINED --save CPT --finetune`` or
+    ``--universal-checkpoint``) re-queued with the same command would start over from PRETRAINED
+    every time: when --save already holds a checkpoint this run wrote (its saved --load is this
+    --load), the run resumes from it instead, and says so. ``--restart-from-load`` starts over."""
+    from megatron_ext.training.checkpoint_files import CheckpointFileError, client_state, read_latest
+
+    if not (a.load and a.save and (a.finetune or a.universal_checkpoint) and not a.restart_from_load):
+        return
+    load, save = os.path.abspath(a.load), os.path.abspath(a.save)
+    tag = read_latest(save) if load != save else None
+    if tag is None:
+        return
+    try:
+        saved = client_state(os.path.join(save, tag)).get("args") or {}
+    except CheckpointFileError:
+        return  # not this run's: loading reports what is wrong with it when it is used
+    if os.path.abspath(saved.get("load") or "") != load:
+        return
+    notes.append(f"--save {a.save} already holds this run's checkpoint {tag} (it started from --load {a.load}): "
+                 f"resuming from it, not from --load again (--restart-from-load starts over)")
+    a.load, a.finetune, a.universal_checkpoint = a.save, False, False
+
+
 def _checkpoint_flags(a) -> None:
     if a.save_interval is not None and not a.save:
         raise ArgumentsError("--save-interval needs --save DIR")
@@ -289,8 +314,10 @@ def _deepspeed(a, check_files: bool) -> Tuple[Dict[str, Any], EngineSettings]:
     return config, engine
 
 
-def _files(a, check_files: bool):
-    """The data sources and the tokenizer; the vocabulary sizes the model and checkpoints use."""
+def _files(a, check_files: bool, notes: List[str]):
+    """The data sources and the tokenizer; the vocabulary sizes the model and checkpoints use. The
+    data files are checked against each other, the vocabulary and the splits the run reads."""
+    from megatron_ext.data.data_checks import check_data_files
     from megatron_ext.data.gpt_data import data_sources, tokenizer_for
     from megatron_ext.model import padded_vocab_size
 
@@ -299,6 +326,8 @@ def _files(a, check_files: bool):
         return None, None
     sources = data_sources(a)
     tokenizer = tokenizer_for(a, sources)
+    if sources:
+        notes.extend(check_data_files(a, sources, tokenizer.vocab_size))
     a.vocab_size_unpadded = tokenizer.vocab_size
     a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
                                             a.tensor_model_parallel_size)

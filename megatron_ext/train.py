@@ -6,8 +6,19 @@ import sys
 
 def main(argv=None) -> int:
     """The process entry point: ``run``, then leave torch.distributed."""
+    from megatron_ext.platform.known_warnings import silence_known_warnings
+
+    silence_known_warnings()
+    from megatron_ext.training.signals import StartupInterrupted, interruptible_startup
+
     try:
-        return run(argv)
+        with interruptible_startup():
+            return run(argv)
+    except StartupInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron_ext.train: received {e} while starting (before the first iteration): nothing was "
+                  "trained or saved; exiting", file=sys.stderr, flush=True)
+        return 0
     finally:
         close_process_group()
 
@@ -17,6 +28,7 @@ def run(argv=None) -> int:
     from megatron_ext.plan import parse_plan
 
     plan = parse_plan(argv)
+    from megatron_ext.data.data_checks import DataFileError
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
     from megatron_ext.training.checkpoint_files import CheckpointFileError
     from megatron_ext.training.checkpoint_loading import CheckpointLoadError
@@ -24,7 +36,7 @@ def run(argv=None) -> int:
 
     try:
         pretrain(plan)
-    except (ScheduleResumeError, CheckpointLoadError, CheckpointFileError) as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
+    except (ScheduleResumeError, CheckpointLoadError, CheckpointFileError, DataFileError) as e:  # a checkpoint that cannot be resumed as asked: one line, no traceback
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
             print(f"megatron_ext.train: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -217,6 +217,11 @@ def run(ns) -> int:
     s, r, gb = info["iteration"], ns.iters, args.global_batch_size
     position = info["client"]["consumed_samples"]
     first = scheduler.schedule.lr(position)
+    peak = scheduler.schedule.span.max_lr
+    if peak > 0 and first < 0.5 * peak:
+        print(f"{prog}: warning: the checkpoint's LR at iteration {s} is already {first:.4g}, {first / peak:.0%} of its "
+              f"max {peak:g}: it looks cooled down (a cooldown is meant for a constant-LR / WSD checkpoint)",
+              file=sys.stderr)
     last = scheduler.schedule.lr(position + (r - 1) * gb)
     c = scheduler.schedule.cooldown
     print(f"# cool down {info['load_dir']} ({info['tag']}: iteration {s}, {position} samples) over {r} iterations")

@@ -72,9 +72,25 @@ def build_datasets(args, tokenizer, sources):
         create_attention_mask=False,  # the local attention builds its causal mask itself
         mmap_bin_files=True,
     )
+    from megatron_ext.data.data_checks import splits_read
+
+    for i, read in enumerate(splits_read(args)):
+        if not read:  # not built: megatron-core would loop for ever on a split with no tokens
+            config.split_matrix[i] = None
     cls = MockGPTDataset if sources is None else GPTDataset
     sizes = list(split_sizes(args))
     return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+def check_batch_tokens(batch, vocab_size: int) -> None:
+    """Every token of a batch must be a token of the model's vocabulary (a larger id would fail deep
+    inside the embedding); one line naming the id. The run plan checks the files, this every batch."""
+    from megatron_ext.data.data_checks import DataFileError
+
+    largest = int(batch["tokens"].max())
+    if largest >= vocab_size:
+        raise DataFileError(f"a training batch holds token id {largest}, but the tokenizer has {vocab_size} tokens: "
+                            "the data was made with another tokenizer (--tokenizer-model / TOKENIZER_MODEL)")
 
 
 class PretrainingBatchSampler:

@@ -1,9 +1,15 @@
 """Tokenize text corpora into megatron-core indexed datasets (``<prefix>_<key>_document.bin/.idx``).
 
-Inputs are files, directories (walked recursively, hidden files and ``.bin``/``.idx`` skipped) or
-globs. ``.jsonl``/``.json`` files are JSON lines, one document per line, read from ``--json-keys``
-(one output dataset per key). Any other file is plain text: the whole file is one document, or
-each non-blank line with ``--text-split-lines``.
+Inputs are files, directories (walked recursively) or globs. ``.jsonl``/``.json`` files are JSON
+lines, one document per line, read from ``--json-keys`` (one output dataset per key). Any other
+file is plain text: the whole file is one document, or each non-blank line with
+``--text-split-lines``.
+
+A file named on the command line is always an input (a bad one is an error). A file FOUND in a
+folder or by a glob is an input only if it can be read as one: a ``.jsonl``/``.json`` file whose
+first record is a JSON object with every ``--json-keys`` key, or any other file whose first 64 KiB
+are UTF-8 text without NUL bytes. Hidden files, our own ``.bin``/``.idx`` outputs and everything
+else (images, binaries, JSON of another shape) are skipped, and the summary says which and why.
 
 Each document is stored as ONE sequence (lengths ``[len(doc)]``), with the end-of-document token
 appended unless ``--no-append-eod``. Documents that tokenize to nothing are skipped and counted:
@@ -99,17 +105,55 @@ def _is_json(path: str) -> bool:
     return path.endswith((".jsonl", ".json"))
 
 
-def _files_under(folder: str) -> List[str]:
+SNIFF_BYTES = 64 << 10
+
+
+def unreadable_reason(path: str, json_keys: Sequence[str]) -> Optional[str]:
+    """Why a file found in a folder is not an input (None: it is one); see the module docstring."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if _is_json(path):
+        first = next((line for line in head.splitlines() if line.strip()), b"")
+        try:
+            obj = json.loads(first)
+        except (ValueError, UnicodeDecodeError):
+            return "not JSON lines"
+        missing = [k for k in json_keys if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
+        return f"no {', '.join(repr(k) for k in missing)} text (--json-keys)" if missing else None
+    if b"\0" in head:
+        return "binary"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # a multi-byte character cut by the 64 KiB window is fine
+            return "not UTF-8 text"
+    return None
+
+
+def _files_under(folder: str, json_keys: Sequence[str], skipped: List[Tuple[str, str]]) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in sorted(files)
-                  if not f.startswith(".") and not f.endswith(SKIPPED_SUFFIXES)]
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.startswith(".") or name.endswith(SKIPPED_SUFFIXES):
+                continue
+            reason = unreadable_reason(path, json_keys)
+            if reason is None:
+                found.append(path)
+            else:
+                skipped.append((path, reason))
     return found
 
 
-def expand_inputs(patterns: Sequence[str]) -> List[str]:
-    """Files named by ``--input``, in order, each once; raises InputError for a dead entry."""
+def expand_inputs(patterns: Sequence[str], json_keys: Sequence[str] = ("text",),
+                  skipped: Optional[List[Tuple[str, str]]] = None) -> List[str]:
+    """Files named by ``--input``, in order, each once; raises InputError for a dead entry. Files
+    found in folders or by globs that are not inputs go to ``skipped`` as (path, why)."""
+    skipped = [] if skipped is None else skipped
     files: List[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
@@ -117,15 +161,19 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
             found = []
             for match in sorted(glob.glob(path, recursive=True)):
                 if os.path.isdir(match):
-                    found += _files_under(match)
+                    found += _files_under(match, json_keys, skipped)
                 elif not match.endswith(SKIPPED_SUFFIXES):
-                    found.append(match)
+                    reason = unreadable_reason(match, json_keys)
+                    if reason is None:
+                        found.append(match)
+                    else:
+                        skipped.append((match, reason))
             if not found:
-                raise InputError(f"--input: no files match {pattern}")
+                raise InputError(f"--input: no files match {pattern}" + _skipped_note(skipped))
         elif os.path.isdir(path):
-            found = _files_under(path)
+            found = _files_under(path, json_keys, skipped)
             if not found:
-                raise InputError(f"--input: folder {pattern} holds no input files")
+                raise InputError(f"--input: folder {pattern} holds no input files" + _skipped_note(skipped))
         elif os.path.isfile(path):
             found = [path]
         else:
@@ -137,6 +185,15 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
             seen.add(os.path.realpath(f))
             unique.append(f)
     return unique
+
+
+def _skipped_list(skipped: Sequence[Tuple[str, str]]) -> str:
+    shown = "; ".join(f"{path} ({why})" for path, why in skipped[:5])
+    return shown + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+
+
+def _skipped_note(skipped: Sequence[Tuple[str, str]]) -> str:
+    return f" ({len(skipped)} skipped: {_skipped_list(skipped)})" if skipped else ""
 
 
 # The reader sends batches of raw documents (Task); decoding, JSON parsing and tokenizing happen in
@@ -341,7 +398,16 @@ def run(args: argparse.Namespace) -> str:
                             merge_file=args.merge_file, vocab_size=args.vocab_size)
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
-    files = expand_inputs(args.input)
+    folder = os.path.dirname(os.path.abspath(args.output_prefix))
+    blocker = next((d for d in [folder] + [os.path.dirname(m) for m in _missing_dirs(folder)]
+                    if os.path.exists(d) and not os.path.isdir(d)), None)
+    if blocker is not None:
+        raise InputError(f"--output-prefix {args.output_prefix}: {blocker} is a file, not a folder")
+    skipped: List[Tuple[str, str]] = []
+    files = expand_inputs(args.input, list(dict.fromkeys(args.json_keys)), skipped)
+    if skipped:
+        print(f"{PROG}: skipped {len(skipped)} file(s) found in folders that are not inputs: "
+              f"{_skipped_list(skipped)}", file=sys.stderr, flush=True)
     try:
         tokenizer = build_tokenizer(**tokenizer_kwargs)
     except (ValueError, OSError) as e:
@@ -439,3 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(2) from None
     print(summary, flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

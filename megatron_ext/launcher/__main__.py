@@ -20,9 +20,18 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_ext.platform.known_warnings import silence_known_warnings
+
+    silence_known_warnings()
     from megatron_ext.launcher.resolve import LaunchError, resolve, settings_table
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        from megatron_ext.arguments import build_parser
+        from megatron_ext.launcher.help import launcher_help
+
+        print(launcher_help() + build_parser(prog="train_alcf.sh").format_help())
+        return 0
     repo = os.environ.get("MEGATRON_EXT_ROOT") or os.getcwd()
     try:
         launch = resolve(os.environ, argv, repo)

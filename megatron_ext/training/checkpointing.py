@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from megatron_ext.fileio import TMP_PREFIX, fsync_dir, write_text_atomically
+from megatron_ext.fileio import TMP_PREFIX, fsync_dir, fsync_tree, write_text_atomically
 from megatron_ext.training.checkpoint_files import LATEST, TRACKER_FILE, own_checkpoints, read_latest, tag_for
 from megatron_ext.training.universal import universal_checkpoint_info
 
@@ -131,6 +131,9 @@ def publish_checkpoint(save_dir: str, staging: str, tag: str, iteration: int) ->
     """Make the complete staging directory ``tag`` and point ``latest`` (then Megatron's tracker
     file) at it. Each step is one rename, so ``latest`` always names a complete checkpoint."""
     staged, final = os.path.join(save_dir, staging), os.path.join(save_dir, tag)
+    # On disk before the rename makes it the checkpoint: a power loss (not only a kill) must never
+    # leave `latest` naming a folder whose files were still in the page cache.
+    fsync_tree(staged)
     if not os.path.lexists(final):
         os.rename(staged, final)
     elif _exchange(staged, final):  # an older save of the same iteration: swapped out in one step
@@ -171,6 +174,27 @@ def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
     return doomed
 
 
+def _continual_pretraining_note(client: Dict[str, Any], args) -> str:
+    """``--finetune`` (continual pretraining): the LR the checkpoint was at against the max LR this
+    run warms up to; a checkpoint that had already cooled down is pointed out (the ALCF guide's
+    advice: continue from a checkpoint taken at the max LR, before the cooldown)."""
+    from megatron_ext.schedules.common.scheduler import LRSchedule, ScheduleResumeError
+
+    state = client.get("lr_scheduler") or {}
+    try:
+        schedule = LRSchedule.from_state(state["schedule"])
+    except (KeyError, TypeError, ScheduleResumeError):
+        return ""
+    position = float(client.get("consumed_samples") or 0)
+    lr, peak = schedule.lr(position), schedule.span.max_lr
+    line = (f"continual pretraining from iteration {client.get('iteration')}: the checkpoint's LR there was "
+            f"{lr:.4g} (its max {peak:.4g}); this run warms up to --lr {args.lr:g}")
+    if peak > 0 and lr < 0.5 * peak:
+        line += (f"\nnote: that checkpoint had cooled down to {lr / peak:.0%} of its max LR; continual pretraining "
+                 "usually starts from a checkpoint taken at the max LR, before the cooldown")
+    return line
+
+
 def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     """Resume from ``args.load``. Returns ``{"iteration", "consumed_samples", "path"}`` (zeros and
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
@@ -208,6 +232,9 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
         if warning:
             print_rank0(f"warning: {warning}")
     if args.finetune:
+        note = _continual_pretraining_note(client, args)
+        if note:
+            print_rank0(note)
         return start
     start["iteration"] = client["iteration"]
     start["consumed_samples"] = client["consumed_samples"]

@@ -7,8 +7,9 @@ LR schedule; it is applied to every param group times the group's ``lr_mult`` by
 ``ParamScheduler`` (so hybrid optimizers' matrix groups, muP multipliers... move with it). The loss
 of each iteration, averaged over data-parallel ranks, is smoothed with a bias-corrected EMA
 (``avg = beta * avg + (1 - beta) * loss``, reported ``avg / (1 - beta ** k)``). The test stops
-early when the smoothed loss exceeds ``--lr-finder-stop-factor`` times the best smoothed loss so far,
-or at the first non-finite loss. No evaluation runs and no checkpoint is written.
+early when the smoothed loss exceeds ``--lr-finder-stop-factor`` (f) times the best smoothed loss
+so far, at the first non-finite loss, or when the raw loss diverges before the lagging smoothed
+loss shows it: one raw loss above f^2 x the best smoothed loss, or three in a row above f x it. No evaluation runs and no checkpoint is written.
 
 Suggestions, from the smoothed loss after dropping the first ``--lr-finder-skip-start`` (default
 N // 10) and the last ``--lr-finder-skip-end`` (default 5) recorded points:
@@ -39,6 +40,7 @@ PLOT_NAME = "lr_finder.png"
 CSV_HEADER = ["learning_rate", "loss", "smoothed_loss"]
 MODES = ("exponential", "linear")
 MIN_POINTS = 3  # fewer points left after trimming give no suggestion
+RAW_STOP_RUN = 3  # this many raw losses in a row above stop_factor x best also stop the sweep
 
 # dest -> default of every finder flag except --lr-finder itself (a flag given without --lr-finder is an error)
 DEFAULTS = {"lr_finder_start": 1e-7, "lr_finder_end": 10.0, "lr_finder_iters": None, "lr_finder_mode": "exponential",
@@ -127,6 +129,7 @@ class RangeTest:
         self.best = math.inf
         self.best_lr: Optional[float] = None
         self._avg = 0.0
+        self._above = 0  # consecutive raw losses above stop_factor x the best smoothed loss
         self.stop_reason: Optional[str] = None
 
     def lr(self, k: int) -> float:
@@ -150,6 +153,14 @@ class RangeTest:
         elif smooth > self.stop_factor * self.best:
             self.stop_reason = (f"diverged at lr {lr:.4g} (iteration {k}): smoothed loss {smooth:.4g} > "
                                 f"{self.stop_factor:g} x best {self.best:.4g}")
+        # The smoothed loss lags the raw one by ~1/(1-beta) iterations: on a short sweep a raw loss
+        # that has already exploded can keep the smoothed one under the factor to the end.
+        if self.stop_reason is None and math.isfinite(loss) and math.isfinite(self.best):
+            self._above = self._above + 1 if loss > self.stop_factor * self.best else 0
+            if loss > self.stop_factor ** 2 * self.best or self._above >= RAW_STOP_RUN:
+                self.stop_reason = (f"diverged at lr {lr:.4g} (iteration {k}): loss {loss:.4g} > "
+                                    f"{self.stop_factor ** 2 if self._above < RAW_STOP_RUN else self.stop_factor:g} x "
+                                    f"best smoothed {self.best:.4g}")
         if self.stop_reason is None and k >= self.iters:
             self.stop_reason = f"completed the sweep ({k} iterations, up to lr {lr:.4g})"
         return self.stop_reason

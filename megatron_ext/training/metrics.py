@@ -36,12 +36,15 @@ def format_log_line(r: dict, train_iters: int) -> str:
     )
 
 
-def startup_table(plan, num_params: int, start: dict) -> str:
-    """The start-up block: the run plan's rows, the parameter count and where the run starts."""
-    rows = [("parameters", f"{num_params:,}"), *plan.rows(),
+def startup_table(plan, num_params: int, start: dict, schedule: str = "") -> str:
+    """The start-up block: the run plan's rows (with ``schedule``, the one that actually runs after
+    a checkpoint was loaded), the parameter count and where the run starts."""
+    rows = [(k, schedule) if k == "lr schedule" and schedule else (k, v) for k, v in plan.rows()]
+    rows = [("parameters", f"{num_params:,}"), *rows,
             ("resumed from", start["path"] or "-"), ("start iteration", start["iteration"])]
     width = max(len(k) for k, _ in rows)
-    lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows] + ["-" * 60]
+    lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows]
+    lines += [f"  note: {note}" for note in plan.notes] + ["-" * 60]
     return "\n".join(lines)
 
 

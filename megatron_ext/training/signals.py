@@ -12,12 +12,48 @@ leaves the previous checkpoint as ``latest``.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Dict, Optional
 
 import torch
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StartupInterrupted(Exception):
+    """SIGTERM/SIGUSR1 arrived before the first iteration: nothing to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_startup: Dict[int, object] = {}  # the handlers the start-up handler replaced
+
+
+def _interrupt_startup(signum, frame):
+    raise StartupInterrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible_startup():
+    """Until ``startup_complete``, SIGTERM/SIGUSR1 (a batch job ending while the run is still
+    starting) raise ``StartupInterrupted``, which the entry point turns into one line and exit 0."""
+    for sig in EXIT_SIGNALS:
+        _startup[sig] = signal.signal(sig, _interrupt_startup)
+    try:
+        yield
+    finally:
+        startup_complete()
+
+
+def startup_complete() -> None:
+    """The training loop begins: the previous handlers come back (``--exit-signal-handler`` installs
+    its own over them)."""
+    while _startup:
+        sig, previous = _startup.popitem()
+        signal.signal(sig, previous)
 
 
 class ExitSignalHandler:

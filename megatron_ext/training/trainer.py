@@ -103,12 +103,12 @@ def start_session(plan) -> Session:
 def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     """Run ``plan`` (``megatron_ext.plan.build_plan``) in ``mode`` (default: what its flags ask)."""
     from megatron_ext import moe_mtp
-    from megatron_ext.data.gpt_data import make_loader
+    from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.platform import accelerator
     from megatron_ext.training import checkpointing
     from megatron_ext.training.evaluation import MultipleChoiceEval
-    from megatron_ext.training.signals import ExitSignalHandler
+    from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
     args = plan.args
     mode = mode or mode_for(plan)
@@ -128,7 +128,9 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
 
     metrics = MetricsWriter(args)
     train_losses, valid_losses = [], []
-    print_rank0(startup_table(plan, s.num_params, start))
+    print_rank0(startup_table(plan, s.num_params, start, scheduler.describe()))
+    for warning in scheduler.resume_warnings(iteration, end):
+        print_rank0(warning)
     if args.save and torch.distributed.get_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "ds_config.json"), "w") as f:
@@ -152,6 +154,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     plain_fp32_engine = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
     own_grad_norm = None
     window_start, window_iters, tokens_per_second = time.time(), 0, 0.0
+    startup_complete()  # a SIGTERM from here on is the loop's (train.py: before, it ends the start-up)
     exit_signal, stop_signal = ExitSignalHandler.from_args(args, device), 0  # --exit-signal-handler
 
     while iteration < end:
@@ -162,6 +165,8 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         lr = scheduler.step(consumed)
         logging_now = (iteration + 1) % args.log_interval == 0 or iteration + 1 == end
         batches = [next(train_iter) for _ in range(args.gradient_accumulation_steps)]
+        for batch in batches:
+            check_batch_tokens(batch, plan.tokenizer.vocab_size)
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
         iteration_loss = torch.zeros((), device=device)

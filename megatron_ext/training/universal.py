@@ -221,7 +221,9 @@ class ConverterOptions:
     strict: bool = True  # --no_strict: tolerate parameter patterns that match nothing
 
 
-def _run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log) -> None:
+def _run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log, bars=None) -> None:
+    """DeepSpeed's converter with its prints in ``log`` and its progress bars (stderr) in ``bars``
+    (default ``log``)."""
     from deepspeed.checkpoint import ds_to_universal
 
     merge = options.merge_workers or max(1, options.extract_workers // 2)
@@ -229,7 +231,7 @@ def _run_converter(input_folder: str, output_folder: str, options: ConverterOpti
                             num_extract_workers=options.extract_workers, num_merge_workers=merge,
                             keep_temp_folder=options.keep_temp_folder, strict=options.strict,
                             inject_missing_state=False)
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(bars or log):
         ds_to_universal.main(ns)
 
 
@@ -266,12 +268,17 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_name}.{os.getpid()}.", dir=parent)
     record = {"placeholders": set(), "not_carried": set()}
     log = sys.stderr if verbose else io.StringIO()
+    # On a terminal a long conversion shows where it is: our stages and DeepSpeed's progress bars.
+    progress = verbose or sys.stderr.isatty()
+    say = (lambda m: print(f"to-universal: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     try:
         staged_in = os.path.join(staging, "in", os.path.basename(tag_dir))
         staged_out = os.path.join(staging, "out", out_name)
+        say(f"staging {tag_dir} (iteration {facts['iteration']}, {len(facts['optim_files'])} ZeRO partition files)")
         _stage_input(tag_dir, staged_in, record)
+        say("extracting and merging with DeepSpeed's ds_to_universal")
         try:
-            _run_converter(staged_in, staged_out, options, log)
+            _run_converter(staged_in, staged_out, options, log, sys.stderr if progress else None)
         except Exception as e:  # noqa: BLE001 - the converter's own failure, reported in one line
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             hint = "" if verbose else " (run again with --verbose for the converter's output)"

@@ -467,6 +467,7 @@ class ParamScheduler:
         self.position = 0.0
         self.current_lr = schedule.lr(0.0)
         self.current_wd = self.wd_schedule.wd(0.0)
+        self.source = "the command line"  # where the schedule that runs came from (said at start-up)
 
     @classmethod
     def from_args(cls, optimizer, args) -> "ParamScheduler":
@@ -508,12 +509,72 @@ class ParamScheduler:
         position = float(state["position"])
         if self.cooldown_iterations is not None:
             self._start_or_continue_cooldown(state, position)
+            self.source = f"the checkpoint, cooled down from it (--lr-cooldown-from-checkpoint {self.cooldown_iterations})"
         elif self.resume == "checkpoint":
             self.schedule = LRSchedule.from_state(state["schedule"])
             self.wd_schedule = WeightDecaySchedule.from_state(state["weight_decay"])
+            self.source = "the checkpoint (--use-checkpoint-opt-param-scheduler)"
         elif self.resume == "match":
             self._check_matches(state)
+            self.source = "the command line (equal to the checkpoint's)"
+        else:
+            self.source = "the command line (--override-opt-param-scheduler)"
         self.step(position)
+
+    # -- what runs ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """The schedule that runs, in iterations, and where it came from (the start-up block); ''
+        for a curve that is not an LRSchedule (the LR finder's sweep says what it is itself)."""
+        if not isinstance(self.schedule, LRSchedule):
+            return ""
+        s, gb = self.schedule, float(self.global_batch_size or 1)
+        phases = ", ".join(f"{label} at iteration {pos / gb:g}" for label, pos in s.phases())
+        return (f"{s.style_name} (lr {s.span.max_lr:g}, min {s.span.min_lr:g}{'; ' + phases if phases else ''}) "
+                f"from {self.source}")
+
+    def at_min_lr(self, first_iteration: int, end_iteration: int, samples: int = 2000) -> Optional[int]:
+        """The first iteration of ``[first_iteration, end_iteration)`` from which every iteration runs
+        at --min-lr (None: none does). Checked on at most ``samples`` iterations."""
+        gb = float(self.global_batch_size or 1)
+        floor = self.schedule.span.min_lr + 1e-12 * max(self.schedule.span.max_lr, 1e-30)
+        n = end_iteration - first_iteration
+        if n <= 0:
+            return None
+        stride = max(1, n // samples)
+        iterations = list(range(first_iteration, end_iteration, stride))
+        if iterations[-1] != end_iteration - 1:
+            iterations.append(end_iteration - 1)
+        first = None
+        for it in iterations:
+            if self.schedule.lr(it * gb) <= floor:
+                first = it if first is None else first
+            else:
+                first = None
+        return first
+
+    def resume_warnings(self, start_iteration: int, end_iteration: int) -> List[str]:
+        """What a resumed run should be told before it trains: iterations it will spend at --min-lr,
+        a schedule that ends before --train-iters, with the flags that do what was probably meant."""
+        if start_iteration <= 0 or end_iteration <= start_iteration or not isinstance(self.schedule, LRSchedule):
+            return []
+        gb = float(self.global_batch_size or 1)
+        s = self.schedule
+        out = []
+        first = self.at_min_lr(start_iteration, end_iteration)
+        schedule_end = s.span.train_end / gb
+        fixes = ("--override-opt-param-scheduler (with a longer --lr-decay-iters or --train-iters: the command "
+                 "line's curve, whose LR at this iteration may jump), --lr-cooldown-from-checkpoint R (cool a "
+                 "constant/WSD run down from here), or load with --finetune and re-warm (continual pretraining)")
+        if first is not None:
+            n = end_iteration - first
+            out.append(f"WARNING: iterations {first + 1}-{end_iteration} ({n} of the {end_iteration - start_iteration} "
+                       f"this run trains) run at --min-lr {s.span.min_lr:g}: the schedule from {self.source} has "
+                       f"decayed by then; to train on at a useful LR use {fixes}")
+        elif schedule_end < end_iteration - 1e-9:
+            out.append(f"WARNING: the schedule from {self.source} was made for {schedule_end:g} iterations and this "
+                       f"run trains to {end_iteration}; its curve past iteration {schedule_end:g} is what the "
+                       f"style gives there (check with megatron-ext schedule); see {fixes}")
+        return out
 
     def _check_matches(self, state) -> None:
         theirs = LRSchedule.from_state(state["schedule"])
