@@ -135,6 +135,35 @@ def add_init_arguments(g) -> None:
                    help=f"one of: {', '.join(PARAMETRIZATIONS.names())} (default sp)")
 
 
+# Flags the ALCF fork's launcher (ALCF/helpers.sh) passes that change nothing in this trainer:
+# accepted, and each one given is said once at start-up (the run plan's notes), never silently.
+# (flag, argparse kwargs, what it means here)
+MEGATRON_DEEPSPEED_NO_OPS = (
+    ("--no-bias-gelu-fusion", {}, "fusions are always off here: the plain torch paths run"),
+    ("--no-bias-dropout-fusion", {}, "fusions are always off here: the plain torch paths run"),
+    ("--no-masked-softmax-fusion", {}, "fusions are always off here: the plain torch paths run"),
+    ("--no-gradient-accumulation-fusion", {}, "fusions are always off here: the plain torch paths run"),
+    ("--no-query-key-layer-scaling", {}, "query-key layer scaling is always off here (megatron-core's default)"),
+    ("--deepspeed-activation-checkpointing", {},
+     "activation recomputation is megatron-core's (--recompute-activations); DeepSpeed's is not used"),
+    ("--shuffle-sample-in-corpus", {}, "megatron-core's GPTDataset already shuffles the samples of every corpus"),
+    ("--blend-sample-in-corpus", {}, "the blend of a data file list is megatron-core's, by corpus weight"),
+    ("--log-timers-to-tensorboard", {}, "timers are not written to TensorBoard; the log line has the step time"),
+    ("--log-optimizer-states-to-tensorboard", {}, "optimizer states are not written to TensorBoard"),
+    ("--timing-log-level", {"type": int}, "timers are not logged by level; the log line has the step time"),
+)
+
+
+def _no_op_dest(flag: str) -> str:
+    return "megatron_deepspeed_" + flag.lstrip("-").replace("-", "_")
+
+
+def given_no_op_flags(args) -> List[str]:
+    """Notes for the accepted-but-inert Megatron-DeepSpeed flags ``args`` carries."""
+    return [f"{flag}: accepted for Megatron-DeepSpeed compatibility; {meaning}"
+            for flag, _, meaning in MEGATRON_DEEPSPEED_NO_OPS if getattr(args, _no_op_dest(flag), None) not in (None, False)]
+
+
 def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     registry.load_plugins()
     from megatron_ext.optimizers import OPTIMIZERS
@@ -172,7 +201,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default=None)
     g.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type",
                    action="store_const", const="rope")
-    g.add_argument("--rope-theta", "--rotary-base", dest="rope_theta", type=finite_float, default=10000.0)
+    g.add_argument("--rope-theta", "--rotary-base", "--rotary-position-embeddings-theta", dest="rope_theta",
+                   type=finite_float, default=10000.0)
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="Llama 3.x rotary frequency scaling (megatron-core: low/high frequency factors 1 and 4, "
                         "original context 8192); models imported with megatron-ext import-hf set it")
@@ -223,9 +253,13 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="0 disables clipping")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in fp32 (DeepSpeed's bf16 optimizer; ZeRO 1 "
+                        "only, noted otherwise)")
     g.add_argument("--recompute-activations", "--checkpoint-activations", dest="recompute_activations",
                    action="store_true", help="activation checkpointing: recompute whole layers in backward")
-    g.add_argument("--recompute-num-layers", type=positive_int, default=1,
+    g.add_argument("--recompute-num-layers", "--checkpoint-num-layers", dest="recompute_num_layers",
+                   type=positive_int, default=1,
                    help="layers per checkpointed chunk (with --recompute-activations)")
     g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop (after saving) once the iteration is a multiple of this")
@@ -237,6 +271,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--no-pipeline-parallel", action="store_true", help="accepted; pipelining is off")
     g.add_argument("--deepspeed", action="store_true", help="accepted; DeepSpeed is always used")
+    g.add_argument("--ds-sequence-parallel-size", type=positive_int, default=1,
+                   help="DeepSpeed-Ulysses sequence parallelism: only 1 (not supported yet)")
     g.add_argument("--deepspeed-config", default=None,
                    help="a DeepSpeed JSON config; its settings win, batch sizes must agree with the flags")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
@@ -281,6 +317,11 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases (when wandb is installed)")
     g.add_argument("--wandb-exp-name", default=None)
     add_mc_eval_arguments(p.add_argument_group("multiple-choice evaluation"))
+
+    g = p.add_argument_group("accepted for Megatron-DeepSpeed compatibility (no effect; each is noted at start-up)")
+    for flag, kwargs, meaning in MEGATRON_DEEPSPEED_NO_OPS:
+        action = {"default": None} if kwargs else {"action": "store_true"}
+        g.add_argument(flag, dest=_no_op_dest(flag), help=meaning, **kwargs, **action)
 
     add_lr_finder_arguments(p.add_argument_group("LR finder"))
 

@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_ext.arguments import MODEL_STYLES, ArgumentsError, build_parser
+from megatron_ext.arguments import MODEL_STYLES, ArgumentsError, build_parser, given_no_op_flags
 from megatron_ext.registry import EngineSettings
 
 
@@ -133,12 +133,13 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         _data_flags(a)
         _resume_own_checkpoint(a, notes)
         _checkpoint_flags(a)
-        ds_config, engine = _deepspeed(a, check_files)
+        ds_config, engine = _deepspeed(a, check_files, notes)
         sources, tokenizer = _files(a, check_files, notes)
         plugins = _check_plugins(a, engine)
         schedule = _schedule(a)
         mc_examples = _mc_eval(a, tokenizer)
         _lr_finder(a)
+        notes.extend(given_no_op_flags(a))
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     from megatron_ext.parametrizations import parametrization_for
@@ -157,6 +158,9 @@ def _model_shape(a) -> None:
         if getattr(a, key) is None:
             setattr(a, key, value)
     tp = a.tensor_model_parallel_size
+    if a.ds_sequence_parallel_size != 1:
+        raise ArgumentsError(f"--ds-sequence-parallel-size {a.ds_sequence_parallel_size}: sequence parallelism "
+                             "(DeepSpeed-Ulysses) is not supported yet; use 1")
     if a.pipeline_model_parallel_size != 1:
         raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
     if a.num_attention_heads % tp:
@@ -288,11 +292,11 @@ def _checkpoint_flags(a) -> None:
         a.tensorboard_dir = os.path.join(a.save, "tensorboard")
 
 
-def _deepspeed(a, check_files: bool) -> Tuple[Dict[str, Any], EngineSettings]:
+def _deepspeed(a, check_files: bool, notes: List[str]) -> Tuple[Dict[str, Any], EngineSettings]:
     """The DeepSpeed config (flags, then the user's JSON: its keys win) and the engine it gives. The
     engine rules are checked on the MERGED config: a user JSON that sets the ZeRO stage or offload
     is what runs. Without ``check_files`` a --deepspeed-config not written yet is left out."""
-    from megatron_ext.training.deepspeed_config import build_deepspeed_config, engine_settings
+    from megatron_ext.training.deepspeed_config import build_deepspeed_config, engine_settings, fp32_gradient_accumulation
 
     if a.deepspeed_config and not os.path.isfile(a.deepspeed_config):
         if check_files:
@@ -307,6 +311,9 @@ def _deepspeed(a, check_files: bool) -> Tuple[Dict[str, Any], EngineSettings]:
     a.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
     if engine.cpu_offload and engine.zero_stage == 0:
         raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
+    why_not = fp32_gradient_accumulation(a, engine)
+    if a.accumulate_allreduce_grads_in_fp32 and why_not not in (None, "fp32"):
+        notes.append(f"--accumulate-allreduce-grads-in-fp32: not applied: {why_not}")
     if a.universal_checkpoint and engine.zero_stage not in (1, 2):
         # Verified: ZeRO 0 fails reading the optimizer state, ZeRO 3 finds no model-states files.
         raise ArgumentsError(f"--universal-checkpoint needs --zero-stage 1 or 2 (DeepSpeed 0.19.8 cannot load a "

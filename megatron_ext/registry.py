@@ -93,6 +93,8 @@ class EngineSupport:
     cpu_offload: bool = True
     tensor_parallel: bool = True
     precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")
+    # whether it runs under DeepSpeed's bf16 optimizer (bf16 weights, fp32 gradient accumulation)
+    bf16_optimizer: bool = True
     reason: str = ""
 
     def problem(self, who: str, engine: EngineSettings) -> Optional[str]:

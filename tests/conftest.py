@@ -137,10 +137,11 @@ def repo():
     return REPO
 
 
-def make_hf_corpus(folder):
+def make_hf_corpus(folder, documents=600, tokenizer=None):
     """A real (tiny) data set with a Hugging Face tokenizer: ``folder/tokenizer.json`` (byte-level BPE
-    with ``</s>``), ``folder/corpus_text_document.{bin,idx}`` (600 short documents) and a data file
-    list ``folder/list.txt``. Built in-process in about a second."""
+    with ``</s>``, or ``tokenizer`` when given), ``folder/corpus_text_document.{bin,idx}``
+    (``documents`` short documents) and a data file list ``folder/list.txt``. Built in-process in
+    about a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from megatron_ext.data.preprocess import main as preprocess
@@ -148,18 +149,19 @@ def make_hf_corpus(folder):
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
     words = "the a model trains on data and learns to predict the next token of its text".split()
-    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 9)) for i in range(600)]
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 9)) for i in range(documents)]
     with open(os.path.join(folder, "corpus.jsonl"), "w") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}) + "\n")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = os.path.join(folder, "tokenizer.json")
-    tok.save(tokenizer)
+    if tokenizer is None:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = os.path.join(folder, "tokenizer.json")
+        tok.save(tokenizer)
     prefix = os.path.join(folder, "corpus")
     preprocess(["--input", os.path.join(folder, "corpus.jsonl"), "--output-prefix", prefix,
                 "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tokenizer])

@@ -34,7 +34,8 @@ LAMB_ARGS = ADAM_ARGS + (
 )
 
 # Per-tensor norms are completed over ZeRO 1/2's flat partitions; ZeRO 3 partitions per parameter.
-LAMB_ENGINE = EngineSupport(zero_stages=(0, 1, 2), reason="per-tensor trust ratios over ZeRO 3 partitions")
+LAMB_ENGINE = EngineSupport(zero_stages=(0, 1, 2), bf16_optimizer=False,
+                            reason="per-tensor trust ratios over ZeRO 3 partitions")
 
 
 def validate_lamb_args(args):

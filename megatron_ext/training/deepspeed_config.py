@@ -3,6 +3,7 @@ every key it sets, except that its batch sizes must agree with the flags (DeepSp
 otherwise fail later, or train a different batch than the one logged). ``engine_settings`` reads
 the engine the merged config gives (the run plan checks every rule against that)."""
 import json
+from typing import Optional
 
 from megatron_ext.registry import EngineSettings
 
@@ -57,9 +58,28 @@ def build_deepspeed_config(args) -> dict:
         config = _merge(config, {k: v for k, v in user.items() if k not in BATCH_KEYS})
     if getattr(args, "universal_checkpoint", False):
         config = _merge(config, {"checkpoint": {"load_universal": True}})
-    if engine_settings(config, 1).cpu_offload:  # also when the user's JSON asks for the offload
+    engine = engine_settings(config, 1)
+    if engine.cpu_offload:  # also when the user's JSON asks for the offload
         config.setdefault("zero_force_ds_cpu_optimizer", False)
+    if fp32_gradient_accumulation(args, engine) is None:
+        config = _merge(config, {"data_types": {"grad_accum_dtype": "fp32"}})
     return config
+
+
+def fp32_gradient_accumulation(args, engine: EngineSettings) -> Optional[str]:
+    """``--accumulate-allreduce-grads-in-fp32``: None when it applies (bf16 weights at ZeRO 1 without
+    offload, DeepSpeed 0.19.8's bf16 optimizer, and an optimizer that runs under it), else why not
+    (fp32 runs accumulate in fp32 anyway; elsewhere DeepSpeed accumulates in the weights' precision)."""
+    from megatron_ext.optimizers import OPTIMIZERS
+
+    if not getattr(args, "accumulate_allreduce_grads_in_fp32", False) or engine.precision == "fp32":
+        return "fp32"
+    if engine.precision != "bf16" or engine.zero_stage != 1 or engine.cpu_offload:
+        return (f"DeepSpeed accumulates gradients in fp32 only for bf16 at ZeRO 1 without offload (this run: "
+                f"{engine.precision}, ZeRO {engine.zero_stage}{', offload' if engine.cpu_offload else ''})")
+    if not OPTIMIZERS.get(args.optimizer).engine.bf16_optimizer:
+        return f"--optimizer {args.optimizer} does not run under DeepSpeed's bf16 optimizer"
+    return None
 
 
 def engine_settings(config: dict, tensor_parallel: int) -> EngineSettings:

@@ -61,7 +61,8 @@ class UnsupportedEngineSetting(ValueError):
 # The engine support of an optimizer with evaluation weights (``eval_mode``): they are switched
 # into the model by ``sync_model_from_master``, which knows ZeRO 0/1/2 layouts only.
 SWITCHES_EVALUATION_WEIGHTS = EngineSupport(
-    zero_stages=(0, 1, 2), reason="its evaluation weights cannot be switched into a ZeRO 3 partitioned model")
+    zero_stages=(0, 1, 2), bf16_optimizer=False,
+    reason="its evaluation weights cannot be switched into a ZeRO 3 partitioned model")
 
 
 def _has(optimizer, name: str) -> bool:

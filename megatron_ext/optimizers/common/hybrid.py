@@ -68,7 +68,7 @@ def _data_parallel_group():
 
 # Whole matrices are gathered from ZeRO 1/2 partitions on the accelerator; ZeRO 3 partitions each
 # parameter and ZeRO-Offload steps on the CPU copy, where neither gathering is implemented.
-WHOLE_MATRICES = EngineSupport(zero_stages=(0, 1, 2), cpu_offload=False,
+WHOLE_MATRICES = EngineSupport(zero_stages=(0, 1, 2), cpu_offload=False, bf16_optimizer=False,
                                reason="whole matrices are gathered from ZeRO 0/1/2 layouts only")
 
 class HybridMatrixOptimizer(torch.optim.Optimizer):
