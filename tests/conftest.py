@@ -174,3 +174,35 @@ def make_hf_corpus(folder, documents=600, tokenizer=None):
 @pytest.fixture(scope="session")
 def hf_corpus(tmp_path_factory):
     return make_hf_corpus(tmp_path_factory.mktemp("hf_corpus"))
+
+
+# -- the layout-equivalence check -----------------------------------------------------------------
+# Engine layouts of one global batch of 4 samples: each must reproduce the single-process ZeRO run
+# (the same losses to float rounding). Multi-process layouts run under torchrun: slow tier.
+LAYOUTS = {
+    "zero1": (["--zero-stage", "1", "--micro-batch-size", "4"], 1),
+    "dp2-zero0": (["--zero-stage", "0", "--micro-batch-size", "2"], 2),
+    "dp2-zero1": (["--zero-stage", "1", "--micro-batch-size", "2"], 2),
+    "dp2-zero2": (["--zero-stage", "2", "--micro-batch-size", "1"], 2),  # with accumulation 2
+    "tp2": (["--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
+    "tp2-zero1": (["--zero-stage", "1", "--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
+}
+
+
+def layouts(*names):
+    """``pytest.param(name, flags, nproc)`` for these layouts (use as parametrize values)."""
+    return [pytest.param(name, *LAYOUTS[name], id=name, marks=[pytest.mark.slow] if LAYOUTS[name][1] > 1 else [])
+            for name in names]
+
+
+def run_metrics(flags, path, nproc=1):
+    """Train with ``flags`` writing ``path``; its train records by iteration (and the process)."""
+    proc = run_trainer(list(flags) + ["--metrics-file", str(path)], nproc=nproc)
+    return read_metrics(path), proc
+
+
+def assert_same_run(got, reference, iterations, rel=1e-5, abs=0.0, fields=("lm_loss",), name=""):
+    """``got`` reproduces ``reference`` (metrics by iteration) at ``iterations`` in ``fields``."""
+    for it in iterations:
+        for field in fields:
+            assert got[it][field] == pytest.approx(reference[it][field], rel=rel, abs=abs), (name, field, it)

@@ -183,6 +183,7 @@ def freeze_inside_a_save(proc, folder, keep, rng, timeout=60):
     raise AssertionError(f"never caught inside a save in {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, start_trainer):
     """Eight SIGKILLs, each of a run that resumed from what the previous kill left (so every trial
     is also a real resume of that `latest`): four caught inside a save, four at random instants."""
@@ -220,6 +221,7 @@ def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, start
     assert hidden(ck) == [] and steps(ck) == [end - 1, end] and latest_tag(ck) == f"global_step{end}"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, start_trainer):
     ck = str(tmp_path / "ck")
     log = str(tmp_path / "run.log")
@@ -238,6 +240,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, start_train
     assert iterations_from(resumed.stdout) == [last + 1]
 
 
+@pytest.mark.slow
 def test_signal_on_one_rank_stops_both_ranks_of_a_torchrun_dp2_run(tmp_path, start_trainer):
     ck = str(tmp_path / "ck")
     log = str(tmp_path / "run.log")

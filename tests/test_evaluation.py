@@ -122,6 +122,7 @@ def test_argmax_on_one_rank_is_torch_argmax_over_the_real_vocabulary():
     assert vocab_parallel_argmax(logits, 6).tolist() == logits[:, :6].argmax(dim=-1).tolist()
 
 
+@pytest.mark.slow
 def test_argmax_split_across_two_ranks_equals_one_rank(tmp_path):
     script = tmp_path / "tp_argmax.py"
     script.write_text(textwrap.dedent(f"""
@@ -207,6 +208,7 @@ def test_validation_records_have_next_token_accuracy(dp1):
     assert f"| accuracy: {valid[20]['accuracy']:.4f}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_tensor_parallel_accuracy_equals_one_rank(corpus, dp1):
     # Vocabulary padded to 384 as at TP 1 (128 x 2 would give 512): the same initial weights.
     run_trainer(train_args(corpus, "tp2") + ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by",
@@ -219,6 +221,7 @@ def test_tensor_parallel_accuracy_equals_one_rank(corpus, dp1):
         assert two[it]["lm_loss"] == pytest.approx(one[it]["lm_loss"], rel=1e-3), it
 
 
+@pytest.mark.slow
 def test_data_parallel_mc_accuracy_equals_one_rank(corpus, dp1):
     # 7 examples over 2 ranks: 4 and 3, the second rank runs one uncounted forward.
     run_trainer(train_args(corpus, "dp2", micro_batch=2), nproc=2)

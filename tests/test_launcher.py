@@ -198,13 +198,14 @@ def test_launch_modes(tmp_path):
     (dict(TP="3", NGPU_PER_HOST="3"), "TP=3 does not divide HEADS=4"),
 ])
 def test_bad_input_is_one_line_naming_the_variable(tmp_path, env, message):
-    proc = launch({**env, "SAVE": str(tmp_path / "run")}, dry_run=False)
+    proc = launch({**env, "SAVE": str(tmp_path / "run")})
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "iteration=" not in proc.stdout and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_with_two_processes_then_resume(tmp_path):
     """No variables but a short schedule: builds the corpus, trains with torchrun on 2 ranks, saves,
     and the same command resumes from the checkpoint."""
@@ -256,3 +257,11 @@ def test_plan_errors_name_the_variables_that_produced_the_flags(tmp_path):
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == ["train_alcf.sh: error: OPT=muon supports --zero-stage 0, 1 and 2, not 3 "
                                         "(whole matrices are gathered from ZeRO 0/1/2 layouts only)"]
+
+
+def test_bad_input_through_the_script_itself_starts_and_writes_nothing(tmp_path):
+    proc = launch(dict(GLOBAL_BATCH="10", MICRO_BATCH="4", SAVE=str(tmp_path / "run")), dry_run=False)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["train_alcf.sh: error: GLOBAL_BATCH=10 is not divisible by data-parallel "
+                                        "size 1 x MICRO_BATCH=4"]
+    assert "iteration=" not in proc.stdout and not (tmp_path / "run").exists()

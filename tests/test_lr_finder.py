@@ -194,6 +194,7 @@ def test_range_test_stops_on_divergence_and_suggests_inside_the_sweep(dp1):
         assert result["files"]["plot"] is None and "no plot (matplotlib is not installed)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_give_the_same_curve(dp1, tmp_path):
     save1, _ = dp1
     save2 = tmp_path / "run"

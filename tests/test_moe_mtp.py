@@ -76,6 +76,7 @@ def test_logged_lm_loss_is_pure_and_the_auxiliary_losses_are_trained(tmp_path, r
     assert heavy[2]["lm_loss"] != pytest.approx(reference[2]["lm_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_match_the_accumulated_single_process(tmp_path, reference):
     """Each rank routes its own micro-batch, as the single process does micro-batch by micro-batch;
     the aux and MTP gradients must follow the LM loss's 1/accumulation scale for this to hold."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, _env, error_lines, read_metrics, run_trainer
+from conftest import TINY, _env, assert_same_run, error_lines, layouts, read_metrics, run_metrics, run_trainer
 from megatron_ext.optimizers.muon import Muon, newton_schulz
 
 A, B, C = 3.4445, -4.7750, 2.0315
@@ -105,20 +105,11 @@ def single_process(tmp_path_factory):
     return read_metrics(path)
 
 
-@pytest.mark.parametrize("name, extra, nproc", [
-    ("zero1", ["--zero-stage", "1", "--micro-batch-size", "4"], 1),
-    ("dp2-zero0", ["--zero-stage", "0", "--micro-batch-size", "2"], 2),
-    ("dp2-zero1", ["--zero-stage", "1", "--micro-batch-size", "2"], 2),
-    ("dp2-zero2", ["--zero-stage", "2", "--micro-batch-size", "1"], 2),
-    ("tp2", ["--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
-])
+@pytest.mark.parametrize("name, extra, nproc", layouts("zero1", "dp2-zero0", "dp2-zero1", "dp2-zero2", "tp2"))
 def test_engine_settings_reproduce_the_single_process_muon(tmp_path, single_process, name, extra, nproc):
     """With 2 data-parallel ranks each rank orthogonalises only the matrices it owns, then they swap."""
-    path = tmp_path / "m.jsonl"
-    run_trainer(STEPS + extra + ["--metrics-file", str(path)], nproc=nproc)
-    m = read_metrics(path)
-    for it in (1, 2, 3, 4):
-        assert m[it]["lm_loss"] == pytest.approx(single_process[it]["lm_loss"], rel=1e-5), (name, it)
+    m, _ = run_metrics(STEPS + extra, tmp_path / "m.jsonl", nproc)
+    assert_same_run(m, single_process, (1, 2, 3, 4), rel=1e-5, name=name)
 
 
 def test_muon_is_not_adamw_and_bf16_trains(tmp_path, single_process):

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, _env, read_metrics, run_trainer
+from conftest import REPO, TINY, _env, assert_same_run, layouts, read_metrics, run_metrics, run_trainer
 
 ITERS, HALF = 12, 6
 
@@ -126,6 +126,7 @@ def _metrics(dirs, name, split="train"):
 
 
 # -- every optimizer ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_short_run_decreases_loss(runs, opt):
     dirs = _ok(runs, f"{opt}/A")
@@ -135,6 +136,7 @@ def test_short_run_decreases_loss(runs, opt):
     assert final < first - 0.1, (opt, first, final)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(OPTIMIZERS) + ["adamwschedulefree-z0", "adamwschedulefree-z2"])
 def test_resume_reproduces_uninterrupted_run_exactly(runs, tag):
     dirs = _ok(runs, f"{tag}/A", f"{tag}/P", f"{tag}/R")
@@ -187,6 +189,7 @@ def _group_tensors(state, group, key):
     return torch.cat([state["state"][i][key].flatten().float() for i in group["params"]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", ["adamwschedulefree", "adamwschedulefree-z0", "adamwschedulefree-z2",
                                  "sgdschedulefree", "adamwschedulefree-bf16-z0", "adamwschedulefree-bf16-z1"])
 def test_schedulefree_evaluates_and_saves_the_averaged_weights(runs, tag):
@@ -226,6 +229,7 @@ def _hessian(ckpt):
     return h, state["param_groups"][0]
 
 
+@pytest.mark.slow
 def test_sophiag_hessian_refreshes_on_its_interval_only(runs):
     dirs = _ok(runs, "hess/z0")
     hs = {it: _hessian(os.path.join(dirs["hess/z0"], f"global_step{it}")) for it in (1, 2, 3, 4)}
@@ -238,6 +242,7 @@ def test_sophiag_hessian_refreshes_on_its_interval_only(runs):
     assert not __import__("torch").equal(h2, h3)
 
 
+@pytest.mark.slow
 def test_sophiag_hessian_ignores_gradient_clipping_and_zero_partitioning(runs):
     """The first estimate is the same with --clip-grad 1e-4 (clipping is off for the Hessian pass)
     and under ZeRO 1/2/3 (flat 1-D partitions) as under ZeRO 0."""
@@ -258,6 +263,7 @@ def _role_hessian_sums(ckpt, mp_rank, dp_rank=0):
             for g in state["param_groups"]}
 
 
+@pytest.mark.slow
 def test_sophiag_hessian_pass_with_tensor_parallelism_matches_single_process(runs, tmp_path):
     """TP=2 shards the vocabulary: labels are sampled from the full softmax, identically on both
     shards, so the Hessian estimate (summed over the shards) and the losses match TP=1."""
@@ -280,6 +286,7 @@ def test_sophiag_hessian_pass_with_tensor_parallelism_matches_single_process(run
         assert b[it]["lm_loss"] == pytest.approx(a[it]["lm_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sophiag_hessian_pass_with_data_parallelism_matches_single_process(runs, tmp_path):
     """DP=2 (ZeRO 1 partitions the Hessian between the ranks) against 1 process accumulating the
     same 2 micro-batches: labels are drawn per place in the global batch, so the estimate matches."""
@@ -328,18 +335,10 @@ LAMB_STEPS = TINY + ["--mock-data", "--train-iters", "4", "--global-batch-size",
                      "--optimizer", "lamb", "--eval-iters", "0"]
 
 
-@pytest.mark.parametrize("name, extra, nproc", [
-    ("zero1", ["--zero-stage", "1", "--micro-batch-size", "4"], 1),
-    ("dp2-zero1", ["--zero-stage", "1", "--micro-batch-size", "2"], 2),
-    ("dp2-zero2", ["--zero-stage", "2", "--micro-batch-size", "1"], 2),
-    ("tp2-zero1", ["--zero-stage", "1", "--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
-])
+@pytest.mark.parametrize("name, extra, nproc", layouts("zero1", "dp2-zero1", "dp2-zero2", "tp2-zero1"))
 def test_lamb_per_tensor_trust_ratios_under_zero_match_zero0(tmp_path, name, extra, nproc):
     """ZeRO 1/2 flatten the groups; the trust ratio must still be per tensor (norms completed
     across the data- and tensor-parallel ranks), so every setting reproduces ZeRO 0."""
-    ref, out = tmp_path / "z0.jsonl", tmp_path / "m.jsonl"
-    run_trainer(LAMB_STEPS + ["--zero-stage", "0", "--micro-batch-size", "4", "--metrics-file", str(ref)])
-    run_trainer(LAMB_STEPS + extra + ["--metrics-file", str(out)], nproc=nproc)
-    a, b = read_metrics(ref), read_metrics(out)
-    for it in (2, 3, 4):
-        assert b[it]["lm_loss"] == pytest.approx(a[it]["lm_loss"], rel=1e-5), (name, it)
+    a, _ = run_metrics(LAMB_STEPS + ["--zero-stage", "0", "--micro-batch-size", "4"], tmp_path / "z0.jsonl")
+    b, _ = run_metrics(LAMB_STEPS + extra, tmp_path / "m.jsonl", nproc)
+    assert_same_run(b, a, (2, 3, 4), rel=1e-5, name=name)

@@ -193,6 +193,7 @@ def test_completep_trains_under_deepspeed_zero1(tmp_path):
     assert "completep" in proc.stdout and "residual branches x0.5" in proc.stdout  # start-up table
 
 
+@pytest.mark.slow
 def test_coord_check_passes_for_mup_and_completep_and_shows_sp_blowing_up(tmp_path):
     out = tmp_path / "cc.json"
     proc = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "coord-check", "--widths", "32,64,128",
@@ -258,6 +259,7 @@ def test_launcher_variables_select_mup_and_completep(tmp_path):
     assert "--parametrization completep" in out and "--depth-base 2" in out
 
 
+@pytest.mark.slow
 def test_completep_with_own_output_init_is_the_same_model_at_tp2(tmp_path):
     """The re-drawn output layer and the forward multipliers do not depend on the TP size."""
     flags = TINY + ["--mock-data", "--train-iters", "3", "--parametrization", "completep", "--mup-base-hidden", "32",

@@ -55,6 +55,7 @@ def written_files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_jsonl_two_workers(tmp_path, sp_model, tok):
     texts = [sentence(i) for i in range(40)] + ["Unicode café 你好\nsecond line"]
     texts[5] = texts[17] = ""  # empty documents are skipped, not written as zero-length ones
@@ -79,6 +80,7 @@ def test_jsonl_two_workers(tmp_path, sp_model, tok):
                                                "corpus_text_document.idx"]
 
 
+@pytest.mark.slow
 def test_plain_text_folder_two_workers(tmp_path, sp_model, tok):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

@@ -3,6 +3,8 @@ a weighted data file list over two corpora, megatron-core blended datasets with 
 import json
 import random
 
+import pytest
+
 from conftest import TINY, read_metrics, run_trainer, run_module
 from megatron_ext.data.tokenizers import train_sentencepiece
 
@@ -19,6 +21,7 @@ def write_corpus(path, n_docs, seed):
             f.write(json.dumps({"text": text}) + "\n")
 
 
+@pytest.mark.slow
 def test_train_on_preprocessed_corpora_from_a_data_file_list(tmp_path):
     write_corpus(tmp_path / "a.jsonl", 300, 1)
     write_corpus(tmp_path / "b.jsonl", 200, 2)

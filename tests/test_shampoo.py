@@ -3,7 +3,7 @@ blocking), and the real trainer under ZeRO 0/1, DP=2 and TP=2, with exact resume
 import pytest
 import torch
 
-from conftest import TINY, error_lines, read_metrics, run_trainer
+from conftest import TINY, assert_same_run, error_lines, layouts, read_metrics, run_metrics, run_trainer
 from megatron_ext.optimizers.shampoo import Shampoo
 
 
@@ -83,17 +83,10 @@ def zero0(tmp_path_factory):
     return read_metrics(path)
 
 
-@pytest.mark.parametrize("name, extra, nproc", [
-    ("zero1", ["--zero-stage", "1", "--micro-batch-size", "4"], 1),
-    ("dp2-zero1", ["--zero-stage", "1", "--micro-batch-size", "2"], 2),
-    ("tp2", ["--tensor-model-parallel-size", "2", "--micro-batch-size", "4"], 2),
-])
+@pytest.mark.parametrize("name, extra, nproc", layouts("zero1", "dp2-zero1", "tp2"))
 def test_engine_settings_match_zero0(tmp_path, zero0, name, extra, nproc):
-    path = tmp_path / "m.jsonl"
-    run_trainer(STEPS + extra + ["--metrics-file", str(path)], nproc=nproc)
-    m = read_metrics(path)
-    for it in (1, 2, 3, 4):
-        assert m[it]["lm_loss"] == pytest.approx(zero0[it]["lm_loss"], rel=1e-5), (name, it)
+    m, _ = run_metrics(STEPS + extra, tmp_path / "m.jsonl", nproc)
+    assert_same_run(m, zero0, (1, 2, 3, 4), rel=1e-5, name=name)
     assert m[4]["lm_loss"] < m[1]["lm_loss"] - 0.1
 
 

@@ -208,6 +208,7 @@ def _wait_for_status(path, status, proc, timeout=600):
     raise AssertionError(f"{path} never said {status}")
 
 
+@pytest.mark.slow
 def test_sweep_trains_survives_failures_resumes_and_recommends(tmp_path, capsys):
     incomplete = tmp_path / "incomplete_checkpoint"  # 'latest' names a checkpoint that is not there
     incomplete.mkdir()

@@ -64,6 +64,7 @@ def dp2(tmp_path_factory):
                                  native4=native_dir(root / "native4", base / "global_step4"))
 
 
+@pytest.mark.slow
 def test_conversion_writes_universal_checkpoint_and_keeps_client_state(dp2):
     out = dp2.uni / "global_step4_universal"
     assert dp2.source_unchanged  # the converter works on a staged copy
@@ -89,12 +90,14 @@ def test_resume_at_dp1_continues_like_native_dp2(dp2, tmp_path):
     assert_continues(read_metrics(tmp_path / "m.jsonl"), dp2.ref, [5, 6, 7, 8])
 
 
+@pytest.mark.slow
 def test_resume_at_dp2_zero2_continues_like_native(dp2, tmp_path):
     run_trainer(TINY + ITERS + ["--zero-stage", "2", "--load", str(dp2.uni), "--universal-checkpoint",
                                 "--metrics-file", str(tmp_path / "m.jsonl")], nproc=2)
     assert_continues(read_metrics(tmp_path / "m.jsonl"), dp2.ref, [5, 6, 7, 8])
 
 
+@pytest.mark.slow
 def test_tp2_to_tp1_continues_like_native_tp2(tmp_path):
     base, uni = tmp_path / "base", tmp_path / "uni"
     flags = TINY + ["--mock-data", "--train-iters", "8"]  # TP=2 on 2 ranks: DP=1, global batch 2
@@ -214,6 +217,7 @@ def bad_run(args):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_shape_mismatch_names_the_first_tensor_and_both_shapes(dp2):
     want = "decoder.layers.0.mlp.linear_fc1.weight: shape (384, 64) in the checkpoint, (512, 64) in the model"
     line = bad_run(["--ffn-hidden-size", "256", "--load", str(dp2.uni), "--universal-checkpoint"])
@@ -222,6 +226,7 @@ def test_shape_mismatch_names_the_first_tensor_and_both_shapes(dp2):
     assert want in line and "global_step8" in line
 
 
+@pytest.mark.slow
 def test_native_checkpoint_at_another_layout_points_to_conversion(dp2):
     line = bad_run(["--load", str(dp2.base)])  # DP=2 ZeRO-1 optimizer partitions, loaded at DP=1
     assert "data-parallel size 2" in line and "megatron-ext to-universal" in line and "--no-load-optim" in line

@@ -391,13 +391,16 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     save, save_src = e.get("SAVE")
     load, load_src = e.get("LOAD")
     given_save = args.save or (os.path.abspath(save) if save else None)
+    given_load = args.load or (os.path.abspath(load) if load else None)
     args.save = given_save or os.path.join(repo, "checkpoints", "run")
+    args.load = given_load or args.save
     plan = _plan(args, world, check_files, f)
     if given_save is None:  # the descriptive default name, from what the plan resolved
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
+        args.load = given_load or args.save
+        plan = _plan(args, world, check_files, f)
     run_dir = os.path.abspath(args.save)
-    args.load = os.path.abspath(args.load or load or run_dir)
-    plan = _plan(args, world, check_files, f)
+    args.load = os.path.abspath(args.load)
     note("SAVE", run_dir, "--save" if "--save" in _normalised(extra_args) else save_src or "default (descriptive name)")
     note("LOAD", args.load, "--load" if "--load" in _normalised(extra_args) else load_src or "= SAVE")
     _show_plan(settings, notes, plan, f)

@@ -170,7 +170,7 @@ def _at_iteration(save: str, iteration: int, copy: str) -> str:
 def _our_schedule(**kw):
     """Our LR schedule for the harness's run (global batch 4, 20 iterations, warmup 2 iterations)."""
     from megatron_ext.arguments import build_parser
-    from megatron_ext.schedules.scheduler import build_schedule
+    from megatron_ext.schedules.common.scheduler import build_schedule
 
     args = build_parser().parse_args(["--mock-data"])
     fields = dict(global_batch_size=4, seq_length=64, train_iters=20, lr_warmup_iters=2)

@@ -121,7 +121,7 @@ def _fork_scheduler(*argv):
 
 
 def test_the_adapter_sets_the_lr_of_the_samples_consumed_and_saves_both_formats():
-    from megatron_ext.schedules.scheduler import build_schedule
+    from megatron_ext.schedules.common.scheduler import build_schedule
 
     adapter, opt, args = _fork_scheduler()
     curve = build_schedule(args)
