@@ -135,6 +135,8 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         _checkpoint_flags(a)
         ds_config, engine = _deepspeed(a, check_files, notes)
         sources, tokenizer = _files(a, check_files, notes)
+        if check_files:
+            _paths(a)
         plugins = _check_plugins(a, engine)
         schedule = _schedule(a)
         mc_examples = _mc_eval(a, tokenizer)
@@ -339,6 +341,19 @@ def _files(a, check_files: bool, notes: List[str]):
     a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
                                             a.tensor_model_parallel_size)
     return sources, tokenizer
+
+
+def _paths(a) -> None:
+    """Folders and files the run will read or write, checked before any work."""
+    from megatron_ext.training.checkpoint_loading import check_load_dir
+
+    if a.load:
+        check_load_dir(a)
+    for flag, path in (("--save", a.save), ("--tensorboard-dir", a.tensorboard_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ArgumentsError(f"{flag} {path} is a file, not a directory")
+    if a.metrics_file and os.path.isdir(a.metrics_file):
+        raise ArgumentsError(f"--metrics-file {a.metrics_file} is a directory, not a file")
 
 
 def _check_plugins(a, engine: EngineSettings) -> Dict[str, Any]:

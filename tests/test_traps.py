@@ -1,6 +1,7 @@
 """Nothing silent, nothing hung, nothing lost: the traps found by trying the project as its users
 would (issue 14). Each test fails on the code before its fix."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -239,3 +240,22 @@ def test_sigterm_while_starting_exits_cleanly_with_one_line(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     assert "received SIGTERM while starting (before the first iteration): nothing was trained or saved" in err
     assert "iteration=" not in out
+
+
+@pytest.mark.parametrize("make, flags, message", [
+    (lambda t: (t / "f").write_text("x"), ["--load", "{t}/f"], "--load {t}/f is a file, not a checkpoint directory"),
+    (lambda t: (t / "empty").mkdir(), ["--load", "{t}/empty", "--finetune"],
+     "--finetune: --load {t}/empty holds no checkpoint"),
+    (lambda t: (t / "f").write_text("x"), ["--save", "{t}/f"], "--save {t}/f is a file, not a directory"),
+    (lambda t: (t / "d").mkdir(), ["--metrics-file", "{t}/d"], "--metrics-file {t}/d is a directory, not a file"),
+])
+def test_paths_that_cannot_work_are_one_line_before_any_work(tmp_path, make, flags, message):
+    make(tmp_path)
+    with pytest.raises(ArgumentsError, match=re.escape(message.format(t=tmp_path))):
+        _plan(STEPS + ["--mock-data"] + [f.format(t=tmp_path) for f in flags])
+
+
+def test_the_command_line_tool_errors_are_one_line():
+    for argv in (["list", "--bogus"], ["nosuchcommand"]):
+        proc = run_module("megatron_ext.cli", argv)
+        assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr

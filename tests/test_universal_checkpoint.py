@@ -84,6 +84,7 @@ def test_conversion_writes_universal_checkpoint_and_keeps_client_state(dp2):
     assert all(v is not None for v in client["module"].values())  # megatron-core's None _extra_state dropped
 
 
+@pytest.mark.slow
 def test_resume_at_dp1_continues_like_native_dp2(dp2, tmp_path):
     run_trainer(TINY + ITERS + ["--load", str(dp2.uni), "--universal-checkpoint",
                                 "--metrics-file", str(tmp_path / "m.jsonl")])
@@ -110,6 +111,7 @@ def test_tp2_to_tp1_continues_like_native_tp2(tmp_path):
     assert_continues(read_metrics(tmp_path / "m.jsonl"), read_metrics(base / "metrics.jsonl"), [5, 6, 7, 8])
 
 
+@pytest.mark.slow
 def test_finetune_from_universal_resets_iteration_optimizer_and_schedule(dp2, tmp_path):
     flags = TINY + ITERS + ["--finetune", "--exit-interval", "3"]
     run_trainer(flags + ["--load", str(dp2.uni), "--universal-checkpoint", "--metrics-file", str(tmp_path / "u.jsonl")])
@@ -124,6 +126,7 @@ def test_finetune_from_universal_resets_iteration_optimizer_and_schedule(dp2, tm
     assert uni[1]["lm_loss"] < dp2.ref[1]["lm_loss"] - 0.1  # the trained weights, on the same first batch
 
 
+@pytest.mark.slow
 def test_no_load_optim_from_universal_starts_a_fresh_optimizer(dp2, tmp_path):
     flags = TINY + ITERS + ["--no-load-optim", "--exit-interval", "6"]
     run_trainer(flags + ["--load", str(dp2.uni), "--universal-checkpoint", "--metrics-file", str(tmp_path / "u.jsonl")])
@@ -186,6 +189,7 @@ def test_shampoo_reinitialises_its_factors_with_one_warning(tmp_path):
     assert abs(resumed[6] - ref[6]) < 0.05  # the step without the old preconditioners stays close
 
 
+@pytest.mark.slow
 def test_choose_checkpoint_prefers_the_runs_own_newer_native_checkpoint(dp2, tmp_path):
     from megatron_ext.training.checkpoint_loading import choose_checkpoint
 
@@ -238,6 +242,7 @@ def test_native_checkpoint_at_another_layout_points_to_conversion(dp2):
 
 @pytest.mark.parametrize("case", ["no input", "missing folder", "not a checkpoint", "unreadable", "zero 0",
                                   "output exists", "output inside input"])
+@pytest.mark.slow
 def test_converter_bad_input_is_one_line_and_writes_nothing(case, dp2, tmp_path):
     junk, z0 = tmp_path / "junk", tmp_path / "z0"
     junk.mkdir()

@@ -63,15 +63,27 @@ def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[s
     return None
 
 
+def check_load_dir(args) -> None:
+    """What ``--load`` must hold before any work starts (the run plan checks it): a directory; with
+    ``--universal-checkpoint`` a converted checkpoint; with ``--finetune`` a checkpoint at all (a
+    plain ``--load`` of an empty directory starts fresh: one command starts and resumes a run)."""
+    if os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise CheckpointLoadError(f"--load {args.load} is a file, not a checkpoint directory")
+    if getattr(args, "universal_checkpoint", False) and read_latest(args.load, LATEST_UNIVERSAL) is None:
+        raise CheckpointLoadError(f"--universal-checkpoint: no '{LATEST_UNIVERSAL}' file in --load {args.load}; "
+                                  f"convert a checkpoint first: megatron-ext to-universal {args.load}")
+    if getattr(args, "finetune", False) and read_latest(args.load) is None and read_latest(args.load, LATEST_UNIVERSAL) is None:
+        raise CheckpointLoadError(f"--finetune: --load {args.load} holds no checkpoint (no 'latest' file); give the "
+                                  "directory of the run to start from")
+
+
 def choose_checkpoint(args, load_optim: bool, say=print) -> Optional[Tuple[str, bool]]:
     """``(tag, is_universal)`` to load from ``args.load``, or None (nothing there yet: a fresh run)."""
+    check_load_dir(args)
     native = read_latest(args.load)
     if not getattr(args, "universal_checkpoint", False):
         return (native, False) if native else None
     universal = read_latest(args.load, LATEST_UNIVERSAL)
-    if universal is None:
-        raise CheckpointLoadError(f"--universal-checkpoint: no '{LATEST_UNIVERSAL}' file in --load {args.load}; "
-                                  f"convert a checkpoint first: megatron-ext to-universal {args.load}")
     u_client = _client(args.load, universal)
     if native and native != universal and os.path.isdir(os.path.join(args.load, native)):
         n_client = _client(args.load, native)
