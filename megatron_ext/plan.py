@@ -134,14 +134,15 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         _resume_own_checkpoint(a, notes)
         _checkpoint_flags(a)
         ds_config, engine = _deepspeed(a, check_files, notes)
+        plugins = _check_plugins(a, engine)
+        schedule = _schedule(a)
+        _lr_finder(a)
+        notes.extend(given_no_op_flags(a))
+        # the flags agree with each other: now what they name on disk
         sources, tokenizer = _files(a, check_files, notes)
         if check_files:
             _paths(a)
-        plugins = _check_plugins(a, engine)
-        schedule = _schedule(a)
         mc_examples = _mc_eval(a, tokenizer)
-        _lr_finder(a)
-        notes.extend(given_no_op_flags(a))
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     from megatron_ext.parametrizations import parametrization_for

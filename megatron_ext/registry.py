@@ -118,6 +118,8 @@ class EngineSupport:
             parts.append("no tensor parallel")
         if tuple(self.precisions) != ("fp32", "bf16", "fp16"):
             parts.append("/".join(self.precisions))
+        if not self.bf16_optimizer:
+            parts.append("not under DeepSpeed's bf16 optimizer (--accumulate-allreduce-grads-in-fp32)")
         return ", ".join(parts) + (f" ({self.reason})" if self.reason else "")
 
 

@@ -79,3 +79,18 @@ def test_ds_to_universal_takes_deepspeeds_flags(tmp_path):
         ["--input_folder", "a", "--output_folder", "b", "--keep_temp_folder", "--num_merge_workers", "2",
          "--num_extract_workers", "3", "--no_strict"])
     assert (ns.keep_temp_folder, ns.num_merge_workers, ns.num_extract_workers, ns.strict) == (True, 2, 3, False)
+
+
+@needs_fixture
+def test_the_alcf_guides_headline_command_says_what_is_missing(tmp_path, hf_corpus):
+    """`DATA_FILE_LIST=ALCF/data-lists/aurora/books.txt bash train_alcf.sh`: without the data (here,
+    a CPU box) the dry run names the first missing file; with data but without the default tokenizer
+    (google/gemma-7B) in the local Hugging Face cache it says how to get it."""
+    from test_launcher import launch
+
+    books = os.path.join(FIXTURE, "ALCF", "data-lists", "aurora", "books.txt")
+    proc = launch(dict(DATA_FILE_LIST=books, SAVE=str(tmp_path / "r")))
+    assert proc.returncode == 2 and "data files missing" in proc.stderr and ".bin" in proc.stderr
+    proc = launch(dict(DATA_FILE_LIST=hf_corpus["data_list"], SAVE=str(tmp_path / "r"),
+                       HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2 and "google/gemma-7B" in proc.stderr and "cache" in proc.stderr

@@ -123,3 +123,24 @@ def test_third_party_plugin_via_entry_point(tmp_path):
             "print(a.optimizer, a.plainsgd_momentum)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split()[-2:] == ["plainsgd", "0.9"]
+
+
+def test_engine_support_is_data_in_the_record_and_listed(capsys):
+    from megatron_ext.cli import main
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.registry import EngineSettings, PluginSettingError
+
+    muon = OPTIMIZERS.get("muon")
+    assert muon.engine.zero_stages == (0, 1, 2) and not muon.engine.cpu_offload
+    with pytest.raises(PluginSettingError, match=r"^--optimizer muon does not support --cpu-optimizer"):
+        OPTIMIZERS.check(muon, argparse.Namespace(**{a.dest: a.kwargs.get("default") for a in muon.arguments}),
+                         EngineSettings(zero_stage=1, cpu_offload=True))
+    assert main(["list", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "engine: ZeRO 0/1/2, no CPU offload" in out.split("  muon ", 1)[1].split("\n  ")[1]
+
+
+def test_a_record_field_the_family_does_not_have_is_refused():
+    reg = Registry("widget-fields", "test widgets")
+    with pytest.raises(RegistryError, match="unknown record field"):
+        reg.add("delta", object(), description="x", width_lr_exponents=lambda args: {})

@@ -31,6 +31,7 @@ DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh d
 DEMO_DEFAULTS = {"MICRO_BATCH": 8, "LR": 1e-3, "EVAL_INTERVAL": 250, "EVAL_ITERS": 10, "SAVE_INTERVAL": 250,
                  "LOG_INTERVAL": 25}
 DEMO_TRAIN_ITERS = 1000  # when neither TRAIN_ITERS nor TRAIN_TOKENS is given
+DEFAULT_HF_TOKENIZER = "google/gemma-7B"  # the ALCF fork's train_alcf.sh default for HFTokenizer
 # Megatron-DeepSpeed's train_alcf.sh defaults of the number variables that have no preset.
 LAUNCHER_DEFAULTS = {"LR": 0.0002, "LR_WARMUP_FRAC": 0.05, "ADAM_BETA1": 0.9, "ADAM_BETA2": 0.95, "ADAM_EPS": 1e-5,
                      "WEIGHT_DECAY": 0.1, "CLIP_GRAD": 1.0}
@@ -310,6 +311,8 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         tok_type = tok_type or "HFTokenizer"
         note("TOKENIZER_TYPE", tok_type, s or "default")
         tok_model, s = e.get("TOKENIZER_MODEL")
+        if tok_model is None and tok_type.lower() in ("hftokenizer", "huggingfacetokenizer"):
+            tok_model, s = DEFAULT_HF_TOKENIZER, "default (Megatron-DeepSpeed's; a hub name, from the local cache)"
         if tok_model is not None:
             if os.path.exists(tok_model):
                 tok_model = os.path.abspath(tok_model)
