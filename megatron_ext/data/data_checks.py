@@ -50,11 +50,13 @@ def open_index(prefix: str):
         raise DataFileError(f"{prefix}.idx: not a readable Megatron index ({type(e).__name__}: {detail}); "
                             "preprocess the data again") from None
     lengths = dataset.index.sequence_lengths
-    expected = int(np.sum(lengths, dtype=np.int64)) * np.dtype(dataset.index.dtype).itemsize
+    # Every sequence must lie inside the .bin (writers may leave bytes no sequence points at).
+    ends = dataset.index.sequence_pointers + lengths.astype(np.int64) * np.dtype(dataset.index.dtype).itemsize
+    needed = int(ends.max()) if len(ends) else 0
     actual = os.path.getsize(prefix + ".bin")
-    if actual != expected:
-        raise DataFileError(f"{prefix}.bin: {actual} bytes, but its .idx describes {len(lengths)} documents of "
-                            f"{expected} bytes; the two files do not belong together (preprocess the data again)")
+    if actual < needed:
+        raise DataFileError(f"{prefix}.bin: {actual} bytes, but its .idx places {len(lengths)} documents in {needed} "
+                            "bytes; the two files do not belong together (preprocess the data again)")
     return dataset
 
 
