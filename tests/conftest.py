@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -70,7 +71,7 @@ def run_in_process(entry, args, cwd=None) -> InProcessRun:
 def run_trainer(args, nproc=1, check=True, timeout=300, cwd=None, isolated=False):
     """Run ``megatron_ext.train``: in this process for one rank (``isolated=True``: a fresh
     ``python -m megatron_ext.train``), under torchrun when nproc > 1."""
-    if nproc == 1 and not isolated:
+    if nproc == 1 and not isolated and threading.current_thread() is threading.main_thread():
         from megatron_ext.train import run
 
         proc = run_in_process(run, args, cwd)

@@ -97,7 +97,9 @@ def run_lr_finder(fork, session, train_step, forward_step_func, model, optimizer
     engine = model[0]
     finder = session.finder
     start = args.iteration
-    finder.begin(args.iteration, args.consumed_train_samples, engine.skipped_steps)  # sets args.train_iters
+    # the sweep starts here and the fork's run ends with it
+    args.train_iters = finder.begin({"iteration": args.iteration, "consumed_samples": args.consumed_train_samples},
+                                    engine.skipped_steps)
     session.scheduler.refresh()
     for module in model:
         module.train()
