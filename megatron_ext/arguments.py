@@ -135,9 +135,11 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
+    from megatron_ext.llama_moe_names import add_llama_moe_names
+    from megatron_ext.mla import add_attention_arguments
     from megatron_ext.moe_mtp import add_moe_mtp_arguments
     from megatron_ext.schedules.common.scheduler import add_schedule_arguments
-    from megatron_ext.training.evaluation import add_mc_eval_arguments
+    from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
     p = MegatronArgumentParser(
@@ -179,6 +181,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--hidden-dropout", type=fraction, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
     add_init_arguments(p.add_argument_group("initialisation and parametrization"))
+    add_attention_arguments(p.add_argument_group("multi-latent attention and qk-layernorm"))
     add_moe_mtp_arguments(p.add_argument_group("mixture of experts and multi-token prediction"))
 
     g = p.add_argument_group("data and tokenizer")
@@ -188,6 +191,13 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
                    help="file of 'weight path-prefix corpus' lines (# comments allowed)")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files (smoke tests)")
     g.add_argument("--split", type=_split, default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at 0 after every end-of-document token inside a sequence")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="tokens after an end-of-document token do not attend to the tokens before it")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is the end-of-document token (the prediction of the next "
+                        "document's first token)")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--num-workers", type=nonneg_int, default=None,
                    help="data loader workers (default 2 with an accelerator, 0 on CPU)")
@@ -267,6 +277,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases (when wandb is installed)")
     g.add_argument("--wandb-exp-name", default=None)
+    add_corpus_eval_arguments(g)
     add_mc_eval_arguments(p.add_argument_group("multiple-choice evaluation"))
 
     add_lr_finder_arguments(p.add_argument_group("LR finder"))
@@ -276,4 +287,5 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     for fam in registry.families().values():  # families added by third-party plug-ins
         if fam not in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
             fam.add_arguments(p)
+    add_llama_moe_names(p)  # LLaMA-MoE's spellings of some of the flags above (megatron_ext/llama_moe_names.py)
     return p

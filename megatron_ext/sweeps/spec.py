@@ -159,8 +159,9 @@ class TrainerKeys:
         if opt not in self.actions:
             known = {o[2:].replace("-", "_") for o in self.actions if o.startswith("--")}
             raise SweepError(f"key {key!r} is not a training flag{_close(key, known)}")
-        if opt in OWNED_FLAGS:
-            raise SweepError(f"key {key!r} cannot be swept: {OWNED_FLAGS[opt]}")
+        owned = next((o for o in self.actions[opt].option_strings if o in OWNED_FLAGS), None)  # aliases too
+        if owned:
+            raise SweepError(f"key {key!r} cannot be swept: {OWNED_FLAGS[owned]}")
         return opt
 
     def flags(self, key: str, value: str) -> List[str]:
@@ -180,9 +181,11 @@ class TrainerKeys:
 
 def check_base_flags(flags: List[str]) -> None:
     from megatron_ext.arguments import normalise_argv
+    from megatron_ext.llama_moe_names import ALIASES
 
     for tok in normalise_argv(flags):
         name = tok.split("=", 1)[0]
+        name = ALIASES.get(name, (name,))[0]
         if name in OWNED_FLAGS:
             raise SweepError(f"{name} in the base flags: {OWNED_FLAGS[name]}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -36,9 +37,13 @@ def format_log_line(r: dict, train_iters: int) -> str:
     )
 
 
-def startup_table(plan, num_params: int, start: dict) -> str:
-    """The start-up block: the run plan's rows, the parameter count and where the run starts."""
-    rows = [("parameters", f"{num_params:,}"), *plan.rows(),
+def startup_table(plan, num_params: int, start: dict, active_params: Optional[int] = None) -> str:
+    """The start-up block: the run plan's rows, the parameter count (a mixture of experts: total
+    and active per token, which the TFLOPs count) and where the run starts."""
+    params = f"{num_params:,}"
+    if active_params is not None and active_params != num_params:
+        params += f" total, {active_params:,} active per token (the TFLOPs count these)"
+    rows = [("parameters", params), *plan.rows(),
             ("resumed from", start["path"] or "-"), ("start iteration", start["iteration"])]
     width = max(len(k) for k, _ in rows)
     lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows] + ["-" * 60]
@@ -80,6 +85,8 @@ class MetricsWriter:
             self.file.write(json.dumps({"split": split, **record}) + "\n")
             self.file.flush()
         scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+        scalars.update({f"{split}/{k}/{name}": v for k, values in record.items() if isinstance(values, dict)
+                        for name, v in values.items() if isinstance(v, (int, float))})  # e.g. per-corpus losses
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, record["iteration"])
