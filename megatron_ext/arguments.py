@@ -100,14 +100,15 @@ def normalise_argv(argv: List[str]) -> List[str]:
 
 
 def _split(value: str) -> str:
-    parts = value.replace("/", ",").split(",")
+    """train,valid,test weights; fewer than 3 numbers get zeros, as in Megatron (``1`` = all train)."""
+    parts = [p.strip() for p in str(value).replace("/", ",").split(",")]
     try:
         nums = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers like 990,10,0, got {value!r}") from None
-    if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+    if not 1 <= len(nums) <= 3 or any(not math.isfinite(n) or n < 0 for n in nums) or sum(nums) <= 0:
         raise argparse.ArgumentTypeError(f"expected 3 non-negative comma-separated numbers like 990,10,0, got {value!r}")
-    return ",".join(parts)
+    return ",".join(parts + ["0"] * (3 - len(parts)))
 
 
 def add_init_arguments(g) -> None:

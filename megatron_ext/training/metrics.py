@@ -50,6 +50,15 @@ def startup_table(plan, num_params: int, start: dict, active_params: Optional[in
     return "\n".join(lines)
 
 
+def scalars_of(split: str, record: dict) -> dict:
+    """The TensorBoard / W&B scalars of a record: ``split/key`` for numbers, ``split/key/name`` for a
+    mapping of numbers (per-corpus losses); lists (expert load) stay in metrics.jsonl only."""
+    scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+    scalars.update({f"{split}/{k}/{name}": v for k, values in record.items() if isinstance(values, dict)
+                    for name, v in values.items() if isinstance(v, (int, float))})
+    return scalars
+
+
 class MetricsWriter:
     """Rank 0 appends one JSON object per logged iteration / evaluation; TensorBoard mirrors it."""
 
@@ -84,9 +93,7 @@ class MetricsWriter:
         if self.file is not None:
             self.file.write(json.dumps({"split": split, **record}) + "\n")
             self.file.flush()
-        scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
-        scalars.update({f"{split}/{k}/{name}": v for k, values in record.items() if isinstance(values, dict)
-                        for name, v in values.items() if isinstance(v, (int, float))})  # e.g. per-corpus losses
+        scalars = scalars_of(split, record)
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, record["iteration"])
