@@ -170,7 +170,7 @@ def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experim
     if not isinstance(exp, dict):
         raise ConfigError(f"{path}: experiment: expected a mapping")
     job_resolved = resolved.get(group, {}) if group else {k: resolved[k] for k in JOB_SECTIONS if k in resolved}
-    return _experiment(path, where, exp, job_resolved, sections, resolved, parser)
+    return _experiment(path, where, exp, job_resolved, tree, resolved, parser)
 
 
 def _close(word: str, known) -> str:
@@ -178,12 +178,12 @@ def _close(word: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _experiment(path, job_where, exp, job, job_raw, resolved, parser) -> Experiment:
+def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experiment:
     notes: List[str] = []
     name = exp.get("exp_name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise ConfigError(f"{path}: experiment.exp_name: expected a folder name, got {name!r}")
-    used_vars = set(re.findall(r"\$\{experiment\.(\w+)", repr(job_raw)))
+    used_vars = set(re.findall(r"\$\{experiment\.(\w+)", repr(raw_tree)))  # before interpolation
     for key in exp:
         if key not in EXPERIMENT_KEYS and key not in used_vars:
             raise ConfigError(f"{path}: experiment.{key}: unknown key, and no ${{experiment.{key}}} uses it"

@@ -73,9 +73,8 @@ def add_llama_moe_names(parser: argparse.ArgumentParser) -> None:
     """Register the aliases on the flags they stand for, and the refusals (after every flag exists)."""
     actions = parser._option_string_actions
     for alias, (flag, _) in ALIASES.items():
-        action = actions[flag]
-        action.option_strings.append(alias)
-        actions[alias] = action
+        # the parser recognises the alias; messages and --help keep naming our flag
+        actions[alias] = actions[flag]
     group = parser.add_argument_group("LLaMA-MoE flags without an equivalent (refused, docs/deepseek_v3.md)")
     for flag, (accepted, reason) in REFUSED.items():
         group.add_argument(flag, action=_Refused, accepted=accepted, reason=reason, help=argparse.SUPPRESS)

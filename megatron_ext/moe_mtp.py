@@ -90,8 +90,8 @@ def add_moe_mtp_arguments(g) -> None:
     g.add_argument("--moe-router-score-function", type=VALUE_TYPES["--moe-router-score-function"], default=None,
                    help="router score (default softmax)")
     g.add_argument("--moe-router-pre-softmax", action="store_true",
-                   help="score all experts before choosing the top-k (needed for top-1 softmax routing "
-                        "and for --moe-router-topk-scaling-factor with softmax)")
+                   help="softmax over all experts before choosing the top-k (needed for top-1 softmax routing; "
+                        "otherwise the softmax is over the chosen experts)")
     g.add_argument("--moe-router-topk-scaling-factor", type=positive_float, default=None,
                    help="expert scaling: multiply the chosen experts' weights by this (DeepSeek's "
                         "routed_scaling_factor)")
