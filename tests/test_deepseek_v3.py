@@ -208,6 +208,21 @@ def test_resume_is_exact(tmp_path, reference):
     _assert_same_run(reference[1], read_metrics(ck / "metrics.jsonl"), exact=True)
 
 
+def test_universal_checkpoint_carries_the_expert_bias(tmp_path, reference):
+    """The universal converter extracts the expert bias like a parameter; the load restores it, so
+    the run continues exactly (DeepSpeed's universal load alone restores parameters only)."""
+    from conftest import run_module
+
+    ck = tmp_path / "ck"
+    run_trainer(DSV3 + ["--train-iters", "4", "--save", str(ck), "--save-interval", "3", "--exit-interval", "3"])
+    run_module("megatron_ext.cli", ["to-universal", str(ck)], check=True)
+    run_trainer(DSV3 + ["--train-iters", "4", "--load", str(ck), "--universal-checkpoint", "--save", str(tmp_path / "b"),
+                        "--metrics-file", str(tmp_path / "m.jsonl")])
+    resumed = read_metrics(tmp_path / "m.jsonl")
+    assert sorted(resumed) == [4]
+    _assert_same_run({4: reference[1][4]}, resumed, exact=True)
+
+
 @pytest.mark.slow
 def test_two_data_parallel_ranks_match_the_accumulated_single_process(tmp_path, reference):
     """Each rank routes its own micro-batch; the bias follows the tokens summed over both ranks."""
