@@ -27,8 +27,10 @@ setup(
         "tensorboard": ["tensorboard>=2.15,<3"],
         "wandb": ["wandb>=0.17,<1"],
         "plots": ["matplotlib>=3.8,<4"],
-        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too
-        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4"],
+        # megatron-ext run: OpenSeek-style experiment configs (Hydra's ${...} interpolation)
+        "experiments": ["omegaconf>=2.3,<2.4"],
+        # matplotlib: the plots (LR finder, coord-check, schedule) are tested too; omegaconf: megatron-ext run
+        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "omegaconf>=2.3,<2.4"],
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
 )

@@ -86,23 +86,13 @@ class Experiment:
     resolved: Dict[str, Any]  # the merged config, interpolations resolved
 
 
-def _load_yaml(path: str):
-    import yaml
+def _load_yaml(path: str) -> dict:
+    from megatron_ext.fileio import read_yaml_mapping
 
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping (experiment:, defaults:, ...)")
-    return data
+        return read_yaml_mapping(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _job_file(path: str, defaults) -> Tuple[Optional[str], Optional[str]]:
@@ -136,8 +126,11 @@ def _job_file(path: str, defaults) -> Tuple[Optional[str], Optional[str]]:
 def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experiment:
     """The experiment ``path`` (with its job file) as a training launch; ConfigError on anything
     unknown or wrong, naming the key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    try:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:
+        raise ConfigError("megatron-ext run needs omegaconf for ${...} interpolation: pip install -e .[experiments]") from None
 
     raw = _load_yaml(path)
     for key in raw:

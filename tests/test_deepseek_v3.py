@@ -99,9 +99,9 @@ def test_llama_moe_names_are_all_documented():
 
     doc = open(os.path.join(REPO, "docs", "deepseek_v3.md")).read()
     for alias, (flag, _) in ALIASES.items():
-        assert f"`{alias.replace('-', '_')}`" in doc and flag in doc, alias
+        assert f"`{alias[2:].replace('-', '_')}`" in doc and flag in doc, alias
     for flag in REFUSED:
-        assert f"`{flag.replace('-', '_')}`" in doc, flag
+        assert f"`{flag[2:].replace('-', '_')}`" in doc, flag
 
 
 # --- document boundaries -------------------------------------------------------------------------

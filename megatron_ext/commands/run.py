@@ -128,11 +128,10 @@ def run_argv(argv) -> int:
 
 
 def _write(folder: str, name: str, text: str) -> None:
+    from megatron_ext.fileio import write_text_atomically
+
     path = os.path.join(folder, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomically(path, text)
     if name.endswith(".sh"):
         os.chmod(path, 0o755)
 

@@ -437,22 +437,15 @@ def _positive_int(value, where: str) -> int:
 def load_config(path: str) -> dict:
     """A sweep described in YAML (docs/sweeps.md): the same settings as the command line."""
     try:
-        import yaml
+        import yaml  # noqa: F401  (read_yaml_mapping's)
     except ImportError:
         raise SweepError("--config needs PyYAML (pip install pyyaml)") from None
+    from megatron_ext.fileio import read_yaml_mapping
+
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise SweepError(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SweepError(f"--config {path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SweepError(f"--config {path}: expected a mapping of settings (out:, steps:, grid:, ...)")
+        raw = read_yaml_mapping(path)
+    except ValueError as e:
+        raise SweepError(f"--config {e}") from None
     cfg = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
