@@ -230,7 +230,6 @@ def test_two_data_parallel_ranks_match_the_accumulated_single_process(tmp_path, 
     _assert_same_run(reference[1], read_metrics(tmp_path / "m.jsonl"), exact=False)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["0", "2"])
 def test_resume_is_exact_under_other_zero_stages(tmp_path, zero):
     ck = tmp_path / "ck"
@@ -291,8 +290,8 @@ def test_optimizer_roles_of_mla_router_shared_experts():
 @pytest.mark.parametrize("extra", [
     ["--optimizer", "muon"],
     ["--parametrization", "mup", "--mup-base-hidden", "32"],
-    pytest.param(["--optimizer", "shampoo"], marks=pytest.mark.slow),
-    pytest.param(["--parametrization", "completep", "--depth-base", "1", "--optimizer", "muon"], marks=pytest.mark.slow),
+    ["--optimizer", "shampoo"],
+    ["--parametrization", "completep", "--depth-base", "1", "--optimizer", "muon"],
 ])
 def test_optimizers_and_parametrizations_train_the_model(tmp_path, extra):
     run_trainer(DSV3 + extra + ["--train-iters", "3", "--metrics-file", str(tmp_path / "m.jsonl")])

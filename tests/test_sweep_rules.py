@@ -90,3 +90,24 @@ def test_recommendation_rules_of_the_guide():
     assert "iterations to reach the target validation loss" in rec["rule"]
     rec = recommend(results, "stability", ["num_experts"])
     assert [r["name"] for r in rec["ranking"]] == ["8", "16", "4"]  # ties (0.0) broken by the lower final loss
+
+
+@pytest.mark.slow
+def test_the_expert_grid_trains_and_every_rule_recommends(tmp_path, capsys):
+    """The six variants train for real (one trainer process each), and the recommendation names a
+    best variant by each of the guide's views."""
+    import json
+
+    out = tmp_path / "experts"
+    code = run_argv([*GRID, "--rule", TOP1, "--steps", "4", "--eval-interval", "2", "--out", str(out), "--",
+                     *BASE, "--lr", "1e-2", "--micro-batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rec = json.load(open(out / "recommendation.json"))
+    assert len(rec["ranking"]) + len(rec["unstable"]) >= 6 and not rec["failed"]
+    assert set(rec["by_rule"]) >= {"val_loss", "stability", "convergence", "efficiency"}
+    assert "best by rule: " in printed
+    for name in os.listdir(out):
+        if name.startswith("num_experts="):
+            command = json.load(open(out / name / "variant.json"))["command"]
+            assert ("--moe-router-pre-softmax" in command) == ("moe_router_topk=1" in name), name
