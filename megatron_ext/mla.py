@@ -49,8 +49,9 @@ def add_attention_arguments(g) -> None:
 def validate_attention_args(a) -> None:
     """Fill the MLA defaults and reject what cannot work: ValueError, one line naming the flag."""
     if not a.multi_latent_attention:
-        given = [d for d in MLA_ONLY if getattr(a, d) is not None]
-        if given:
+        given = [d for d in MLA_ONLY if getattr(a, d) is not None
+                 and not (d == "rope_type" and a.rope_type == "rope" and a.position_embedding_type == "rope")]
+        if given:  # (--rope-type rope is what rotary attention does anyway)
             raise ValueError(f"--{given[0].replace('_', '-')} needs --multi-latent-attention")
         return
     for dest, default in MLA_DEFAULTS.items():

@@ -142,7 +142,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         sources, tokenizer = _files(a, check_files)
         plugins = _check_plugins(a, engine)
         schedule = _schedule(a)
-        mc_examples = _mc_eval(a, tokenizer)
+        mc_examples = _mc_eval(a, tokenizer, sources)
         _lr_finder(a)
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
@@ -334,10 +334,10 @@ def _schedule(a):
     return schedule
 
 
-def _mc_eval(a, tokenizer):
+def _mc_eval(a, tokenizer, sources):
     from megatron_ext.training.evaluation import check_corpus_eval, mc_examples_for
 
-    check_corpus_eval(a)  # --eval-per-corpus
+    check_corpus_eval(a, sources)  # --eval-per-corpus
     return mc_examples_for(a, tokenizer)
 
 

@@ -340,10 +340,9 @@ def test_bad_preset_combination_is_one_line(tmp_path):
 
 # --- per-corpus validation ---------------------------------------------------------------------------
 
-def test_validation_loss_per_corpus(tmp_path, hf_corpus):
+def test_validation_loss_per_corpus(tmp_path, hf_corpus, capsys):
     """Two corpora of the data list: one validation loss each at every evaluation, in the log,
     metrics.jsonl and the TensorBoard scalars."""
-    import os
     import shutil
 
     from megatron_ext.training.metrics import scalars_of
@@ -373,7 +372,12 @@ def test_validation_loss_per_corpus(tmp_path, hf_corpus):
     scalars = scalars_of("validation_per_corpus", per_corpus[4])
     assert scalars["validation_per_corpus/lm_loss/web"] == losses["web"]
     assert {"validation_per_corpus/ppl/books", "validation_per_corpus/accuracy/web"} <= set(scalars)
-    assert not os.path.exists(tmp_path / "m.jsonl.tmp")
+    # a corpus with no validation document under the split: one line before any work
+    with pytest.raises(SystemExit):
+        parse_args(["--data-file-list", str(data_list), "--tokenizer-type", "HFTokenizer", "--tokenizer-model",
+                    hf_corpus["tokenizer"], "--train-iters", "2", "--split", "9999,1,0", "--eval-per-corpus"],
+                   world_size=1)
+    assert "--eval-per-corpus: corpus 'web' has no validation documents with --split 9999,1,0" in capsys.readouterr().err
 
 
 def test_corpus_names_of_a_data_path():

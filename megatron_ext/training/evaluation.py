@@ -47,8 +47,9 @@ def add_corpus_eval_arguments(g) -> None:
                    help="global batches per corpus with --eval-per-corpus (default --eval-iters)")
 
 
-def check_corpus_eval(args) -> None:
-    """--eval-per-corpus needs corpora with a validation split; fills --eval-per-corpus-iters."""
+def check_corpus_eval(args, sources=None) -> None:
+    """--eval-per-corpus needs corpora with validation documents (checked when ``sources``, the data
+    list, is given); fills --eval-per-corpus-iters."""
     if not args.eval_per_corpus:
         if args.eval_per_corpus_iters is not None:
             raise ValueError("--eval-per-corpus-iters has no effect without --eval-per-corpus")
@@ -61,6 +62,13 @@ def check_corpus_eval(args) -> None:
         raise ValueError("--eval-per-corpus with --eval-iters 0: no validation to follow")
     if args.eval_per_corpus_iters is None:
         args.eval_per_corpus_iters = args.eval_iters
+    if sources:
+        from megatron_ext.data.gpt_data import corpus_names, validation_documents
+
+        for name, members in corpus_names(sources).items():
+            if not sum(validation_documents(m.prefix, args.split) for m in members):
+                raise ValueError(f"--eval-per-corpus: corpus {name!r} has no validation documents with "
+                                 f"--split {args.split}")
 
 
 def mc_examples_for(args, tokenizer) -> Optional[tuple]:
