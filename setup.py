@@ -73,12 +73,15 @@ setup(
         "plots": ["matplotlib>=3.8,<4"],
         "hf": HF,
         "eval": EVAL,
+        # megatron-ext run: OpenSeek-style experiment configs (Hydra's ${...} interpolation)
+        "experiments": ["omegaconf>=2.3,<2.4"],
         # matplotlib: the plots (LR finder, coord-check, schedule) are tested too; so are export/import/
-        # eval (EVAL). The rest are what the Megatron-DeepSpeed fixture imports at module level
-        # (tests/megatron_deepspeed: the plug-ins and checkpoint conversion tested inside the real fork).
-        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "tensorboard>=2.15,<3", "nltk>=3.8,<4",
-                 "pybind11>=2.11,<4", "regex>=2023.0,<2027", "six>=1.16,<2", "einops>=0.7,<1", "rich>=13,<16",
-                 "wandb>=0.17,<1"] + EVAL,
+        # eval (EVAL) and megatron-ext run (omegaconf). The rest are what the Megatron-DeepSpeed fixture
+        # imports at module level (tests/megatron_deepspeed: the plug-ins and checkpoint conversion
+        # tested inside the real fork).
+        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "omegaconf>=2.3,<2.4", "tensorboard>=2.15,<3",
+                 "nltk>=3.8,<4", "pybind11>=2.11,<4", "regex>=2023.0,<2027", "six>=1.16,<2", "einops>=0.7,<1",
+                 "rich>=13,<16", "wandb>=0.17,<1"] + EVAL,
     },
     entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
     cmdclass={"build_py": BuildPyWithStartupHook, "editable_wheel": EditableWheelWithStartupHook},

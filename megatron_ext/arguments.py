@@ -105,14 +105,15 @@ def normalise_argv(argv: List[str]) -> List[str]:
 
 
 def _split(value: str) -> str:
-    parts = value.replace("/", ",").split(",")
+    """train,valid,test weights; fewer than 3 numbers get zeros, as in Megatron (``1`` = all train)."""
+    parts = [p.strip() for p in str(value).replace("/", ",").split(",")]
     try:
         nums = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers like 990,10,0, got {value!r}") from None
-    if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+    if not 1 <= len(nums) <= 3 or any(not math.isfinite(n) or n < 0 for n in nums) or sum(nums) <= 0:
         raise argparse.ArgumentTypeError(f"expected 3 non-negative comma-separated numbers like 990,10,0, got {value!r}")
-    return ",".join(parts)
+    return ",".join(parts + ["0"] * (3 - len(parts)))
 
 
 def add_init_arguments(g) -> None:
@@ -169,9 +170,11 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
+    from megatron_ext.llama_moe_names import add_llama_moe_names
+    from megatron_ext.mla import add_attention_arguments
     from megatron_ext.moe_mtp import add_moe_mtp_arguments
     from megatron_ext.schedules.common.scheduler import add_schedule_arguments
-    from megatron_ext.training.evaluation import add_mc_eval_arguments
+    from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
     p = MegatronArgumentParser(
@@ -219,6 +222,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--hidden-dropout", type=fraction, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
     add_init_arguments(p.add_argument_group("initialisation and parametrization"))
+    add_attention_arguments(p.add_argument_group("multi-latent attention and qk-layernorm"))
     add_moe_mtp_arguments(p.add_argument_group("mixture of experts and multi-token prediction"))
 
     g = p.add_argument_group("data and tokenizer")
@@ -228,6 +232,13 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
                    help="file of 'weight path-prefix corpus' lines (# comments allowed)")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files (smoke tests)")
     g.add_argument("--split", type=_split, default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at 0 after every end-of-document token inside a sequence")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="tokens after an end-of-document token do not attend to the tokens before it")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is the end-of-document token (the prediction of the next "
+                        "document's first token)")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--num-workers", type=nonneg_int, default=None,
                    help="data loader workers (default 2 with an accelerator, 0 on CPU)")
@@ -316,6 +327,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default=None, help="log to Weights & Biases (when wandb is installed)")
     g.add_argument("--wandb-exp-name", default=None)
+    add_corpus_eval_arguments(g)
     add_mc_eval_arguments(p.add_argument_group("multiple-choice evaluation"))
 
     g = p.add_argument_group("accepted for Megatron-DeepSpeed compatibility (no effect; each is noted at start-up)")
@@ -330,4 +342,5 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     for fam in registry.families().values():  # families added by third-party plug-ins
         if fam not in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
             fam.add_arguments(p)
+    add_llama_moe_names(p)  # LLaMA-MoE's spellings of some of the flags above (megatron_ext/llama_moe_names.py)
     return p

@@ -1,5 +1,5 @@
 """Atomic file replacement: a reader, or a process killed half-way, sees the old file or the
-complete new one, never a truncated one."""
+complete new one, never a truncated one. And YAML files read as one mapping, with one-line errors."""
 from __future__ import annotations
 
 import os
@@ -58,3 +58,24 @@ def write_text_atomically(path: str, text: str) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def read_yaml_mapping(path: str) -> dict:
+    """The mapping a YAML file holds (an empty file: ``{}``); ValueError with one line naming the
+    file (and the line, for a syntax error) otherwise."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data

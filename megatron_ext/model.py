@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import moe_mtp
+from megatron_ext import mla, moe_mtp
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -16,8 +16,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def transformer_config(args, parametrization):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from megatron_ext.platform.accelerator import has_gpu
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -55,8 +53,9 @@ def transformer_config(args, parametrization):
     if args.recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=args.recompute_num_layers)
+    kwargs.update(mla.config_kwargs(args))  # --multi-latent-attention, --qk-layernorm (megatron_ext/mla.py)
     kwargs.update(moe_mtp.config_kwargs(args))  # --num-experts, --mtp-num-layers, ... (megatron_ext/moe_mtp.py)
-    return TransformerConfig(**parametrization.configure_model(kwargs))
+    return mla.config_class(args)(**parametrization.configure_model(kwargs))
 
 
 def build_model(args, vocab_size: int, parametrization=None):

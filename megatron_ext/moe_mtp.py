@@ -19,7 +19,10 @@ LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
 # Destinations of the MoE flags that mean nothing without --num-experts (all default None).
 MOE_ONLY = ("moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff", "moe_z_loss_coeff",
             "moe_router_load_balancing_type", "moe_router_dtype", "moe_router_score_function",
-            "moe_router_topk_scaling_factor", "moe_layer_freq", "moe_first_k_dense")
+            "moe_router_topk_scaling_factor", "moe_layer_freq", "moe_first_k_dense",
+            "moe_shared_expert_intermediate_size", "moe_router_bias_update_rate", "moe_router_num_groups",
+            "moe_router_group_topk")
+MOE_SWITCHES = ("moe_router_pre_softmax", "moe_router_enable_expert_bias", "moe_shared_expert_overlap")
 
 
 def moe_layer_freq(value: str):
@@ -87,8 +90,8 @@ def add_moe_mtp_arguments(g) -> None:
     g.add_argument("--moe-router-score-function", type=VALUE_TYPES["--moe-router-score-function"], default=None,
                    help="router score (default softmax)")
     g.add_argument("--moe-router-pre-softmax", action="store_true",
-                   help="score all experts before choosing the top-k (needed for top-1 softmax routing "
-                        "and for --moe-router-topk-scaling-factor with softmax)")
+                   help="softmax over all experts before choosing the top-k (needed for top-1 softmax routing; "
+                        "otherwise the softmax is over the chosen experts)")
     g.add_argument("--moe-router-topk-scaling-factor", type=positive_float, default=None,
                    help="expert scaling: multiply the chosen experts' weights by this (DeepSeek's "
                         "routed_scaling_factor)")
@@ -97,6 +100,22 @@ def add_moe_mtp_arguments(g) -> None:
                         "like ([0]*1+[1]*3)")
     g.add_argument("--moe-first-k-dense", "--first-k-dense-replace", dest="moe_first_k_dense", type=positive_int,
                    default=None, help="the first K layers keep a dense MLP (DeepSeek/OpenSeek first_k_dense_replace)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=positive_int, default=None,
+                   help="shared experts: one MLP of this width that every token passes through next to its routed "
+                        "experts (number of shared experts x their width; DeepSeek n_shared_experts)")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="accepted for Megatron compatibility; refused: it overlaps the shared expert with the "
+                        "all-to-all dispatcher's communication, which this trainer does not use")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing "
+                        "experts only, moved after every optimizer step towards balance (needs sigmoid scores)")
+    g.add_argument("--moe-router-bias-update-rate", type=nonneg_float, default=None,
+                   help="how far each expert bias moves per optimizer step (default 1e-3)")
+    g.add_argument("--moe-router-num-groups", type=positive_int, default=None,
+                   help="group-limited routing: the experts form this many equal groups (DeepSeek n_group)")
+    g.add_argument("--moe-router-group-topk", type=positive_int, default=None,
+                   help="group-limited routing: each token chooses its experts inside this many groups "
+                        "(DeepSeek topk_group)")
     g.add_argument("--expert-model-parallel-size", type=positive_int, default=1,
                    help="accepted for Megatron compatibility; only 1 (experts are data-parallel parameters)")
     g.add_argument("--mtp-num-layers", "--num-mtp-predictor", dest="mtp_num_layers", type=positive_int,
@@ -118,10 +137,9 @@ def validate_moe_mtp_args(args) -> None:
     if args.mtp_num_layers is not None and args.mtp_loss_scaling_factor is None:
         args.mtp_loss_scaling_factor = 0.1
     if args.num_experts is None:
-        given = [d for d in MOE_ONLY if getattr(args, d) is not None]
-        if given or args.moe_router_pre_softmax:
-            flag = "--" + (given[0] if given else "moe_router_pre_softmax").replace("_", "-")
-            raise ValueError(f"{flag} needs --num-experts")
+        given = [d for d in MOE_ONLY if getattr(args, d) is not None] + [d for d in MOE_SWITCHES if getattr(args, d)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --num-experts")
         return
     for dest, default in (("moe_router_topk", 2), ("moe_aux_loss_coeff", 0.0), ("moe_layer_freq", 1),
                           ("moe_router_load_balancing_type", "aux_loss"), ("moe_router_score_function", "softmax")):
@@ -140,10 +158,7 @@ def validate_moe_mtp_args(args) -> None:
             and not args.moe_router_pre_softmax and balancing != "sinkhorn"):
         raise ValueError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax "
                          "(a softmax over the one chosen expert has zero gradient)")
-    if (args.moe_router_topk_scaling_factor is not None and args.moe_router_score_function == "softmax"
-            and not args.moe_router_pre_softmax):
-        raise ValueError("--moe-router-topk-scaling-factor with softmax scores needs --moe-router-pre-softmax "
-                         "(otherwise the top-k weights are renormalised to sum to 1)")
+    _validate_deepseek_routing(args)
     if balancing in ("sinkhorn", "none") and args.moe_aux_loss_coeff > 0:
         raise ValueError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff:g} has no effect with "
                          f"--moe-router-load-balancing-type {balancing}; use 0 or an aux-loss type")
@@ -157,6 +172,43 @@ def validate_moe_mtp_args(args) -> None:
                          f"{args.num_layers}")
     if not any(pattern):
         raise ValueError("--moe-layer-freq leaves no MoE layer")
+
+
+def _validate_deepseek_routing(args) -> None:
+    """Shared experts, aux-loss-free expert bias and group-limited routing."""
+    if args.moe_shared_expert_overlap:
+        raise ValueError("--moe-shared-expert-overlap: it overlaps the shared expert with the all-to-all dispatcher's "
+                         "communication; this trainer uses the all-gather dispatcher (expert parallel 1) and runs the "
+                         "shared expert before the router: drop the flag")
+    if args.moe_router_enable_expert_bias:
+        if args.moe_router_score_function != "sigmoid":
+            raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core "
+                             "adds the bias to sigmoid scores only)")
+        if args.moe_router_load_balancing_type == "sinkhorn":
+            raise ValueError("--moe-router-enable-expert-bias with --moe-router-load-balancing-type sinkhorn: "
+                             "sinkhorn routing ignores the expert bias")
+        if args.moe_router_bias_update_rate is None:
+            args.moe_router_bias_update_rate = 1e-3
+    elif args.moe_router_bias_update_rate is not None:
+        raise ValueError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
+    groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ValueError("group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk")
+    if groups is not None:
+        if args.moe_router_load_balancing_type == "sinkhorn":
+            raise ValueError("--moe-router-num-groups with --moe-router-load-balancing-type sinkhorn: sinkhorn "
+                             "routing is not group-limited")
+        if args.num_experts % groups:
+            raise ValueError(f"--moe-router-num-groups {groups} does not divide --num-experts {args.num_experts}")
+        if group_topk > groups:
+            raise ValueError(f"--moe-router-group-topk {group_topk} is larger than --moe-router-num-groups {groups}")
+        per_group = args.num_experts // groups
+        if args.moe_router_topk < group_topk or args.moe_router_topk > group_topk * per_group:
+            raise ValueError(f"--moe-router-topk {args.moe_router_topk} must be between --moe-router-group-topk "
+                             f"{group_topk} and the experts of the chosen groups ({group_topk} x {per_group})")
+        if args.moe_router_topk // group_topk > per_group:
+            raise ValueError(f"--moe-router-topk {args.moe_router_topk} / --moe-router-group-topk {group_topk} "
+                             f"is more than the {per_group} experts of a group")
 
 
 def moe_layer_pattern(args) -> Optional[List[int]]:
@@ -187,6 +239,12 @@ def config_kwargs(args) -> dict:
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
             moe_layer_freq=moe_layer_pattern(args),
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_overlap=False,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate or 1e-3,
+            moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk,
             moe_token_dispatcher_type="allgather",  # megatron-core's default; the others serve expert parallelism
             moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine / grouped_gemm kernels
         )
@@ -194,7 +252,9 @@ def config_kwargs(args) -> dict:
 
 
 def layer_specs(config, normalization: str):
-    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs.
+    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs: the one
+    place the layer spec is chosen. MoE layers (per ``moe_layer_freq``), multi-latent attention and
+    qk-layernorm come from the config (``moe_mtp.config_kwargs``, ``mla.config_kwargs``).
 
     Dense without MTP keeps the single layer spec (unchanged parameter names and init)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -204,9 +264,15 @@ def layer_specs(config, normalization: str):
     )
 
     if config.num_moe_experts is None:
-        spec = get_gpt_layer_local_spec(normalization=normalization)
+        spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=config.qk_layernorm,
+                                        multi_latent_attention=config.multi_latent_attention)
     else:  # per-layer MoE or dense MLP following config.moe_layer_freq
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=normalization)
+    if config.multi_latent_attention:  # megatron-core's local MLA spec needs a core attention that takes its shapes
+        from megatron_ext.mla import use_local_core_attention
+
+        for layer_spec in getattr(spec, "layer_specs", [spec]):
+            use_local_core_attention(layer_spec)
     mtp = None
     if config.mtp_num_layers is not None:
         mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
@@ -218,8 +284,19 @@ def summary(args) -> str:
     parts = []
     if args.num_experts is not None:
         pattern = moe_layer_pattern(args)
-        parts.append(f"MoE {args.num_experts} experts top-{args.moe_router_topk} in {sum(pattern)}/{len(pattern)} "
-                     f"layers (aux loss coeff {args.moe_aux_loss_coeff:g})")
+        line = (f"MoE {args.num_experts} experts top-{args.moe_router_topk} in {sum(pattern)}/{len(pattern)} "
+                f"layers (aux loss coeff {args.moe_aux_loss_coeff:g}")
+        if args.moe_router_load_balancing_type != "aux_loss":
+            line += f" {args.moe_router_load_balancing_type}"
+        if args.moe_router_score_function != "softmax":
+            line += f", {args.moe_router_score_function} scores"
+        if args.moe_shared_expert_intermediate_size:
+            line += f", shared expert {args.moe_shared_expert_intermediate_size}"
+        if args.moe_router_enable_expert_bias:
+            line += f", expert bias rate {args.moe_router_bias_update_rate:g}"
+        if args.moe_router_num_groups:
+            line += f", {args.moe_router_group_topk} of {args.moe_router_num_groups} groups"
+        parts.append(line + ")")
     if args.mtp_num_layers is not None:
         parts.append(f"MTP {args.mtp_num_layers} layer(s) (loss scale {args.mtp_loss_scaling_factor:g})")
     return "; ".join(parts)

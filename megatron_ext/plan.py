@@ -67,7 +67,7 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext import moe_mtp
+        from megatron_ext import mla, moe_mtp
 
         a = self.args
         rows = [
@@ -87,8 +87,14 @@ class RunPlan:
             ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
             ("parametrization", self.parametrization.summary()),
         ]
+        if mla.summary(a):
+            rows.append(("attention", mla.summary(a)))
         if moe_mtp.summary(a):
             rows.append(("MoE / MTP", moe_mtp.summary(a)))
+        documents = [f for f, on in (("positions reset", a.reset_position_ids), ("attention within documents",
+                     a.reset_attention_mask), ("no loss on end-of-document inputs", a.eod_mask_loss)) if on]
+        if documents:
+            rows.append(("document boundaries", ", ".join(documents)))
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
         return rows
@@ -142,7 +148,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         sources, tokenizer = _files(a, check_files, notes)
         if check_files:
             _paths(a)
-        mc_examples = _mc_eval(a, tokenizer)
+        mc_examples = _mc_eval(a, tokenizer, sources)
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     from megatron_ext.parametrizations import parametrization_for
@@ -192,8 +198,10 @@ def _model_shape(a) -> None:
                              f"{a.num_layers}")
     if a.bf16 and a.fp16:
         raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
+    from megatron_ext.mla import validate_attention_args
     from megatron_ext.moe_mtp import validate_moe_mtp_args
 
+    validate_attention_args(a)  # --multi-latent-attention, --q-lora-rank, ... (megatron_ext/mla.py)
     validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
 
 
@@ -378,9 +386,10 @@ def _schedule(a):
     return schedule
 
 
-def _mc_eval(a, tokenizer):
-    from megatron_ext.training.evaluation import mc_examples_for
+def _mc_eval(a, tokenizer, sources):
+    from megatron_ext.training.evaluation import check_corpus_eval, mc_examples_for
 
+    check_corpus_eval(a, sources)  # --eval-per-corpus
     return mc_examples_for(a, tokenizer)
 
 

@@ -142,7 +142,6 @@ BASE = ["--mock-data", "--train-iters", "10"]
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], 2, "needs sequence parallelism"),
     (["--num-experts", "4", "--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size 2: expert parallelism"),
     (["--num-experts", "4", "--moe-router-topk", "1"], 1, "--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax"),
-    (["--num-experts", "4", "--moe-router-topk-scaling-factor", "2"], 1, "needs --moe-router-pre-softmax"),
     (["--num-experts", "4", "--moe-layer-freq", "[0,1,1]"], 1, "--moe-layer-freq has 3 entries but --num-layers is 2"),
     (["--num-experts", "4", "--moe-layer-freq", "[0,2]"], 1, "--moe-layer-freq: "),
     (["--num-experts", "4", "--moe-layer-freq", "__import__('os')"], 1, "--moe-layer-freq: "),

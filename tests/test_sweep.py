@@ -76,7 +76,7 @@ def test_recommendation_picks_lowest_final_val_loss_and_flags_unstable():
 
 def test_instability_thresholds():
     assert instability([(1, 7.0), (2, 6.0), (3, 5.0)], [(3, 5.1)]) == {
-        "diverged": False, "divergence": None, "spikes": [], "spike_threshold": 0.25}
+        "diverged": False, "divergence": None, "spikes": [], "spike_threshold": 0.25, "max_loss_rise": 0.0}
     flags = instability([(1, 7.0), (2, 6.0)], [(2, math.inf)])
     assert flags["diverged"] and "validation" in flags["divergence"]
     below = [(1, 6.0), (2, 5.0), (3, 6.2), (4, 4.0)]  # 6.2 < 1.25 x 5.0

@@ -50,6 +50,9 @@ def _own_parser() -> argparse.ArgumentParser:
     g.add_argument("--list", action="extend", nargs="+", default=[], metavar="'KEY=V KEY=V'",
                    help="one variant per argument (added to the grid's)")
     g.add_argument("--variants", metavar="FILE", help="one variant per line, like --list")
+    g.add_argument("--rule", action="append", default=[], metavar="'KEY=V: KEY=V'",
+                   help="variant-level settings: the variants matching the pairs before the colon also get the "
+                        "settings after it (e.g. 'moe_router_topk=1: moe_router_pre_softmax=true')")
     g.add_argument("--steps", type=positive_int, metavar="N", help="training iterations of each variant (--train-iters)")
     g.add_argument("--eval-interval", type=positive_int, metavar="K", help="evaluate every K iterations (and at the end)")
     g.add_argument("--out", metavar="DIR", help="the sweep's directory (one subdirectory per variant)")
@@ -66,6 +69,9 @@ def _own_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("results")
     g.add_argument("--select", choices=sorted(RULES), help="the recommendation's rule (default val_loss: "
                                                            "lowest final validation loss)")
+    g.add_argument("--target-loss", type=finite_float, metavar="L",
+                   help="the validation loss the convergence rule counts iterations to (default: the highest final "
+                        "validation loss among the finished variants, so every one reaches it)")
     g.add_argument("--spike-threshold", type=finite_float, metavar="X",
                    help=f"flag a logged train loss more than X (fraction) above the lowest before it "
                         f"(default {DEFAULT_SPIKE_THRESHOLD:g})")
@@ -89,7 +95,7 @@ def _pick(cli, cfg, key, default=None):
 
 
 def _gather(opts, unknown_options, training_flags):
-    """(Settings, variants, job settings, select, spike threshold, retry) from the command line
+    """(Settings, variants, job settings, select, spike threshold, target loss, retry) from the command line
     over the config file. ``unknown_options`` (before ``--``) are training flags too, unless one
     is a mistyped option of the sweep."""
     from megatron_ext.sweeps import spec as S
@@ -113,7 +119,10 @@ def _gather(opts, unknown_options, training_flags):
         listed += S.read_variants_file(opts.variants)
     if not opts.list and not opts.variants:
         listed = cfg.get("variants", [])
+    rules = [S.parse_rule(t, f"--rule {t!r}") for t in opts.rule] if opts.rule else cfg.get("rules", [])
     variants = S.expand(grid, listed)
+    if variants and rules:
+        variants = S.apply_rules(variants, rules)
     if not variants:
         raise S.SweepError("nothing to sweep: give --grid KEY=V1,V2, --list 'KEY=V ...' or --variants FILE "
                            "(or grid:/variants: in --config)")
@@ -128,13 +137,17 @@ def _gather(opts, unknown_options, training_flags):
                           base_env=cfg.get("base_env", {}), steps=_pick(opts.steps, cfg, "steps"),
                           eval_interval=_pick(opts.eval_interval, cfg, "eval_interval"), nproc=nproc or 1,
                           launcher=launcher, save_checkpoints=bool(_pick(opts.save_checkpoints, cfg,
-                                                                         "save_checkpoints", False)))
+                                                                         "save_checkpoints", False)),
+                          rule_keys=sorted({k for r in rules for k in r.then}))
     select = _pick(opts.select, cfg, "select", "val_loss")
     if select not in RULES:
         raise S.SweepError(f"select: {select!r} is not one of {', '.join(sorted(RULES))}")
     spike = _pick(opts.spike_threshold, cfg, "spike_threshold", DEFAULT_SPIKE_THRESHOLD)
     if spike <= 0:
         raise S.SweepError(f"--spike-threshold must be > 0, got {spike:g}")
+    target = _pick(opts.target_loss, cfg, "target_loss")
+    if target is not None and target <= 0:
+        raise S.SweepError(f"--target-loss must be > 0, got {target:g}")
     jobs = dict(cfg.get("jobs", {}))
     for key, value in (("script", opts.jobs_script), ("submit", opts.submit), ("walltime", opts.walltime),
                        ("queue", opts.queue), ("account", opts.account)):
@@ -146,7 +159,7 @@ def _gather(opts, unknown_options, training_flags):
         raise S.SweepError(f"jobs.script: {jobs['script']!r} is not one of pbs, slurm, sh")
     if jobs.get("submit") and not jobs.get("script"):
         raise S.SweepError("--submit needs --jobs-script pbs|slurm|sh")
-    return settings, variants, jobs, select, spike, bool(_pick(opts.retry, cfg, "retry", False))
+    return settings, variants, jobs, select, spike, target, bool(_pick(opts.retry, cfg, "retry", False))
 
 
 def _decide(vdir: str, spec: dict, retry: bool):
@@ -184,11 +197,11 @@ def _move_aside(out_dir: str, vdir: str) -> str:
     return dest
 
 
-def _print_report(out_dir, select, spike) -> int:
+def _print_report(out_dir, select, spike, target=None) -> int:
     from megatron_ext.sweeps.report import report
     from megatron_ext.sweeps.results import table
 
-    results, rec, written = report(out_dir, select, spike)
+    results, rec, written = report(out_dir, select, spike, target)
     print(table(results, rec))
     print(f"wrote {', '.join(os.path.relpath(p, out_dir) for p in written)} in {out_dir}")
     return 0 if any(r.get("status") == "finished" for r in results) else 1
@@ -215,16 +228,19 @@ def run_argv(argv) -> int:
 
     if opts.collect:
         if opts.grid or opts.list or opts.variants or opts.config or rest or training_flags:
-            return fail("--collect DIR reads DIR's results; give it alone (with --select/--spike-threshold)")
+            return fail("--collect DIR reads DIR's results; give it alone (with --select/--spike-threshold/"
+                        "--target-loss)")
         if not os.path.isdir(opts.collect):
             return fail(f"--collect {opts.collect}: no such directory")
         spike = opts.spike_threshold if opts.spike_threshold is not None else DEFAULT_SPIKE_THRESHOLD
         if spike <= 0:
             return fail(f"--spike-threshold must be > 0, got {spike:g}")
-        return _print_report(os.path.abspath(opts.collect), opts.select or "val_loss", spike)
+        if opts.target_loss is not None and opts.target_loss <= 0:
+            return fail(f"--target-loss must be > 0, got {opts.target_loss:g}")
+        return _print_report(os.path.abspath(opts.collect), opts.select or "val_loss", spike, opts.target_loss)
 
     try:
-        settings, variants, jobs, select, spike, retry = _gather(opts, rest, training_flags)
+        settings, variants, jobs, select, spike, target, retry = _gather(opts, rest, training_flags)
         # library start-up chatter (DeepSpeed, megatron-core) goes to stderr: stdout is the commands
         with contextlib.redirect_stdout(sys.stderr):
             specs = build_specs(settings, variants)
@@ -252,7 +268,7 @@ def run_argv(argv) -> int:
             print(f"{spec['name']}: {why}; the old directory is now {_move_aside(out_dir, vdir)}")
         runner.write_spec(vdir, spec)
     _write_json(os.path.join(out_dir, SWEEP), {
-        "created": time.time(), "argv": sys.argv, "select": select, "spike_threshold": spike,
+        "created": time.time(), "argv": sys.argv, "select": select, "spike_threshold": spike, "target_loss": target,
         "settings": {**vars(settings), "out": out_dir}, "variants": [s["name"] for s in specs]})
 
     if jobs.get("script"):
@@ -272,13 +288,13 @@ def run_argv(argv) -> int:
         except (runner.Interrupted, KeyboardInterrupt):
             print(f"interrupted during {spec['name']}: the same command resumes the sweep", file=sys.stderr)
             with contextlib.suppress(Exception):
-                _print_report(out_dir, select, spike)
+                _print_report(out_dir, select, spike, target)
             return 130
         val = result.get("final_val_loss")
         print(f"[{n}/{len(todo)}] {spec['name']}: {result['status']} in {result['wall_s']:.0f} s"
               + (f", final val loss {val:.4f}" if val is not None else "")
               + (f" ({result['error'][-1]})" if result.get("error") else ""), flush=True)
-    return _print_report(out_dir, select, spike)
+    return _print_report(out_dir, select, spike, target)
 
 
 def _jobs(plan, jobs, spike, out_dir) -> int:

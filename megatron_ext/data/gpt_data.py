@@ -5,7 +5,8 @@ range of positions, split into micro-batches and then across data-parallel ranks
 and the same global batch gives the same data at any data-parallel size."""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -53,27 +54,35 @@ def split_sizes(args) -> Tuple[int, int, int]:
     )
 
 
-def build_datasets(args, tokenizer, sources):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+def dataset_config(args, tokenizer, sources):
+    """megatron-core's GPTDatasetConfig for ``sources`` (None: mock data), from the flags."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     from megatron_ext.data.data_list import blend_of
 
-    config = GPTDatasetConfig(
+    return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=blend_of(sources) if sources else None,
         split=args.split,
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # the local attention builds its causal mask itself
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        # Only documents need a mask of their own: the plain causal one is built by the attention itself.
+        create_attention_mask=args.reset_attention_mask,
         mmap_bin_files=True,
     )
+
+
+def build_datasets(args, tokenizer, sources):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
     from megatron_ext.data.data_checks import splits_read
 
+    config = dataset_config(args, tokenizer, sources)
     for i, read in enumerate(splits_read(args)):
         if not read:  # not built: megatron-core would loop for ever on a split with no tokens
             config.split_matrix[i] = None
@@ -91,6 +100,64 @@ def check_batch_tokens(batch, vocab_size: int) -> None:
     if largest >= vocab_size:
         raise DataFileError(f"a training batch holds token id {largest}, but the tokenizer has {vocab_size} tokens: "
                             "the data was made with another tokenizer (--tokenizer-model / TOKENIZER_MODEL)")
+
+
+def corpus_names(sources) -> Dict[str, list]:
+    """Corpus name -> its sources, in list order. A data file list names corpora (several prefixes
+    may form one corpus); ``--data-path`` prefixes are named by their file name, with as many
+    parent folders as it takes to tell prefixes of the same file name apart."""
+    groups: Dict[str, list] = {}
+    for s in sources:
+        groups.setdefault(s.corpus, []).append(s)
+    out: Dict[str, list] = {}
+    for name, members in groups.items():
+        if len(members) == 1 or any(m.origin for m in members):  # one source, or a list's own corpus name
+            out[name] = members
+            continue
+        depth = 1
+        while len({_path_tail(m.prefix, depth) for m in members}) < len(members) and depth < 64:
+            depth += 1
+        for m in members:  # the same prefix twice stays one corpus
+            out.setdefault(_path_tail(m.prefix, depth), []).append(m)
+    return out
+
+
+def _path_tail(prefix: str, parts: int) -> str:
+    return "/".join(os.path.normpath(prefix).split(os.sep)[-parts - 1:])
+
+
+def validation_documents(prefix: str, split: str) -> int:
+    """How many documents of ``prefix`` megatron-core's ``--split`` puts in the validation split."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bookends = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
+    if bookends is None:
+        return 0
+    documents = IndexedDataset(prefix).document_indices.shape[0] - 1
+    return int(round(bookends[1] * documents)) - int(round(bookends[0] * documents))
+
+
+def build_corpus_validation_sets(args, tokenizer, sources, samples: int):
+    """Per corpus of the data list, ``samples`` validation samples of that corpus alone (its prefixes
+    blended by their weights), from the same validation split the blended validation set reads:
+    a fixed set per corpus whatever the mixture's weights. ``{name: dataset}``; ValueError (one
+    line) for a corpus without validation documents."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    out = {}
+    for name, members in corpus_names(sources).items():
+        config = dataset_config(args, tokenizer, members)
+        config.split_matrix[0] = config.split_matrix[2] = None  # only the validation split is read
+        _, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [0, samples, 0], lambda: True, config).build()
+        if valid is None or len(valid) == 0:
+            raise ValueError(f"--eval-per-corpus: corpus {name!r} has no validation documents with --split {args.split}")
+        out[name] = valid
+    return out
 
 
 class PretrainingBatchSampler:

@@ -224,6 +224,9 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     seq, _ = number(("SEQ", "SEQ_LEN"), "--seq-length", preset["seq_length"], minimum=1, source_default="preset")
     f.add("--max-position-embeddings", str(seq), "SEQ")
     number("ROPE_THETA", "--rope-theta", preset["rope_theta"], kind=float, minimum=1, source_default="preset")
+    if preset.get("flags"):  # architecture flags (MLA, MoE...): before the variables' flags, which win
+        f.argv += list(preset["flags"])
+        note("MODEL_ARCH flags", " ".join(preset["flags"]), f"preset {arch}")
     llama = not e.flag("NO_LLAMA")
     note("NO_LLAMA", "" if llama else "1", "NO_LLAMA" if not llama else "unset: llama-style")
     f.add("--model-style", "llama" if llama else "gpt2", "NO_LLAMA")

@@ -2,7 +2,8 @@
 (RNG state save/restore, the tensor-parallel RNG tracker, RoPE's device placement, the default
 causal mask). When CUDA is absent we redirect exactly those entry points to their CPU
 equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
-is defined here. This is the only module that patches third-party code; `apply()` is idempotent
+is defined here, and its multi-latent attention tests against a stand-in for a Transformer Engine
+class, which is switched off here. This is the only module that patches third-party code; `apply()` is idempotent
 and, on machines with CUDA, does only the Transformer Engine part."""
 import importlib
 
@@ -16,7 +17,8 @@ def apply() -> bool:
     global _applied
     if _applied:
         return True
-    _define_moe_te_general_gemm()  # a Transformer Engine gap, not a CUDA one: GPUs without TE need it too
+    _define_moe_te_general_gemm()  # Transformer Engine gaps, not CUDA ones: GPUs without TE need them too
+    _mla_without_te()
     if torch.cuda.is_available():
         return False
 
@@ -50,6 +52,13 @@ def apply() -> bool:
     transformer_utils.get_default_causal_mask = cpu_causal_mask
     fused_softmax.get_default_causal_mask = cpu_causal_mask
 
+    # The aux-loss-free router's token count (a single in-place add) is decorated with torch.compile:
+    # ~10 s of C++ compilation at the first MoE forward on CPU for no gain. Call it as written.
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    count = TopKRouter._apply_expert_bias
+    TopKRouter._apply_expert_bias = getattr(count, "_torchdynamo_orig_callable", count)
+
     # DeepSpeed JIT-compiles a shared-memory collective op (~30 s of g++) at the first
     # init_distributed on CPU; gloo works without it.
     # (``import deepspeed.comm.torch as m`` would bind the real torch: deepspeed.comm re-exports it.)
@@ -66,3 +75,15 @@ def _define_moe_te_general_gemm() -> None:
 
     if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _mla_without_te() -> None:
+    """Without Transformer Engine, megatron-core 0.16.1's ``extensions.transformer_engine`` still
+    imports (its TE classes are ``MagicMock`` stand-ins), so ``multi_latent_attention`` believes TE
+    is there and calls ``isinstance(..., TELinear)`` with a stand-in: a TypeError when an MLA layer is
+    built. Its flag is set to what is true."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention
+
+    if not getattr(te_ext, "HAVE_TE", False):
+        multi_latent_attention.HAVE_TE = False

@@ -41,12 +41,17 @@ def collect_variant(vdir: str, spike_threshold: float) -> Optional[dict]:
     return result
 
 
-def report(out_dir: str, select: str = "val_loss",
-           spike_threshold: float = DEFAULT_SPIKE_THRESHOLD) -> Tuple[List[dict], dict, List[str]]:
-    """(results, recommendation, files written) for the sweep in ``out_dir``."""
+def report(out_dir: str, select: str = "val_loss", spike_threshold: float = DEFAULT_SPIKE_THRESHOLD,
+           target_loss: Optional[float] = None) -> Tuple[List[dict], dict, List[str]]:
+    """(results, recommendation, files written) for the sweep in ``out_dir`` (``target_loss``, for
+    the convergence rule: default the sweep's own, else the highest final validation loss)."""
     results = [r for r in (collect_variant(d, spike_threshold) for d in variant_dirs(out_dir)) if r is not None]
     keys = sweep_keys(results)
-    rec = recommend(results, select, keys)
+    sweep = read_json(os.path.join(out_dir, SWEEP)) or {}
+    if target_loss is None:
+        target_loss = sweep.get("target_loss")
+    derived = (sweep.get("settings") or {}).get("rule_keys", [])
+    rec = recommend(results, select, keys, derived, target_loss)
     rec["spike_threshold"] = spike_threshold
     rec["divergence_rule"] = "a non-finite train or validation loss, or a final train loss above the first"
     rec["spike_rule"] = (f"a logged train loss more than {100 * spike_threshold:g}% above the lowest train loss "

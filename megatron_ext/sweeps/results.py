@@ -9,10 +9,13 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from megatron_ext.sweeps.recommend import DEFAULT_SPIKE_THRESHOLD, instability
+from megatron_ext.sweeps.recommend import DEFAULT_SPIKE_THRESHOLD, RULES, instability
+
+CORPUS_SPLIT = "validation_per_corpus"  # the trainer's --eval-per-corpus records (training/evaluation.py)
 
 CSV_METRICS = ("iterations", "final_train_loss", "final_val_loss", "best_val_loss", "best_val_iteration",
-               "final_val_ppl", "final_val_accuracy", "tokens_per_second", "wall_s")
+               "final_val_ppl", "final_val_accuracy", "tokens_per_second", "max_loss_rise", "steps_to_target",
+               "wall_s")
 
 
 def finite(x) -> Optional[float]:
@@ -73,6 +76,10 @@ def summarize(records: List[dict], spike_threshold: float = DEFAULT_SPIKE_THRESH
         out["tokens_per_second"] = statistics.median(speeds)
     out["final_train_record"] = _json_safe(train[-1]) if train else None
     out["final_val_record"] = _json_safe(valid[-1]) if valid else None
+    per_corpus = [r for r in records if r["split"] == CORPUS_SPLIT]
+    # --eval-per-corpus: each corpus's last validation loss (data-mixture sweeps compare these)
+    out["final_val_loss_per_corpus"] = ({k: finite(v) for k, v in per_corpus[-1].get("lm_loss", {}).items()}
+                                        if per_corpus else None)
     out["curves"] = {
         "train_loss": [[it, finite(v)] for it, v in train_points],
         "val_loss": [[it, finite(v)] for it, v in valid_points],
@@ -144,5 +151,16 @@ def table(results: List[dict], rec: dict) -> str:
     if rec.get("best"):
         field = rec["metric"]
         lines.append(f"recommendation: {rec['best']['name']} ({field} {rec['best'][field]:.4f}); rule: {rec['rule']}")
+    views = []
+    for rule, best in (rec.get("by_rule") or {}).items():
+        if best is not None and rule in ("val_loss", "stability", "convergence", "efficiency"):
+            field = RULES[rule][0]
+            value = best[field]
+            shown = f"{value:.0f}" if rule in ("convergence", "efficiency") else f"{value:.4f}"
+            views.append(f"{rule}: {best['name']} ({field} {shown})")
+    if views:
+        target = rec.get("target_loss")
+        lines.append("best by rule: " + "; ".join(views)
+                     + (f" (convergence = iterations to validation loss {target:.4f})" if target is not None else ""))
     lines += [f"note: {n}" for n in rec.get("notes", [])]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ OWNED_FLAGS = {
 MACHINE_VARIABLES = ("HOSTFILE", "PBS_NODEFILE", "MASTER_PORT", "DRY_RUN")
 MAX_NAME = 100
 CONFIG_KEYS = ("out", "steps", "eval_interval", "nproc", "launcher", "save_checkpoints", "select",
-               "spike_threshold", "retry", "base", "grid", "variants", "jobs")
+               "spike_threshold", "target_loss", "retry", "base", "grid", "variants", "rules", "jobs")
 JOB_KEYS = ("script", "submit", "walltime", "queue", "account", "options", "setup")
 
 
@@ -139,6 +139,49 @@ def expand(grid: Dict[str, List[str]], listed: List[Dict[str, str]]) -> List[Dic
     return unique
 
 
+@dataclasses.dataclass
+class Rule:
+    """A variant-level setting: the variants whose values include every ``when`` pair also get the
+    ``then`` settings (unless they set those keys themselves). E.g. top-1 softmax routing needs
+    ``--moe-router-pre-softmax``, top-2 does not: ``moe_router_topk=1: moe_router_pre_softmax=true``."""
+
+    when: Dict[str, str]
+    then: Dict[str, str]
+    text: str
+
+
+def parse_rule(text: str, where: str) -> Rule:
+    """``"moe_router_topk=1: moe_router_pre_softmax=true"`` (several pairs on each side allowed)."""
+    cond, sep, settings = text.partition(":")
+    if not sep:
+        raise SweepError(f"{where}: {text!r} is not 'KEY=V ...: KEY=V ...' (the settings after the colon apply "
+                         "to the variants that match the pairs before it)")
+    when = parse_variant_text(cond, where)
+    then = parse_variant_text(settings, where)
+    if not when or not then:
+        raise SweepError(f"{where}: {text!r} needs KEY=V pairs on both sides of the colon")
+    return Rule(when, then, text.strip())
+
+
+def apply_rules(variants: List[Dict[str, str]], rules: Sequence[Rule]) -> List[Dict[str, str]]:
+    """The variants with each matching rule's settings added. A rule whose condition names a key no
+    variant sets, or that matches no variant, is an error (a typo would otherwise do nothing)."""
+    out = [dict(v) for v in variants]
+    for rule in rules:
+        for key in rule.when:
+            if not any(key in v for v in variants):
+                raise SweepError(f"rule {rule.text!r}: no variant sets {key}{_close(key, {k for v in variants for k in v})}")
+        matched = 0
+        for v, original in zip(out, variants):
+            if all(original.get(k) == val for k, val in rule.when.items()):
+                matched += 1
+                for key, val in rule.then.items():
+                    v.setdefault(key, val)
+        if not matched:
+            raise SweepError(f"rule {rule.text!r} matches no variant")
+    return out
+
+
 def _bool(key: str, value: str, option: str) -> bool:
     if value.lower() in TRUE:
         return True
@@ -159,8 +202,9 @@ class TrainerKeys:
         if opt not in self.actions:
             known = {o[2:].replace("-", "_") for o in self.actions if o.startswith("--")}
             raise SweepError(f"key {key!r} is not a training flag{_close(key, known)}")
-        if opt in OWNED_FLAGS:
-            raise SweepError(f"key {key!r} cannot be swept: {OWNED_FLAGS[opt]}")
+        owned = next((o for o in self.actions[opt].option_strings if o in OWNED_FLAGS), None)  # aliases too
+        if owned:
+            raise SweepError(f"key {key!r} cannot be swept: {OWNED_FLAGS[owned]}")
         return opt
 
     def flags(self, key: str, value: str) -> List[str]:
@@ -180,9 +224,11 @@ class TrainerKeys:
 
 def check_base_flags(flags: List[str]) -> None:
     from megatron_ext.arguments import normalise_argv
+    from megatron_ext.llama_moe_names import ALIASES
 
     for tok in normalise_argv(flags):
         name = tok.split("=", 1)[0]
+        name = ALIASES.get(name, (name,))[0]
         if name in OWNED_FLAGS:
             raise SweepError(f"{name} in the base flags: {OWNED_FLAGS[name]}")
 
@@ -255,6 +301,7 @@ class Settings:
     nproc: int = 1
     launcher: bool = False
     save_checkpoints: bool = False
+    rule_keys: List[str] = dataclasses.field(default_factory=list)  # keys that variant rules set
 
 
 def variant_name(values: Dict[str, str]) -> str:
@@ -390,22 +437,15 @@ def _positive_int(value, where: str) -> int:
 def load_config(path: str) -> dict:
     """A sweep described in YAML (docs/sweeps.md): the same settings as the command line."""
     try:
-        import yaml
+        import yaml  # noqa: F401  (read_yaml_mapping's)
     except ImportError:
         raise SweepError("--config needs PyYAML (pip install pyyaml)") from None
+    from megatron_ext.fileio import read_yaml_mapping
+
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise SweepError(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SweepError(f"--config {path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SweepError(f"--config {path}: expected a mapping of settings (out:, steps:, grid:, ...)")
+        raw = read_yaml_mapping(path)
+    except ValueError as e:
+        raise SweepError(f"--config {e}") from None
     cfg = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
@@ -420,10 +460,9 @@ def load_config(path: str) -> dict:
     for k in ("launcher", "save_checkpoints", "retry"):
         if k in cfg and not isinstance(cfg[k], bool):
             raise SweepError(f"{where(k)}: expected true or false, got {cfg[k]!r}")
-    if "spike_threshold" in cfg and (isinstance(cfg["spike_threshold"], bool)
-                                     or not isinstance(cfg["spike_threshold"], (int, float))
-                                     or cfg["spike_threshold"] <= 0):
-        raise SweepError(f"{where('spike_threshold')}: expected a positive number, got {cfg['spike_threshold']!r}")
+    for k in ("spike_threshold", "target_loss"):
+        if k in cfg and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float)) or cfg[k] <= 0):
+            raise SweepError(f"{where(k)}: expected a positive number, got {cfg[k]!r}")
     for k in ("out", "select"):
         if k in cfg and not isinstance(cfg[k], str):
             raise SweepError(f"{where(k)}: expected a string, got {cfg[k]!r}")
@@ -465,6 +504,21 @@ def load_config(path: str) -> dict:
                                     for k, x in v.items()})
         else:
             raise SweepError(f"{where(f'variants[{i}]')}: expected a mapping or 'key=value ...', got {v!r}")
+    rules = cfg.pop("rules", None) or []
+    if not isinstance(rules, list):
+        raise SweepError(f"{where('rules')}: expected a list of rules")
+    cfg["rules"] = []
+    for i, r in enumerate(rules):
+        at = where(f"rules[{i}]")
+        if isinstance(r, str):
+            cfg["rules"].append(parse_rule(r, at))
+        elif isinstance(r, dict) and set(r) == {"when", "set"} and all(isinstance(r[k], dict) and r[k] for k in r):
+            pairs = [{normalise_key(str(k)): value_text(x, at) for k, x in r[side].items()} for side in ("when", "set")]
+            text = " ".join(f"{k}={v}" for k, v in pairs[0].items()) + ": " + " ".join(
+                f"{k}={v}" for k, v in pairs[1].items())
+            cfg["rules"].append(Rule(pairs[0], pairs[1], text))
+        else:
+            raise SweepError(f"{at}: expected {{when: {{KEY: V}}, set: {{KEY: V}}}} or 'KEY=V: KEY=V', got {r!r}")
     jobs = cfg.pop("jobs", None) or {}
     if not isinstance(jobs, dict) or set(jobs) - set(JOB_KEYS):
         raise SweepError(f"{where('jobs')}: expected a mapping with some of {', '.join(JOB_KEYS)}")

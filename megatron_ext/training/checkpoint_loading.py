@@ -157,7 +157,8 @@ def check_universal(engine, args, tag: str) -> None:
                 shape = (args.vocab_size_unpadded, *shape[1:])
             saved.append((name, ckpt_shape))
         model.append((name, shape))
-    known = {name for name, _ in model}
+    # the converter also extracts persistent buffers (an MoE router's expert_bias): not parameters, not extra
+    known = {name for name, _ in model} | {name for name, _ in engine.module.named_buffers()}
     saved += [(name, None) for name in sorted(in_checkpoint - known) if os.path.isdir(os.path.join(zero, name))]
     _compare(saved, model, args.load, tag)
 
@@ -181,6 +182,22 @@ def _fmt(shape) -> str:
 
 
 # -- after loading ----------------------------------------------------------------------------
+def restore_universal_buffers(engine, load_dir: str, tag: str) -> None:
+    """The persistent buffers a universal checkpoint carries (an MoE router's ``expert_bias``):
+    the converter extracts them like parameters, DeepSpeed's universal load restores only parameters."""
+    import torch
+
+    from deepspeed.checkpoint.constants import PARAM
+
+    zero = os.path.join(load_dir, tag, "zero")
+    for name, buffer in engine.module.named_buffers():
+        path = os.path.join(zero, name, "fp32.pt")
+        if os.path.isfile(path):
+            with torch.no_grad():
+                buffer.copy_(load_states(path)[PARAM].to(buffer.dtype).view_as(buffer))
+
+
+
 def optimizer_hyperparameters(engine) -> List[Dict[str, Any]]:
     """The base optimizer's param-group settings (everything but the tensors)."""
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)

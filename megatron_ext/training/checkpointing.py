@@ -225,6 +225,8 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     if path is None:
         raise RuntimeError(f"--load {args.load}: could not load checkpoint '{tag}'")
     start["path"] = os.path.dirname(path)  # DeepSpeed returns the model-states file inside the tag
+    if universal:
+        loading.restore_universal_buffers(engine, args.load, tag)
     if universal and not load_optim:  # DeepSpeed's universal path restores the optimizer regardless
         loading.discard_optimizer_state(engine, fresh_optimizer)
     elif universal:

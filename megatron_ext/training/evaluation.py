@@ -2,6 +2,8 @@
 
 * Validation / test: the mean LM loss over the fixed evaluation batches and the next-token accuracy
   (the fraction of unmasked positions whose arg-max prediction is the label), from one forward pass.
+* ``--eval-per-corpus``: the same for each corpus of the data list on its own validation samples,
+  with every validation (data-mixture experiments compare mixtures corpus by corpus).
 * ``--eval-mc-file``: a multiple-choice set in HellaSwag's jsonl format, scored by the
   log-likelihood of each ending given its context (length-normalised and raw), every
   ``--eval-mc-interval`` iterations and at the end, split across data-parallel ranks.
@@ -20,6 +22,7 @@ import torch
 from megatron_ext.argtypes import positive_int
 
 MC_SPLIT = "mc_eval"  # the metrics.jsonl split of multiple-choice records
+CORPUS_SPLIT = "validation_per_corpus"  # the metrics.jsonl split of per-corpus validation records
 
 # --------------------------------------------------------------------------------------------
 # Flags
@@ -34,6 +37,38 @@ def add_mc_eval_arguments(g) -> None:
                    help="score --eval-mc-file every N iterations and at the end (default --eval-interval)")
     g.add_argument("--eval-mc-limit", type=positive_int, default=None, metavar="K",
                    help="score only the first K examples of --eval-mc-file")
+
+
+def add_corpus_eval_arguments(g) -> None:
+    g.add_argument("--eval-per-corpus", action="store_true",
+                   help="with every validation, the loss of each corpus of the data list on its own validation "
+                        "samples (log, metrics.jsonl split validation_per_corpus, TensorBoard)")
+    g.add_argument("--eval-per-corpus-iters", type=positive_int, default=None, metavar="N",
+                   help="global batches per corpus with --eval-per-corpus (default --eval-iters)")
+
+
+def check_corpus_eval(args, sources=None) -> None:
+    """--eval-per-corpus needs corpora with validation documents (checked when ``sources``, the data
+    list, is given); fills --eval-per-corpus-iters."""
+    if not args.eval_per_corpus:
+        if args.eval_per_corpus_iters is not None:
+            raise ValueError("--eval-per-corpus-iters has no effect without --eval-per-corpus")
+        return
+    if args.mock_data:
+        raise ValueError("--eval-per-corpus needs a data list (--data-path or --data-file-list), not --mock-data")
+    if float(args.split.split(",")[1]) == 0:
+        raise ValueError(f"--eval-per-corpus needs a validation split: --split {args.split} has none")
+    if args.eval_iters == 0:
+        raise ValueError("--eval-per-corpus with --eval-iters 0: no validation to follow")
+    if args.eval_per_corpus_iters is None:
+        args.eval_per_corpus_iters = args.eval_iters
+    if sources:
+        from megatron_ext.data.gpt_data import corpus_names, validation_documents
+
+        for name, members in corpus_names(sources).items():
+            if not sum(validation_documents(m.prefix, args.split) for m in members):
+                raise ValueError(f"--eval-per-corpus: corpus {name!r} has no validation documents with "
+                                 f"--split {args.split}")
 
 
 def mc_examples_for(args, tokenizer) -> Optional[tuple]:
@@ -103,8 +138,8 @@ def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int, tp_rank: i
     return index
 
 
-def evaluate(engine, dataset, args, device) -> Optional[dict]:
-    """``{"lm_loss", "accuracy"}`` over the first ``--eval-iters`` global batches of ``dataset``.
+def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Optional[dict]:
+    """``{"lm_loss", "accuracy"}`` over the first ``iters`` (default ``--eval-iters``) global batches of ``dataset``.
 
     ``lm_loss`` is the mean of the micro-batch mean losses, averaged over data-parallel ranks;
     ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank."""
@@ -114,7 +149,8 @@ def evaluate(engine, dataset, args, device) -> Optional[dict]:
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.training.loss import dp_mean, lm_loss
 
-    if dataset is None or args.eval_iters == 0:
+    iters = args.eval_iters if iters is None else iters
+    if dataset is None or iters == 0:
         return None
     engine.eval()
     total, count = torch.zeros((), device=device), 0
@@ -124,7 +160,7 @@ def evaluate(engine, dataset, args, device) -> Optional[dict]:
           ps.get_tensor_model_parallel_group())
     # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
     with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
-        for batch in make_loader(dataset, args, consumed=0, total=args.eval_iters * args.global_batch_size):
+        for batch in make_loader(dataset, args, consumed=0, total=iters * args.global_batch_size):
             with captured_logits(engine.module) as out:
                 total += lm_loss(engine, batch, device)
             predicted = vocab_parallel_argmax(out["logits"], vocab, *tp).transpose(0, 1)  # [s, b] -> [b, s]
@@ -138,6 +174,37 @@ def evaluate(engine, dataset, args, device) -> Optional[dict]:
     correct, positions = hits.tolist()
     return {"lm_loss": dp_mean(total / max(count, 1)),
             "accuracy": correct / positions if positions else float("nan")}
+
+
+class CorpusValidation:
+    """``--eval-per-corpus``: each corpus's validation loss, perplexity and next-token accuracy."""
+
+    def __init__(self, datasets: dict, iters: int):
+        self.datasets, self.iters = datasets, iters
+
+    @classmethod
+    def from_plan(cls, plan) -> Optional["CorpusValidation"]:
+        a = plan.args
+        if not a.eval_per_corpus:
+            return None
+        from megatron_ext.data.gpt_data import build_corpus_validation_sets
+
+        samples = a.eval_per_corpus_iters * a.global_batch_size
+        return cls(build_corpus_validation_sets(a, plan.tokenizer, plan.data_sources, samples), a.eval_per_corpus_iters)
+
+    def run(self, engine, args, device, iteration: int, consumed: int, metrics) -> dict:
+        from megatron_ext.training.metrics import print_rank0
+
+        losses, ppls, accuracies = {}, {}, {}
+        for name, dataset in self.datasets.items():
+            result = evaluate(engine, dataset, args, device, self.iters)
+            losses[name], accuracies[name] = result["lm_loss"], result["accuracy"]
+            ppls[name] = math.exp(min(result["lm_loss"], 20.0))
+        record = dict(iteration=iteration, consumed_samples=consumed, lm_loss=losses, ppl=ppls, accuracy=accuracies)
+        print_rank0(f" validation loss per corpus at iteration {iteration} | "
+                    + " | ".join(f"{name}: {loss:.6E}" for name, loss in losses.items()))
+        metrics.write(CORPUS_SPLIT, record)
+        return record
 
 
 # --------------------------------------------------------------------------------------------

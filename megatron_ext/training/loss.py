@@ -5,15 +5,21 @@ from __future__ import annotations
 import torch
 
 
+def model_inputs(batch, device) -> dict:
+    """The model's inputs of a micro-batch. ``attention_mask`` (True = masked) is there only with
+    --reset-attention-mask (each document attends to itself); otherwise the attention is causal."""
+    mask = batch.get("attention_mask")
+    return dict(input_ids=batch["tokens"].to(device, non_blocking=True),
+                position_ids=batch["position_ids"].to(device, non_blocking=True),
+                attention_mask=None if mask is None else mask.to(device, non_blocking=True))
+
+
 def lm_loss(engine, batch, device) -> torch.Tensor:
     """Mean next-token cross entropy over the unmasked positions of a micro-batch."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
     # loss_mask also masks megatron-core's MTP losses (it defaults to all ones there)
-    losses = engine(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels,
-                    loss_mask=loss_mask)
+    losses = engine(**model_inputs(batch, device), labels=labels, loss_mask=loss_mask)
     return (losses.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 

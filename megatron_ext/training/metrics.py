@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -36,16 +37,30 @@ def format_log_line(r: dict, train_iters: int) -> str:
     )
 
 
-def startup_table(plan, num_params: int, start: dict, schedule: str = "") -> str:
+def startup_table(plan, num_params: int, start: dict, schedule: str = "",
+                  active_params: Optional[int] = None) -> str:
     """The start-up block: the run plan's rows (with ``schedule``, the one that actually runs after
-    a checkpoint was loaded), the parameter count and where the run starts."""
+    a checkpoint was loaded), the parameter count (a mixture of experts: total and active per token,
+    which the TFLOPs count) and where the run starts."""
+    params = f"{num_params:,}"
+    if active_params is not None and active_params != num_params:
+        params += f" total, {active_params:,} active per token (the TFLOPs count these)"
     rows = [(k, schedule) if k == "lr schedule" and schedule else (k, v) for k, v in plan.rows()]
-    rows = [("parameters", f"{num_params:,}"), *rows,
+    rows = [("parameters", params), *rows,
             ("resumed from", start["path"] or "-"), ("start iteration", start["iteration"])]
     width = max(len(k) for k, _ in rows)
     lines = ["-" * 60, "megatron_ext run"] + [f"  {k:<{width}} : {v}" for k, v in rows]
     lines += [f"  note: {note}" for note in plan.notes] + ["-" * 60]
     return "\n".join(lines)
+
+
+def scalars_of(split: str, record: dict) -> dict:
+    """The TensorBoard / W&B scalars of a record: ``split/key`` for numbers, ``split/key/name`` for a
+    mapping of numbers (per-corpus losses); lists (expert load) stay in metrics.jsonl only."""
+    scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+    scalars.update({f"{split}/{k}/{name}": v for k, values in record.items() if isinstance(values, dict)
+                    for name, v in values.items() if isinstance(v, (int, float))})
+    return scalars
 
 
 class MetricsWriter:
@@ -82,7 +97,7 @@ class MetricsWriter:
         if self.file is not None:
             self.file.write(json.dumps({"split": split, **record}) + "\n")
             self.file.flush()
-        scalars = {f"{split}/{k}": v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+        scalars = scalars_of(split, record)
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, record["iteration"])

@@ -37,12 +37,14 @@ class AuxiliaryLosses:
         self.moe = args.num_experts is not None
         self.mtp = args.mtp_num_layers is not None
         self.routers: List[str] = []
+        self.biases: List[torch.nn.Module] = []
         self.load = None
         self.handles = []
         if not self.moe:
             return
         routers = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
         self.routers = [name.rsplit(".mlp.router", 1)[0] for name, _ in routers]  # decoder.layers.1, mtp.layers.0
+        self.biases = [m for _, m in routers] if args.moe_router_enable_expert_bias else []
         device = next(model.parameters()).device
         self.load = torch.zeros(len(routers), args.num_experts, dtype=torch.long, device=device)
         for index, (_, router) in enumerate(routers):
@@ -102,6 +104,9 @@ class AuxiliaryLosses:
             torch.distributed.all_reduce(load, group=group)
             record["expert_load"] = {name: row.tolist() for name, row in zip(self.routers, load)}
             self.load.zero_()
+            if self.biases:  # --moe-router-enable-expert-bias: the bias after the last optimizer step
+                record["expert_bias"] = {name: router.expert_bias.tolist()
+                                         for name, router in zip(self.routers, self.biases)}
         if self.mtp and "values" in MTPLossLoggingHelper.tracker:
             values = MTPLossLoggingHelper.tracker["values"].detach().float().clone()
             torch.distributed.all_reduce(values, group=group)

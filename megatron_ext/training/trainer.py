@@ -21,6 +21,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
+from megatron_ext.training.expert_bias import ExpertBiasUpdate
 from megatron_ext.training.loss import dp_mean, lm_loss
 from megatron_ext.training.metrics import MetricsWriter, format_log_line, print_rank0, startup_table
 from megatron_ext.training.moe_mtp_metrics import AuxiliaryLosses
@@ -55,9 +56,12 @@ def set_seeds(seed: int) -> None:
 
 
 def flops_per_iteration(args, num_params: int) -> float:
-    """Training FLOPs of one iteration: 6 per parameter per token plus attention scores."""
+    """Training FLOPs of one iteration: 6 per (active) parameter per token plus attention scores
+    and their weighted sum of values (query-key and value widths: ``mla.attention_widths``)."""
+    from megatron_ext.mla import attention_widths
+
     tokens = args.global_batch_size * args.seq_length
-    attention = 12 * args.num_layers * args.hidden_size * args.seq_length
+    attention = 6 * args.num_layers * args.seq_length * sum(attention_widths(args))
     return tokens * (6 * num_params + attention)
 
 
@@ -107,7 +111,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.platform import accelerator
     from megatron_ext.training import checkpointing
-    from megatron_ext.training.evaluation import MultipleChoiceEval
+    from megatron_ext.training.evaluation import CorpusValidation, MultipleChoiceEval
     from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
     args = plan.args
@@ -116,7 +120,10 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     engine, optimizer, device = s.engine, s.optimizer, s.device
     train_ds, valid_ds, test_ds = s.datasets
     mc_eval = MultipleChoiceEval.from_plan(plan)  # --eval-mc-file (training/evaluation.py)
+    corpus_eval = CorpusValidation.from_plan(plan)  # --eval-per-corpus (training/evaluation.py)
     auxiliary = AuxiliaryLosses(s.model, args)  # MoE aux / MTP losses and expert load (training/moe_mtp_metrics.py)
+    expert_bias = ExpertBiasUpdate(s.model, args)  # --moe-router-enable-expert-bias (training/expert_bias.py)
+    active_params = s.num_params - moe_mtp.idle_expert_parameters(s.model, args)
     scheduler = mode.scheduler(optimizer, plan)
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
@@ -128,7 +135,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
 
     metrics = MetricsWriter(args)
     train_losses, valid_losses = [], []
-    print_rank0(startup_table(plan, s.num_params, start, scheduler.describe()))
+    print_rank0(startup_table(plan, s.num_params, start, scheduler.describe(), active_params))
     for warning in scheduler.resume_warnings(iteration, end):
         print_rank0(warning)
     if args.save and torch.distributed.get_rank() == 0:
@@ -137,7 +144,10 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
             json.dump(plan.ds_config, f, indent=2)
 
     def evaluate(split, dataset, at):
-        return _log_eval(engine, dataset, args, device, at, consumed, metrics, split)
+        loss = _log_eval(engine, dataset, args, device, at, consumed, metrics, split)
+        if split == "validation" and corpus_eval is not None:
+            corpus_eval.run(engine, args, device, at, consumed, metrics)
+        return loss
 
     if mode.evaluates_and_saves and args.eval_at_start and iteration == 0:
         valid_losses.append(evaluate("validation", valid_ds, 0))
@@ -147,7 +157,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         print_rank0(f"the checkpoint is at iteration {iteration}, already --train-iters {end}: "
                     "nothing to train (raise --train-iters / TRAIN_ITERS to continue)")
     train_iter = iter(make_loader(train_ds, args, consumed))
-    flops = flops_per_iteration(args, s.num_params - moe_mtp.idle_expert_parameters(s.model, args))
+    flops = flops_per_iteration(args, active_params)
     last_checkpoint, saved_at = start["path"], iteration
     loss_acc = torch.zeros((), device=device)
     # DeepSpeed computes the gradient norm for clipping but keeps it only for ZeRO/bf16/fp16.
@@ -170,6 +180,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
         iteration_loss = torch.zeros((), device=device)
+        expert_bias.discard_counts()
         for batch in batches:
             loss = lm_loss(engine, batch, device)
             auxiliary.attach(loss)
@@ -178,6 +189,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
                 own_grad_norm = _measure_grad_norm(engine)
             engine.step()
             iteration_loss += loss.detach()
+        expert_bias.after_optimizer_step()  # once per optimizer step, after its last micro-batch
         loss_acc += iteration_loss
         iteration += 1
         consumed += args.global_batch_size

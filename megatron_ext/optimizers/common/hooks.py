@@ -196,10 +196,10 @@ def _generator(device, seed: int, iteration: int, slot: int) -> torch.Generator:
 def sampled_label_loss(engine, batch, device, generator: torch.Generator) -> torch.Tensor:
     """Mean cross entropy of the model's logits against labels sampled from its own softmax, over
     the unmasked positions of a micro-batch (the loss of the Gauss-Newton-Bartlett estimator)."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    from megatron_ext.training.loss import model_inputs
+
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    logits = engine(input_ids=tokens, position_ids=position_ids, attention_mask=None)
+    logits = engine(**model_inputs(batch, device))
     logits = _full_vocab_logits(logits).float()
     labels = sample_labels(logits, generator)
     losses = torch.nn.functional.cross_entropy(

@@ -9,7 +9,10 @@ parametrization may change the multipliers per role (CompleteP treats the final 
 block norms, hence its own role). ``router`` is an MoE layer's gate (experts x hidden): a small
 classifier over the experts rather than a hidden transform, so it stays with the element-wise
 optimizer (never Muon/Shampoo's matrix update) and keeps weight decay and the base LR under every
-parametrization. The experts' own weights are ``hidden`` matrices like a dense MLP's.
+parametrization. The experts' own weights (routed and shared) are ``hidden`` matrices like a dense
+MLP's, and so are multi-latent attention's low-rank projections (``linear_q_down_proj``,
+``linear_kv_up_proj``...): each maps one width of the block to another, and Muon/Shampoo update it
+whole. The aux-loss-free ``expert_bias`` is a buffer, never an optimizer's (docs/deepseek_v3.md).
 """
 from __future__ import annotations
 
