@@ -126,21 +126,6 @@ def _path_tail(prefix: str, parts: int) -> str:
     return "/".join(os.path.normpath(prefix).split(os.sep)[-parts - 1:])
 
 
-def validation_documents(prefix: str, split: str) -> int:
-    """How many documents of ``prefix`` megatron-core's ``--split`` puts in the validation split."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    bookends = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
-    if bookends is None:
-        return 0
-    documents = IndexedDataset(prefix).document_indices.shape[0] - 1
-    return int(round(bookends[1] * documents)) - int(round(bookends[0] * documents))
-
-
 def build_corpus_validation_sets(args, tokenizer, sources, samples: int):
     """Per corpus of the data list, ``samples`` validation samples of that corpus alone (its prefixes
     blended by their weights), from the same validation split the blended validation set reads:
