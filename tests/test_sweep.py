@@ -230,7 +230,10 @@ def test_sweep_trains_survives_failures_resumes_and_recommends(tmp_path, capsys)
 
     # interrupted (Ctrl-C) while the second variant runs
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+        # SIGINT as a terminal gives it: a test run started in the background of a non-interactive
+        # shell inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             _wait_for_status(out / grid[1] / "result.json", "running", proc)
             proc.send_signal(signal.SIGINT)
