@@ -207,3 +207,15 @@ def assert_same_run(got, reference, iterations, rel=1e-5, abs=0.0, fields=("lm_l
     for it in iterations:
         for field in fields:
             assert got[it][field] == pytest.approx(reference[it][field], rel=rel, abs=abs), (name, field, it)
+
+
+def plan_error(capsys, argv, world_size=1) -> str:
+    """The one error line planning ``argv`` gives (it must exit 2 with exactly one line)."""
+    from megatron_ext.plan import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, world_size=world_size)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
