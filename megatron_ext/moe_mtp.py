@@ -193,23 +193,26 @@ def config_kwargs(args) -> dict:
     return kwargs
 
 
-def layer_specs(config, normalization: str):
-    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs.
+def layer_specs(config, normalization: str, use_transformer_engine: bool = False):
+    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs, or its
+    Transformer Engine specs (``--attention-backend te``; chosen in megatron_ext/attention).
 
     Dense without MTP keeps the single layer spec (unchanged parameter names and init)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
         get_gpt_mtp_block_spec,
     )
 
-    if config.num_moe_experts is None:
-        spec = get_gpt_layer_local_spec(normalization=normalization)
+    te = use_transformer_engine
+    if config.num_moe_experts is None:  # (Transformer Engine reads the norm type from the config)
+        spec = get_gpt_layer_with_transformer_engine_spec() if te else get_gpt_layer_local_spec(normalization=normalization)
     else:  # per-layer MoE or dense MLP following config.moe_layer_freq
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=normalization)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=normalization)
     mtp = None
     if config.mtp_num_layers is not None:
-        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)
     return spec, mtp
 
 

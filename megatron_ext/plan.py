@@ -67,7 +67,7 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext import moe_mtp
+        from megatron_ext import attention, moe_mtp
 
         a = self.args
         rows = [
@@ -80,6 +80,7 @@ class RunPlan:
             ("gradient accumulation", a.gradient_accumulation_steps),
             ("global batch", a.global_batch_size),
             ("sequence length", a.seq_length),
+            ("attention", attention.summary(a)),
             ("tokens per step", f"{self.tokens_per_iteration:,}"),
             ("train iterations", a.train_iters),
             ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
@@ -128,6 +129,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
     notes: List[str] = []
     try:
         _model_shape(a)
+        _attention(a)
         _batch(a, world_size)
         _length(a, notes)
         _data_flags(a)
@@ -187,6 +189,14 @@ def _model_shape(a) -> None:
     from megatron_ext.moe_mtp import validate_moe_mtp_args
 
     validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
+
+
+def _attention(a) -> None:
+    """--attention-backend (and Megatron-DeepSpeed's --use-flash-attn*): the backend that runs here."""
+    from megatron_ext.attention import plan_fields
+
+    for key, value in plan_fields(a).items():
+        setattr(a, key, value)
 
 
 def _batch(a, world_size: int) -> None:
