@@ -84,7 +84,7 @@ class RunPlan:
             ("tokens per step", f"{self.tokens_per_iteration:,}"),
             ("train iterations", a.train_iters),
             ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
-            ("optimizer", a.optimizer),
+            ("optimizer", self._optimizer_line()),
             ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
             ("parametrization", self.parametrization.summary()),
         ]
@@ -93,6 +93,12 @@ class RunPlan:
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
         return rows
+
+
+    def _optimizer_line(self) -> str:
+        plugin = self.plugins.get("optimizer")
+        summary = plugin.summary(self.args) if plugin is not None and getattr(plugin, "summary", None) else ""
+        return f"{self.args.optimizer} ({summary})" if summary else self.args.optimizer
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,22 +10,6 @@ import torch
 from conftest import TINY, error_lines, read_metrics, run_trainer
 
 
-@pytest.fixture(scope="module")
-def mcore():
-    """A one-process group and megatron-core's parallel state (what the in-process trainer uses too)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ext.platform import init_distributed
-
-    init_distributed()
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-    from megatron_ext.training.trainer import set_seeds
-
-    set_seeds(1)  # the local attention forks the model-parallel RNG even without dropout
-    return ps
-
-
 def _config(heads, groups, d, dropout=0.0):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

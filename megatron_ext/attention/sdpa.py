@@ -53,7 +53,7 @@ class SDPACoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.k_channels = k_channels or config.kv_channels
-        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -84,7 +84,7 @@ class SDPACoreAttention(MegatronModule):
 
         def attend():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                                  scale=self.scale, enable_gqa=gqa)
+                                                  scale=self.softmax_scale, enable_gqa=gqa)
 
         if dropout_p > 0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
