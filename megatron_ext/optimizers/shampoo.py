@@ -94,7 +94,7 @@ class Shampoo(HybridMatrixOptimizer):
         beta1, _ = group["shampoo_betas"]
         _, graft_beta2 = group["betas"]
         if "exp_avg" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            self.start_step_count(p, state)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         t = self.next_step(p, state)

@@ -2,7 +2,7 @@
 (RNG state save/restore, the tensor-parallel RNG tracker, RoPE's device placement, the default
 causal mask). When CUDA is absent we redirect exactly those entry points to their CPU
 equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
-is defined here. This is the only module that patches third-party code; `apply()` is idempotent
+is defined here. With deepspeed_compat, the only modules that patch third-party code; `apply()` is idempotent
 and, on machines with CUDA, does only the Transformer Engine part."""
 import importlib
 

@@ -170,6 +170,11 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.reshape(p.shape), alpha=-lr)
 
+    def start_step_count(self, p: torch.Tensor, state) -> None:
+        """A new ``state["step"]`` at 0 (known on the host: nothing to read back)."""
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        self._host_steps[id(p)] = (state["step"], 0.0)
+
     def next_step(self, p: torch.Tensor, state) -> float:
         """Advance ``state["step"]`` (a CPU tensor, saved in checkpoints under Adam's name) and return
         the new count, kept on the host: reading the tensor back for every parameter every step
@@ -191,7 +196,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                self.start_step_count(p, state)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             step = self.next_step(p, state)
