@@ -116,6 +116,7 @@ def single_process_split_all(tmp_path_factory):
     return read_metrics(path)
 
 
+@pytest.mark.slow
 def test_tp2_splits_heads_and_swiglu_like_one_process(tmp_path, single_process_split_all):
     """Under TP=2 each rank holds whole query groups of QKV and [gate_r; up_r] of fc1: the gathered
     matrices must be split into the same heads and gate/up blocks as in one process."""

@@ -71,7 +71,7 @@ MUON_ARGS = (
     Arg("--muon-split-qkv", action=argparse.BooleanOptionalAction, default=True,
         help="orthogonalise Q, K and V of the fused QKV matrix separately (megatron-core's default); "
              "--no-muon-split-qkv: the fused matrix as one"),
-    Arg("--muon-per-head", action="store_true",
+    Arg("--muon-per-head", action="store_true", default=False,
         help="orthogonalise every query, key and value head of the fused QKV matrix on its own"),
     Arg("--muon-split-swiglu", action=argparse.BooleanOptionalAction, default=False,
         help="orthogonalise gate and up of a fused SwiGLU fc1 separately (default: as one matrix, "
