@@ -6,10 +6,12 @@
    trainer, one process and 2 data-parallel processes (Muon splits Newton-Schulz across them),
    ABBA order, a fresh process per run;
 3. Muon's Newton-Schulz: batched over same-shaped matrices vs the straightforward per-matrix loop;
+   its precision on this machine (a Newton-Schulz-sized product and the Muon step in bf16 vs fp32,
+   and what --muon-ns-dtype auto picks) and method (standard vs Gram iteration);
 4. convergence on the demo corpus: steps Muon needs to reach AdamW's final validation loss
    (same model, data, LR schedule and LR; Moonlight scaling lets Muon reuse AdamW's LR).
 
-    python benchmarks/optimizers.py [--skip-convergence] [--iters 300]
+    python benchmarks/optimizers.py [--parts step iteration ns convergence] [--iters 300]
 
 Targets: Muon step <= 1.5x AdamW's on CPU (a training step: part 2); Muon reaches AdamW's final
 loss in <= 0.8x the steps. Part 1 shows why the optimizer step alone cannot meet it: Newton-Schulz
@@ -129,6 +131,45 @@ def newton_schulz_times(repeats):
     return _median_time(loop, repeats), _median_time(batched, repeats)
 
 
+def muon_variant_step_times(repeats):
+    """The Muon step (relative to AdamW's) with each Newton-Schulz precision and method, and a
+    Newton-Schulz-sized product X X^T (X 256 x 768, the model's QKV block) in bf16 vs fp32."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.model import build_model
+    from megatron_ext.optimizers import OPTIMIZERS
+    from megatron_ext.optimizers.common.param_groups import build_param_groups
+    from megatron_ext.plan import parse_args
+    from megatron_ext.platform import init_distributed
+    from megatron_ext.training.trainer import set_seeds
+
+    init_distributed()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    variants = {"adamw": ["--optimizer", "adamw"]}
+    for dtype in ("fp32", "bf16"):
+        for method in ("standard", "gram"):
+            variants[f"muon {dtype} {method}"] = ["--optimizer", "muon", "--muon-ns-dtype", dtype,
+                                                  "--muon-ns-method", method]
+    variants["muon fp32 per-head gram"] = variants["muon fp32 gram"] + ["--muon-per-head"]
+    results = {}
+    for name, flags in variants.items():
+        args = parse_args(MODEL + ["--mock-data", "--train-iters", "1", "--zero-stage", "0"] + flags, world_size=1)
+        set_seeds(1)
+        model = build_model(args, 4096)
+        opt = OPTIMIZERS.get(args.optimizer).obj(build_param_groups(model), args)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()
+        results[name] = _median_time(opt.step, repeats)
+    x = torch.randn(256, 768)
+    products = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        products[str(dtype).replace("torch.", "")] = _median_time(lambda: xd @ xd.mT, 20 * repeats)
+    return results, products
+
+
 def convergence(iters):
     from megatron_ext.launcher.demo import prepare
 
@@ -160,26 +201,42 @@ def main():
     p.add_argument("--step-repeats", type=int, default=20)
     p.add_argument("--iters", type=int, default=300, help="training iterations of the convergence runs")
     p.add_argument("--step-iters", type=int, default=30, help="training iterations per timed run (part 2)")
-    p.add_argument("--skip-convergence", action="store_true")
+    p.add_argument("--parts", nargs="+", choices=["step", "iteration", "ns", "convergence"],
+                   default=["step", "iteration", "ns", "convergence"])
+    p.add_argument("--skip-convergence", action="store_true", help="(= --parts step iteration ns)")
     opts = p.parse_args()
+    parts = [x for x in opts.parts if not (opts.skip_convergence and x == "convergence")]
 
-    times = step_times(opts.step_repeats)
-    base = times["adamw"]
-    print(f"optimizer step time vs adamw ({' '.join(MODEL)}; adamw {1000 * base:.1f} ms):")
-    for name, t in sorted(times.items(), key=lambda kv: kv[1]):
-        print(f"  {name:<20} {1000 * t:8.1f} ms   x{t / base:5.2f}")
-    print(f"  muon / adamw = {times['muon'] / base:.2f}  (the optimizer step alone, one process)")
+    if "step" in parts:
+        times = step_times(opts.step_repeats)
+        base = times["adamw"]
+        print(f"optimizer step time vs adamw ({' '.join(MODEL)}; adamw {1000 * base:.1f} ms):")
+        for name, t in sorted(times.items(), key=lambda kv: kv[1]):
+            print(f"  {name:<20} {1000 * t:8.1f} ms   x{t / base:5.2f}")
+        print(f"  muon / adamw = {times['muon'] / base:.2f}  (the optimizer step alone, one process)")
 
-    print("training iteration time, muon vs adamw (global batch 16 x 128 tokens, ZeRO-1):")
-    for nproc, (adamw_ms, muon_ms) in iteration_times(opts.step_iters).items():
-        print(f"  {nproc} process(es): adamw {adamw_ms:.1f} ms, muon {muon_ms:.1f} ms, "
-              f"muon / adamw = {muon_ms / adamw_ms:.2f}  (target <= 1.5)")
+    if "iteration" in parts:
+        print("training iteration time, muon vs adamw (global batch 16 x 128 tokens, ZeRO-1):")
+        for nproc, (adamw_ms, muon_ms) in iteration_times(opts.step_iters).items():
+            print(f"  {nproc} process(es): adamw {adamw_ms:.1f} ms, muon {muon_ms:.1f} ms, "
+                  f"muon / adamw = {muon_ms / adamw_ms:.2f}  (target <= 1.5)")
 
-    loop, batched = newton_schulz_times(opts.step_repeats)
-    print(f"Newton-Schulz of the 16 hidden matrices: per-matrix loop {1000 * loop:.1f} ms, batched by shape "
-          f"{1000 * batched:.1f} ms, speed-up x{loop / batched:.2f}")
+    if "ns" in parts:
+        loop, batched = newton_schulz_times(opts.step_repeats)
+        print(f"Newton-Schulz of the 16 hidden matrices: per-matrix loop {1000 * loop:.1f} ms, batched by shape "
+              f"{1000 * batched:.1f} ms, speed-up x{loop / batched:.2f}")
+        from megatron_ext.optimizers.muon import ns_dtype_for
 
-    if not opts.skip_convergence:
+        variants, products = muon_variant_step_times(opts.step_repeats)
+        dtype, why = ns_dtype_for("auto")
+        print(f"Newton-Schulz precision here: --muon-ns-dtype auto picks {str(dtype).replace('torch.', '')} ({why})")
+        print(f"  X X^T, X 256 x 768: fp32 {1000 * products['float32']:.2f} ms, bf16 {1000 * products['bfloat16']:.2f} ms,"
+              f" bf16 / fp32 = {products['bfloat16'] / products['float32']:.2f}")
+        base = variants["adamw"]
+        for name, t in variants.items():
+            print(f"  {name:<26} step {1000 * t:8.1f} ms   x{t / base:6.2f} adamw")
+
+    if "convergence" in parts:
         finals, curves, reached = convergence(opts.iters)
         print(f"convergence on the demo corpus ({opts.iters} iterations each):")
         for opt, curve in curves.items():

@@ -22,7 +22,7 @@ MLA_ONLY = ("q_lora_rank", *MLA_DEFAULTS)
 YARN_ONLY = ("rotary_scaling_factor", "mscale", "mscale_all_dim")
 
 
-def add_attention_arguments(g) -> None:
+def add_mla_arguments(g) -> None:
     g.add_argument("--multi-latent-attention", action="store_true",
                    help="DeepSeek-V2/V3 multi-latent attention (MLA): keys and values through one low-rank latent")
     g.add_argument("--q-lora-rank", type=positive_int, default=None,

@@ -1,4 +1,6 @@
-"""The model: megatron-core ``GPTModel`` with the local (non Transformer-Engine) layer spec."""
+"""The model: megatron-core ``GPTModel`` with the layer spec of the run's attention backend
+(``--attention-backend``, megatron_ext/attention: megatron-core's local spec with torch's fused
+attention, Transformer Engine's spec, or the local spec as is)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import mla, moe_mtp
+from megatron_ext import attention, mla, moe_mtp
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -55,6 +57,7 @@ def transformer_config(args, parametrization):
                       recompute_num_layers=args.recompute_num_layers)
     kwargs.update(mla.config_kwargs(args))  # --multi-latent-attention, --qk-layernorm (megatron_ext/mla.py)
     kwargs.update(moe_mtp.config_kwargs(args))  # --num-experts, --mtp-num-layers, ... (megatron_ext/moe_mtp.py)
+    kwargs.update(attention.config_kwargs(args))  # Transformer Engine's kernel choice (megatron_ext/attention)
     return mla.config_class(args)(**parametrization.configure_model(kwargs))
 
 
@@ -68,7 +71,7 @@ def build_model(args, vocab_size: int, parametrization=None):
     parametrization = parametrization or parametrization_for(args)
     config = transformer_config(args, parametrization)
     padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    spec, mtp_spec = moe_mtp.layer_specs(config, args.normalization)
+    spec, mtp_spec = attention.layer_specs(config, args)  # --attention-backend (megatron_ext/attention)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -251,31 +251,35 @@ def config_kwargs(args) -> dict:
     return kwargs
 
 
-def layer_specs(config, normalization: str):
-    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs: the one
-    place the layer spec is chosen. MoE layers (per ``moe_layer_freq``), multi-latent attention and
-    qk-layernorm come from the config (``moe_mtp.config_kwargs``, ``mla.config_kwargs``).
+def layer_specs(config, normalization: str, use_transformer_engine: bool = False):
+    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs, or its
+    Transformer Engine specs (``--attention-backend te``; chosen in megatron_ext/attention). MoE
+    layers (per ``moe_layer_freq``), multi-latent attention and qk-layernorm come from the config
+    (``moe_mtp.config_kwargs``, ``mla.config_kwargs``).
 
     Dense without MTP keeps the single layer spec (unchanged parameter names and init)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
         get_gpt_mtp_block_spec,
     )
 
-    if config.num_moe_experts is None:
-        spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=config.qk_layernorm,
-                                        multi_latent_attention=config.multi_latent_attention)
+    te = use_transformer_engine
+    attention = dict(qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
+    if config.num_moe_experts is None:  # (Transformer Engine reads the norm type from the config)
+        spec = (get_gpt_layer_with_transformer_engine_spec(**attention) if te else
+                get_gpt_layer_local_spec(normalization=normalization, **attention))
     else:  # per-layer MoE or dense MLP following config.moe_layer_freq
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=normalization)
-    if config.multi_latent_attention:  # megatron-core's local MLA spec needs a core attention that takes its shapes
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=normalization)
+    if config.multi_latent_attention and not te:  # the local MLA spec needs a core attention taking its shapes
         from megatron_ext.mla import use_local_core_attention
 
         for layer_spec in getattr(spec, "layer_specs", [spec]):
             use_local_core_attention(layer_spec)
     mtp = None
     if config.mtp_num_layers is not None:
-        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)
     return spec, mtp
 
 

@@ -67,7 +67,7 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext import mla, moe_mtp
+        from megatron_ext import attention, mla, moe_mtp
 
         a = self.args
         rows = [
@@ -80,15 +80,16 @@ class RunPlan:
             ("gradient accumulation", a.gradient_accumulation_steps),
             ("global batch", a.global_batch_size),
             ("sequence length", a.seq_length),
+            ("attention", attention.summary(a)),
             ("tokens per step", f"{self.tokens_per_iteration:,}"),
             ("train iterations", a.train_iters),
             ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
-            ("optimizer", a.optimizer),
+            ("optimizer", self._optimizer_line()),
             ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
             ("parametrization", self.parametrization.summary()),
         ]
         if mla.summary(a):
-            rows.append(("attention", mla.summary(a)))
+            rows.append(("MLA", mla.summary(a)))
         if moe_mtp.summary(a):
             rows.append(("MoE / MTP", moe_mtp.summary(a)))
         documents = [f for f, on in (("positions reset", a.reset_position_ids), ("attention within documents",
@@ -98,6 +99,11 @@ class RunPlan:
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
         return rows
+
+    def _optimizer_line(self) -> str:
+        plugin = self.plugins.get("optimizer")
+        summary = plugin.summary(self.args) if plugin is not None and plugin.summary is not None else ""
+        return f"{self.args.optimizer} ({summary})" if summary else self.args.optimizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +140,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
     notes: List[str] = []
     try:
         _model_shape(a)
+        _attention(a)
         _batch(a, world_size)
         _length(a, notes)
         _data_flags(a)
@@ -203,6 +210,14 @@ def _model_shape(a) -> None:
 
     validate_attention_args(a)  # --multi-latent-attention, --q-lora-rank, ... (megatron_ext/mla.py)
     validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
+
+
+def _attention(a) -> None:
+    """--attention-backend (and Megatron-DeepSpeed's --use-flash-attn*): the backend that runs here."""
+    from megatron_ext.attention import plan_fields
+
+    for key, value in plan_fields(a).items():
+        setattr(a, key, value)
 
 
 def _batch(a, world_size: int) -> None:

@@ -138,6 +138,22 @@ def repo():
     return REPO
 
 
+@pytest.fixture(scope="module")
+def mcore():
+    """A one-process group and megatron-core's parallel state in this process (the same the in-process
+    trainer uses), seeded: for tests that build megatron-core modules directly."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.platform import init_distributed
+    from megatron_ext.training.trainer import set_seeds
+
+    init_distributed()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    set_seeds(1)  # megatron-core's local attention forks the model-parallel RNG even without dropout
+    return ps
+
+
 def make_hf_corpus(folder, documents=600, tokenizer=None):
     """A real (tiny) data set with a Hugging Face tokenizer: ``folder/tokenizer.json`` (byte-level BPE
     with ``</s>``, or ``tokenizer`` when given), ``folder/corpus_text_document.{bin,idx}``

@@ -5,7 +5,8 @@ scheduler applies and ``eps_mult`` applied here, so schedules and parametrizatio
 optimizer. The record (``OptimizerPlugin``) declares, as typed fields: ``validate(args)`` for the
 optimizer's own flags, the engine settings it supports (``engine``: ZeRO stages, CPU offload...),
 and ``width_lr_exponents(args) -> {role: e}``: under muP a role's LR scales as m_N^e (default:
-Adam's rules, hidden -1). What the training loop calls on the optimizer object beyond
+Adam's rules, hidden -1); ``summary(args) -> str``: what the optimizer resolved (e.g. Muon's
+Newton-Schulz precision on this machine), for the start-up table. What the training loop calls on the optimizer object beyond
 ``step``: the hook protocol in ``common/hooks.py``."""
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from megatron_ext.registry import Plugin, Registry
 @dataclasses.dataclass(frozen=True)
 class OptimizerPlugin(Plugin):
     width_lr_exponents: Optional[Callable[[Any], Dict[str, float]]] = None
+    summary: Optional[Callable[[Any], str]] = None  # one line for the start-up table
 
     @property
     def build(self) -> Callable:

@@ -94,11 +94,10 @@ class Shampoo(HybridMatrixOptimizer):
         beta1, _ = group["shampoo_betas"]
         _, graft_beta2 = group["betas"]
         if "exp_avg" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            self.start_step_count(p, state)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        t = state["step"].item()
+        t = self.next_step(p, state)
         g = p.grad
         state["exp_avg"].lerp_(g, 1 - beta1)
         state["exp_avg_sq"].mul_(graft_beta2).addcmul_(g, g, value=1 - graft_beta2)

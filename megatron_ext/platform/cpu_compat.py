@@ -3,7 +3,7 @@
 causal mask). When CUDA is absent we redirect exactly those entry points to their CPU
 equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
 is defined here, and its multi-latent attention tests against a stand-in for a Transformer Engine
-class, which is switched off here. This is the only module that patches third-party code; `apply()` is idempotent
+class, which is switched off here. With deepspeed_compat, the only modules that patch third-party code; `apply()` is idempotent
 and, on machines with CUDA, does only the Transformer Engine part."""
 import importlib
 

@@ -115,9 +115,10 @@ def init_distributed(backend: str = None) -> DistEnv:
     Always initialises a process group, even for one process: megatron-core's parallel state and
     dataset cache both need one.
     """
-    from megatron_ext.platform import accelerator, cpu_compat
+    from megatron_ext.platform import accelerator, cpu_compat, deepspeed_compat
 
     cpu_compat.apply()
+    deepspeed_compat.apply()  # gradient clipping without a host sync per param group
     import deepspeed
 
     dist = discover()

@@ -62,6 +62,7 @@ class ExitSignalHandler:
     def __init__(self, device, signals=EXIT_SIGNALS):
         self.received = 0  # the last signal number this process got (0: none)
         self._device = device
+        self._pending = None  # the previous boundary's all-reduce: a function returning its result
         self._previous: Dict[int, object] = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._record)
@@ -75,10 +76,17 @@ class ExitSignalHandler:
         self.received = signum
 
     def stop_requested(self, iteration: int) -> int:
-        """The signal any rank received (0: none); every rank must call this at the same step boundary."""
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self._device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        signum = int(flag.item())
+        """The signal any rank had received by the previous boundary (0: none); every rank must call
+        this at the same step boundaries."""
+        from megatron_ext.platform.accelerator import copy_to_host_async
+
+        # torch.full is a fill kernel; torch.tensor([...], device=...) would copy from host memory and wait
+        flag = torch.full((1,), self.received, dtype=torch.int64, device=self._device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # queued on the device
+        previous, self._pending = self._pending, copy_to_host_async(flag)
+        if previous is None:
+            return 0
+        signum = int(previous()[0])
         if signum and torch.distributed.get_rank() == 0:
             print(f"received {signal.Signals(signum).name}: every rank stops after iteration {iteration}, "
                   "saves a checkpoint and exits", flush=True)

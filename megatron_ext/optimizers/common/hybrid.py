@@ -80,6 +80,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         number_groups(self.param_groups)
         self._layouts: Dict[int, object] = {}  # ZeRO 1/2 flat layouts, by group_index
         self._model_params: Dict[int, List[torch.Tensor]] = {}  # the model tensors behind ours
+        self._host_steps: Dict[int, tuple] = {}  # id(param) -> (its state["step"] object, the count)
 
     # -- optimizer hook protocol (megatron_ext/optimizers/hooks.py) -----------------------------
     def engine_ready(self, engine) -> None:
@@ -169,6 +170,25 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.reshape(p.shape), alpha=-lr)
 
+    def start_step_count(self, p: torch.Tensor, state) -> None:
+        """A new ``state["step"]`` at 0 (known on the host: nothing to read back)."""
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        self._host_steps[id(p)] = (state["step"], 0.0)
+
+    def next_step(self, p: torch.Tensor, state) -> float:
+        """Advance ``state["step"]`` (a CPU tensor, saved in checkpoints under Adam's name) and return
+        the new count, kept on the host: reading the tensor back for every parameter every step
+        would be a host round trip per parameter (a device sync, were the tensor on the
+        accelerator). The tensor is read again only when it was replaced (a checkpoint was loaded)."""
+        step = state["step"]
+        known = self._host_steps.get(id(p))
+        count = known[1] if known is not None and known[0] is step else float(step)
+        if not torch.is_tensor(step):  # a loader may put a plain number back
+            step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        step += 1
+        self._host_steps[id(p)] = (step, count + 1)
+        return count + 1
+
     def _adamw_group(self, group) -> None:
         beta1, beta2 = group["betas"]
         for p in group["params"]:
@@ -176,11 +196,10 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                self.start_step_count(p, state)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            step = state["step"].item()
+            step = self.next_step(p, state)
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])

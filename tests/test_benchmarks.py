@@ -1,0 +1,57 @@
+"""The benchmark scripts that have no CPU number to show still run here: benchmarks/mfu.py counts
+FLOPs from the model's real matrices, knows the accelerators' peaks, and runs end to end on tiny
+shapes (its GPU numbers are measured on GPUs; no timing is asserted)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _env
+
+
+def _mfu_module():
+    spec = importlib.util.spec_from_file_location("bench_mfu", os.path.join(REPO, "benchmarks", "mfu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_flops_count_the_matrices_the_model_has(mcore):
+    from megatron_ext.launcher.presets import MODEL_PRESETS
+    from megatron_ext.model import build_model
+
+    mfu = _mfu_module()
+    flags = mfu.train_flags("tiny", "sdpa", 1, 128, type("O", (), dict(iters=1, log_interval=1, dtype="fp32"))())
+    from megatron_ext.plan import parse_args
+
+    model = build_model(parse_args(flags, world_size=1), mfu.VOCAB)
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "word_embeddings" not in n)
+    padded_extra = (model.output_layer.weight.size(0) - mfu.VOCAB) * model.config.hidden_size  # vocabulary padding
+    shape = MODEL_PRESETS["tiny"]
+    attention = 12 * shape["num_layers"] * shape["hidden_size"] * 128
+    assert mfu.model_flops_per_token(shape, 128) == 6 * (matrices - padded_extra) + attention
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA A100-SXM4-40GB", 312.0), ("NVIDIA H200", 989.0),
+                                        ("AMD Instinct MI250X", 191.5), ("AMD Instinct MI300X", 1307.4),
+                                        ("Intel(R) Data Center GPU Max 1550", 419.4), ("cpu", None)])
+def test_peak_flops_table_knows_the_centres_accelerators(name, peak):
+    assert _mfu_module().peak_tflops(name) == peak
+
+
+@pytest.mark.slow
+def test_mfu_script_runs_end_to_end_on_tiny_shapes(tmp_path):
+    out = tmp_path / "mfu.json"
+    proc = subprocess.run([sys.executable, "benchmarks/mfu.py", "--presets", "tiny", "--backends", "sdpa", "local",
+                           "--micro-batch", "1", "--iters", "4", "--log-interval", "2", "--peak-tflops", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["backend"] for r in result["rows"]] == ["sdpa", "local"]
+    for r in result["rows"]:
+        assert r["micro_batch"] == 1 and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
+    assert "MFU" in proc.stdout and "vs local" in proc.stdout
