@@ -80,7 +80,7 @@ class RunPlan:
             ("gradient accumulation", a.gradient_accumulation_steps),
             ("global batch", a.global_batch_size),
             ("sequence length", a.seq_length),
-            ("attention", attention.summary(a)),
+            ("attention", "; ".join(x for x in (attention.summary(a), mla.summary(a)) if x)),
             ("tokens per step", f"{self.tokens_per_iteration:,}"),
             ("train iterations", a.train_iters),
             ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
@@ -88,8 +88,6 @@ class RunPlan:
             ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
             ("parametrization", self.parametrization.summary()),
         ]
-        if mla.summary(a):
-            rows.append(("MLA", mla.summary(a)))
         if moe_mtp.summary(a):
             rows.append(("MoE / MTP", moe_mtp.summary(a)))
         documents = [f for f, on in (("positions reset", a.reset_position_ids), ("attention within documents",
