@@ -53,6 +53,9 @@ def run_in_process(entry, args, cwd=None) -> InProcessRun:
 
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
+    # the trainer writes RANK/WORLD_SIZE/MASTER_PORT... into the environment: a process a later test
+    # starts must not inherit them (it would try to listen on this process group's port)
+    environ = dict(os.environ)
     os.chdir(cwd or REPO)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
@@ -65,6 +68,8 @@ def run_in_process(entry, args, cwd=None) -> InProcessRun:
                 code = 1
     finally:
         os.chdir(before)
+        os.environ.clear()
+        os.environ.update(environ)
     return InProcessRun(code, out.getvalue(), err.getvalue())
 
 

@@ -96,7 +96,7 @@ def check_batch_tokens(batch, vocab_size: int) -> None:
     inside the embedding); one line naming the id. The run plan checks the files, this every batch."""
     from megatron_ext.data.data_checks import DataFileError
 
-    largest = int(batch["tokens"].max())
+    largest = int(batch["tokens"].numpy().max())  # the loader's host tensor: no device work
     if largest >= vocab_size:
         raise DataFileError(f"a training batch holds token id {largest}, but the tokenizer has {vocab_size} tokens: "
                             "the data was made with another tokenizer (--tokenizer-model / TOKENIZER_MODEL)")
