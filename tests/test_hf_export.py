@@ -243,6 +243,11 @@ def test_architecture_refusals_name_what_is_missing():
         (dict(num_experts=4, moe_layer_freq=2, moe_first_k_dense=None), "an MoE MLP in every layer"),
         (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_router_score_function="sigmoid"),
          "softmax router scores (this model: sigmoid)"),
+        (dict(multi_latent_attention=True, qk_layernorm=True), "this model has --multi-latent-attention, --qk-layernorm:"),
+        (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_shared_expert_intermediate_size=64),
+         "this model has --moe-shared-expert-intermediate-size:"),
+        (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_router_num_groups=2),
+         "this model has --moe-router-num-groups:"),
         (dict(model_style="gpt2", position_embedding_type="learned_absolute", normalization="LayerNorm",
               swiglu=False), "GPT2LMHeadModel has no grouped-query attention"),
     ]

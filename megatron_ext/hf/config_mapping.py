@@ -44,6 +44,19 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
+    # What the DeepSeek-V3-style models add has no field in the classes this export writes
+    # (DeepseekV3ForCausalLM is not mapped): refused before any weight is read.
+    unmapped = [flag for flag, on in (
+        ("--multi-latent-attention", _get(args, "multi_latent_attention", False)),
+        ("--qk-layernorm", _get(args, "qk_layernorm", False)),
+        ("--moe-shared-expert-intermediate-size", _get(args, "num_experts") and
+         _get(args, "moe_shared_expert_intermediate_size")),
+        ("--moe-router-num-groups", _get(args, "num_experts") and _get(args, "moe_router_num_groups")),
+        ("--moe-router-enable-expert-bias", _get(args, "num_experts") and
+         _get(args, "moe_router_enable_expert_bias", False))) if on]
+    if unmapped:
+        raise HFError(f"this model has {', '.join(unmapped)}: no Hugging Face class this export writes "
+                      "(Llama, Mixtral, GPT-2) computes it, and DeepSeek-V3's is not mapped yet")
     if rope or rms or swiglu:
         missing = [what for ok, what in ((rope, "rotary positions (this model: learned absolute)"),
                                          (rms, f"RMSNorm (this model: {_get(args, 'normalization')})"),
