@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, error_lines, read_metrics, run_trainer
+from conftest import TINY, error_lines, read_metrics, run_module, run_trainer, tree_digest
 
 
 def _config(heads, groups, d, dropout=0.0):
@@ -176,3 +176,29 @@ def test_impossible_backends_are_one_line(extra, message):
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_a_transformer_engine_checkpoint_is_refused_in_one_line_where_its_names_do_not_fit(tmp_path):
+    """Transformer Engine's spec names the norms after the fused linear that holds them: a te
+    checkpoint does not fit an sdpa/local model, export-hf's or the fork's mapping. No TE here, so
+    the checkpoint is a real sdpa one whose saved flags say te (what a CUDA machine would write)."""
+    from megatron_ext.training.checkpoint_files import model_states_files
+
+    ck = tmp_path / "ck"
+    run_trainer(GQA + ["--train-iters", "2", "--save", str(ck), "--save-interval", "2"])
+    for path in model_states_files(str(ck / "global_step2")):
+        state = torch.load(path, weights_only=False)  # into memory (load_states maps the file)
+        state["args"]["attention_backend"] = "te"
+        torch.save(state, path)
+    before = tree_digest(ck)
+    resumed = run_trainer(GQA + ["--train-iters", "4", "--load", str(ck)], check=False)
+    assert resumed.returncode != 0
+    line, = error_lines(resumed.stderr)
+    assert "was written with --attention-backend te, this model is built with sdpa" in line
+    assert "continue it with --attention-backend te on a CUDA machine" in line
+    for command, expected in ((["export-hf", str(ck), str(tmp_path / "hf")], "--attention-backend te"),
+                              (["convert", str(ck), "--output", str(tmp_path / "fork")], "--attention-backend te")):
+        proc = run_module("megatron_ext.cli", command)
+        assert proc.returncode == 2 and expected in error_lines(proc.stderr)[0], proc.stderr
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "fork").exists()
+    assert tree_digest(ck) == before  # refused before anything was written

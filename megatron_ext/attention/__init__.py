@@ -163,6 +163,29 @@ def with_core_attention(spec, core_attention):
     return walk(spec)
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+def saved_backend(saved_args) -> str:
+    """The backend a checkpoint's model was built with, from its saved flags (a dict or namespace);
+    checkpoints written before --attention-backend existed hold the local spec's names."""
+    get = saved_args.get if isinstance(saved_args, dict) else lambda k, d=None: getattr(saved_args, k, d)
+    return get("attention_backend") or "local"
+
+
+def checkpoint_names_problem(saved_args, backend: str) -> Optional[str]:
+    """Why a checkpoint's parameters do not fit a model of ``backend`` by name (None when they do).
+    Transformer Engine's spec fuses each norm into the linear after it, so its parameters have other
+    names (``self_attention.linear_qkv.layer_norm_weight`` for ``input_layernorm.weight``) and its
+    modules add ``_extra_state`` entries; sdpa and local share megatron-core's local names. No
+    translation is made: it could not be checked against Transformer Engine here (no CUDA)."""
+    saved = saved_backend(saved_args)
+    if (saved == "te") == (backend == "te"):
+        return None
+    return (f"it was written with --attention-backend {saved}, this model is built with {backend}: "
+            "Transformer Engine's parameter names differ from megatron-core's local ones; "
+            + ("continue it with --attention-backend te on a CUDA machine with Transformer Engine"
+               if saved == "te" else "continue it with --attention-backend sdpa (or local)"))
+
+
 def summary(args) -> str:
     """One line for the start-up table."""
     backend = backend_of(args)

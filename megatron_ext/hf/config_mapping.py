@@ -54,6 +54,8 @@ def export_architecture(args) -> str:
         ("--moe-router-num-groups", _get(args, "num_experts") and _get(args, "moe_router_num_groups")),
         ("--moe-router-enable-expert-bias", _get(args, "num_experts") and
          _get(args, "moe_router_enable_expert_bias", False))) if on]
+    if _get(args, "attention_backend") == "te":
+        unmapped.append("--attention-backend te (Transformer Engine's parameter names are not mapped)")
     if unmapped:
         raise HFError(f"this model has {', '.join(unmapped)}: no Hugging Face class this export writes "
                       "(Llama, Mixtral, GPT-2) computes it, and DeepSeek-V3's is not mapped yet")

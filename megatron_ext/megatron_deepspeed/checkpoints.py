@@ -153,6 +153,8 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
     target = os.path.join(load_dir, name)
     if os.path.exists(target):
         raise ConvertError(f"{target} already exists; remove it or choose another --output")
+    if src.side != FORK:
+        _refuse_ours_to_fork(src)
     os.makedirs(load_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}.{os.getpid()}.", dir=load_dir)
     log = sys.stderr if verbose else io.StringIO()
@@ -318,17 +320,29 @@ def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
 # -- ours -> fork --------------------------------------------------------------------------------
 
 
+def _refuse_ours_to_fork(src: Source) -> None:
+    """What of our models the fork has no counterpart for: one line before anything is written."""
+    oa = src.client["args"]
+    if (oa.get("num_experts") or 1) > 1 or (oa.get("mtp_num_layers") or 0) > 0:
+        raise ConvertError(f"{src.tag_dir}: a mixture-of-experts / multi-token-prediction model has no "
+                           "Megatron-DeepSpeed counterpart here")
+    unmapped = [flag for flag, key in (("--multi-latent-attention", "multi_latent_attention"),
+                                       ("--qk-layernorm", "qk_layernorm")) if oa.get(key)]
+    if oa.get("attention_backend") == "te":  # Transformer Engine's fused-norm names: not mapped
+        unmapped.append("--attention-backend te")
+    if unmapped:
+        raise ConvertError(f"{src.tag_dir}: a model with {', '.join(unmapped)} has no Megatron-DeepSpeed "
+                           "counterpart here")
+    if oa.get("position_embedding_type") not in ("rope", "learned_absolute"):
+        raise ConvertError(f"{src.tag_dir}: position embeddings {oa.get('position_embedding_type')} unknown to the fork")
+
+
 def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbose: bool) -> Dict[str, Any]:
     torch = _torch()
     ckio = project_api.checkpoint_io()
     from deepspeed.checkpoint import constants as c
 
     oa = src.client["args"]
-    if (oa.get("num_experts") or 1) > 1 or (oa.get("mtp_num_layers") or 0) > 0:
-        raise ConvertError(f"{src.tag_dir}: a mixture-of-experts / multi-token-prediction model has no "
-                           "Megatron-DeepSpeed counterpart here")
-    if oa.get("position_embedding_type") not in ("rope", "learned_absolute"):
-        raise ConvertError(f"{src.tag_dir}: position embeddings {oa.get('position_embedding_type')} unknown to the fork")
     os.makedirs(os.path.dirname(staged_out), exist_ok=True)
     try:
         project_api.to_universal(src.tag_dir, staged_out, workers=workers, verbose=verbose)

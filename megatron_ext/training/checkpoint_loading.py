@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from megatron_ext import attention
 from megatron_ext.training.checkpoint_files import (
     LATEST_UNIVERSAL,
     CheckpointFileError,
@@ -117,6 +118,9 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     if client.get("imported_from") and not args.finetune:  # megatron_ext/hf/checkpoint_writer.py
         raise CheckpointLoadError(f"--load {load_dir} ({tag}) holds weights only (megatron-ext import-hf of "
                                   f"{client['imported_from'].get('source')}): start from it with --finetune")
+    names = attention.checkpoint_names_problem(client.get("args") or {}, attention.backend_of(args))
+    if names:
+        raise CheckpointLoadError(f"--load {load_dir} ({tag}): {names}")
     problem = layout_problem(client, args, load_optim)
     if problem:
         hint = "" if "tensor-parallel" in problem else " (or pass --no-load-optim to load the weights only)"
@@ -144,6 +148,9 @@ def check_universal(engine, args, tag: str) -> None:
     if not os.path.isdir(zero):
         raise CheckpointLoadError(f"--load {args.load} ({tag}): not a universal checkpoint (no zero/ folder); "
                                   f"convert with 'megatron-ext to-universal'")
+    names = attention.checkpoint_names_problem(_client(args.load, tag).get("args") or {}, attention.backend_of(args))
+    if names:
+        raise CheckpointLoadError(f"--load {args.load} ({tag}): {names}")
     tp = ps.get_tensor_model_parallel_world_size()
     saved, model = [], []
     in_checkpoint = set(os.listdir(zero))
