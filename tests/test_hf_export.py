@@ -2,7 +2,7 @@
 (TP=2 merged bit-identically to DeepSpeed's universal converter; ZeRO-2 bf16 and ZeRO-0 bf16 fp32
 masters; ZeRO 3; universal), transformers' logits within 1e-4 of our model's (fp32) for a TP=2
 llama with GQA, a ZeRO-2 bf16 run, a CompleteP model with tied embeddings, an MoE model with an MTP
-layer and a GPT-2 style model; the tokenizer (SentencePiece converted) giving training's ids;
+layer, a GPT-2 style model and the DeepSeek-V3 architecture (DeepseekV3ForCausalLM); the tokenizer (SentencePiece converted) giving training's ids;
 config fields, shards, generate; one-line refusals with nothing written."""
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY, error_lines, run_module, run_trainer, tree_digest
+from megatron_ext.launcher.presets import MODEL_PRESETS
 from hf_fixtures import SAMPLES, command_env, corpus_lines, one_process_megatron  # noqa: F401 (fixtures)
 
 ITERS = ["--mock-data", "--train-iters", "4", "--save-interval", "4", "--num-key-value-heads", "2"]
@@ -27,6 +28,11 @@ RUNS = {
                         "--tie-embeddings-and-output-weights"], 1),
     "moe_mtp": (["--num-experts", "4", "--moe-router-topk", "2", "--mtp-num-layers", "1"], 1),
     "gpt2": (["--model-style", "gpt2", "--num-key-value-heads", "4"], 1),
+    # the deepseek-v3-tiny preset's architecture (MLA, dense first layer, sigmoid MoE with shared expert,
+    # expert bias moved far enough to change the routing, group-limited routing, MTP) with YaRN x4
+    "deepseek_v3": ([*MODEL_PRESETS["deepseek-v3-tiny"]["flags"], "--num-key-value-heads", "4",
+                     "--moe-router-bias-update-rate", "0.05", "--rotary-scaling-factor", "4", "--mscale", "1.0",
+                     "--mscale-all-dim", "1.0"], 1),
 }
 
 
@@ -108,7 +114,8 @@ def test_bf16_runs_give_their_fp32_masters(runs, name):
 @pytest.mark.parametrize("name,architecture", [("tp2", "LlamaForCausalLM"), ("zero2_bf16", "LlamaForCausalLM"),
                                                ("zero3", "LlamaForCausalLM"),
                                                ("completep_tied", "LlamaForCausalLM"),
-                                               ("moe_mtp", "MixtralForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
+                                               ("moe_mtp", "MixtralForCausalLM"), ("gpt2", "GPT2LMHeadModel"),
+                                               ("deepseek_v3", "DeepseekV3ForCausalLM")])
 def test_transformers_logits_match_ours(runs, tmp_path, one_process_megatron, name, architecture):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
@@ -128,6 +135,9 @@ def test_transformers_logits_match_ours(runs, tmp_path, one_process_megatron, na
         assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     if name == "moe_mtp":
         assert any("multi-token-prediction" in n for n in summary["notes"])
+    if name == "deepseek_v3":  # the trained expert bias routes in transformers too
+        assert model.config.first_k_dense_replace == 1 and model.config.rope_parameters["rope_type"] == "yarn"
+        assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().max() > 0
 
 
 @pytest.mark.slow
@@ -235,19 +245,24 @@ def test_architecture_refusals_name_what_is_missing():
 
     llama = dict(model_style="llama", position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                  num_attention_heads=4, num_key_value_heads=2, num_layers=2, num_experts=None,
-                 add_bias_linear=False)
+                 add_bias_linear=False, ffn_hidden_size=128)
     assert export_architecture(types.SimpleNamespace(**llama)) == "LlamaForCausalLM"
     cases = [
         (dict(swiglu=False), "needs SwiGLU (this model: GELU)"),
         (dict(position_embedding_type="learned_absolute"), "needs rotary positions"),
         (dict(num_experts=4, moe_layer_freq=2, moe_first_k_dense=None), "an MoE MLP in every layer"),
         (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_router_score_function="sigmoid"),
-         "softmax router scores (this model: sigmoid)"),
-        (dict(multi_latent_attention=True, qk_layernorm=True), "this model has --multi-latent-attention, --qk-layernorm:"),
+         "DeepseekV3ForCausalLM cannot represent this model: it needs multi-latent attention"),
+        (dict(multi_latent_attention=True), "DeepseekV3ForCausalLM cannot represent this model: it needs its q/kv "
+                                             "norms (--qk-layernorm); --norm-epsilon 1e-06"),
+        (dict(qk_layernorm=True), "--qk-layernorm without --multi-latent-attention"),
+        (dict(multi_latent_attention=True, qk_layernorm=True, norm_epsilon=1e-6, num_experts=8, moe_layer_freq=1,
+              moe_first_k_dense=None, moe_router_topk=2, moe_router_score_function="sigmoid",
+              moe_shared_expert_intermediate_size=64, moe_ffn_hidden_size=64, moe_router_num_groups=4,
+              moe_router_group_topk=2), "scored by their top 1; --moe-router-topk / --moe-router-group-topk must be 2"),
         (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_shared_expert_intermediate_size=64),
-         "this model has --moe-shared-expert-intermediate-size:"),
-        (dict(num_experts=4, moe_layer_freq=1, moe_first_k_dense=None, moe_router_num_groups=2),
-         "this model has --moe-router-num-groups:"),
+         "it needs multi-latent attention (--multi-latent-attention)"),
+        (dict(attention_backend="te"), "--attention-backend te: Transformer Engine's parameter names are not mapped"),
         (dict(model_style="gpt2", position_embedding_type="learned_absolute", normalization="LayerNorm",
               swiglu=False), "GPT2LMHeadModel has no grouped-query attention"),
     ]

@@ -2,7 +2,9 @@
 
 Export targets (``export_architecture``): ``LlamaForCausalLM`` (rotary, RMSNorm, SwiGLU; GQA,
 biases, tied or untied, Llama 3 rope scaling), ``MixtralForCausalLM`` (the same with every layer a
-softmax top-k MoE) and ``GPT2LMHeadModel`` (learned positions, LayerNorm, exact GELU, no GQA).
+softmax top-k MoE), ``DeepseekV3ForCausalLM`` (multi-latent attention with q/kv norms, first k
+layers dense, then sigmoid-routed MoE with shared experts, expert bias and group-limited routing)
+and ``GPT2LMHeadModel`` (learned positions, LayerNorm, exact GELU, no GQA).
 muP/CompleteP multipliers need no config field: ``weight_mapping`` folds them into the weights.
 Multi-token-prediction layers are a training aid with no Hugging Face field: they are left out
 (the main next-token logits do not depend on them).
@@ -18,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 from megatron_ext.hf import HFError
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
+DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
+DEEPSEEK_V3_NORM_EPS = 1e-6  # transformers' DeepseekV3 builds its q/kv norms with the default eps
 IMPORTABLE = (LLAMA, MISTRAL, MIXTRAL)
 
 # megatron-core's Llama 3 rope scaling has these fixed (RotaryEmbedding._apply_scaling)
@@ -44,21 +48,15 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
-    # What the DeepSeek-V3-style models add has no field in the classes this export writes
-    # (DeepseekV3ForCausalLM is not mapped): refused before any weight is read.
-    unmapped = [flag for flag, on in (
-        ("--multi-latent-attention", _get(args, "multi_latent_attention", False)),
-        ("--qk-layernorm", _get(args, "qk_layernorm", False)),
-        ("--moe-shared-expert-intermediate-size", _get(args, "num_experts") and
-         _get(args, "moe_shared_expert_intermediate_size")),
-        ("--moe-router-num-groups", _get(args, "num_experts") and _get(args, "moe_router_num_groups")),
-        ("--moe-router-enable-expert-bias", _get(args, "num_experts") and
-         _get(args, "moe_router_enable_expert_bias", False))) if on]
     if _get(args, "attention_backend") == "te":
-        unmapped.append("--attention-backend te (Transformer Engine's parameter names are not mapped)")
-    if unmapped:
-        raise HFError(f"this model has {', '.join(unmapped)}: no Hugging Face class this export writes "
-                      "(Llama, Mixtral, GPT-2) computes it, and DeepSeek-V3's is not mapped yet")
+        raise HFError("--attention-backend te: Transformer Engine's parameter names are not mapped; export a "
+                      "checkpoint of the sdpa or local backend")
+    if _deepseek_v3_style(args):
+        _check_deepseek_v3(args, rope, rms, swiglu)
+        return DEEPSEEK_V3
+    if _get(args, "qk_layernorm", False):
+        raise HFError("--qk-layernorm without --multi-latent-attention: no Hugging Face class this export writes "
+                      "computes it")
     if rope or rms or swiglu:
         missing = [what for ok, what in ((rope, "rotary positions (this model: learned absolute)"),
                                          (rms, f"RMSNorm (this model: {_get(args, 'normalization')})"),
@@ -92,6 +90,46 @@ def export_architecture(args) -> str:
     return GPT2
 
 
+def _deepseek_v3_style(args) -> bool:
+    moe = bool(_get(args, "num_experts"))
+    return bool(_get(args, "multi_latent_attention", False)) or moe and any((
+        _get(args, "moe_shared_expert_intermediate_size"), _get(args, "moe_router_num_groups"),
+        _get(args, "moe_router_enable_expert_bias", False),
+        _get(args, "moe_router_score_function", "softmax") == "sigmoid"))
+
+
+def _check_deepseek_v3(args, rope: bool, rms: bool, swiglu: bool) -> None:
+    """HFError naming everything DeepseekV3ForCausalLM cannot compute of this model."""
+    problems = [what for ok, what in (
+        (_get(args, "multi_latent_attention", False), "multi-latent attention (--multi-latent-attention)"),
+        (_get(args, "qk_layernorm", False), "its q/kv norms (--qk-layernorm)"),
+        (rope and rms and swiglu, "rotary positions, RMSNorm and SwiGLU"),
+        (not _get(args, "add_bias_linear", False), "no linear biases"),
+        (float(_get(args, "norm_epsilon", 1e-5)) == DEEPSEEK_V3_NORM_EPS,
+         f"--norm-epsilon {DEEPSEEK_V3_NORM_EPS:g} (its q/kv norms fix it; this model: {_get(args, 'norm_epsilon')})"),
+    ) if not ok]
+    if _get(args, "num_experts"):
+        experts, topk = int(args.num_experts), int(_get(args, "moe_router_topk", 2))
+        groups, group_topk = int(_get(args, "moe_router_num_groups", 1)), int(_get(args, "moe_router_group_topk", 1))
+        pattern = moe_pattern(args)
+        first_moe = pattern.index(1) if 1 in pattern else len(pattern)
+        shared, expert_ffn = _get(args, "moe_shared_expert_intermediate_size"), _get(args, "moe_ffn_hidden_size",
+                                                                                      args.ffn_hidden_size)
+        problems += [what for ok, what in (
+            (_get(args, "moe_router_score_function", "softmax") == "sigmoid", "sigmoid router scores"),
+            (not _get(args, "moe_router_pre_softmax", False), "no --moe-router-pre-softmax"),
+            (all(pattern[first_moe:]), f"dense layers first, then MoE in every layer (this model: {pattern})"),
+            (bool(shared) and shared % expert_ffn == 0,
+             f"shared experts of a multiple of --moe-ffn-hidden-size {expert_ffn} (this model: {shared})"),
+            (not _get(args, "moe_shared_expert_gate", False), "no shared-expert gate"),
+            (experts % groups == 0 and experts // groups >= 2 and (groups == 1 or topk // group_topk == 2),
+             f"expert groups scored by their top 2 experts (this model: {groups} groups of {experts // groups}, "
+             f"scored by their top {topk // group_topk}; --moe-router-topk / --moe-router-group-topk must be 2)"),
+        ) if not ok]
+    if problems:
+        raise HFError(f"DeepseekV3ForCausalLM cannot represent this model: it needs {'; '.join(problems)}")
+
+
 def _rope_parameters(args) -> Dict:
     params = {"rope_type": "default", "rope_theta": float(int(args.rope_theta))}  # the model uses int(theta)
     if _get(args, "use_rope_scaling", False):
@@ -120,6 +158,8 @@ def hf_config(args, architecture: str, *, vocab_size: int, tie: bool, bos: Optio
         num_key_value_heads=_get(args, "num_key_value_heads", heads), head_dim=args.hidden_size // heads,
         hidden_act="silu", max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.norm_epsilon,
         rope_parameters=_rope_parameters(args), attention_dropout=_get(args, "attention_dropout", 0.0), **common)
+    if architecture == DEEPSEEK_V3:
+        return _deepseek_v3_config(transformers, args, common)
     if architecture == LLAMA:
         bias = bool(_get(args, "add_bias_linear", False))
         return transformers.LlamaConfig(intermediate_size=args.ffn_hidden_size, attention_bias=bias, mlp_bias=bias,
@@ -128,6 +168,42 @@ def hf_config(args, architecture: str, *, vocab_size: int, tie: bool, bos: Optio
         intermediate_size=_get(args, "moe_ffn_hidden_size", args.ffn_hidden_size),
         num_local_experts=args.num_experts, num_experts_per_tok=_get(args, "moe_router_topk", 2),
         router_aux_loss_coef=_get(args, "moe_aux_loss_coeff", 0.0), sliding_window=None, **llama)
+
+
+def _deepseek_v3_config(transformers, args, common: Dict):
+    heads, layers = args.num_attention_heads, args.num_layers
+    moe = dict(n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1, moe_intermediate_size=args.ffn_hidden_size,
+               n_group=1, topk_group=1, first_k_dense_replace=layers, routed_scaling_factor=1.0, norm_topk_prob=False)
+    if _get(args, "num_experts"):
+        pattern, expert_ffn = moe_pattern(args), _get(args, "moe_ffn_hidden_size", args.ffn_hidden_size)
+        topk = int(_get(args, "moe_router_topk", 2))
+        moe = dict(n_routed_experts=int(args.num_experts), num_experts_per_tok=topk, moe_intermediate_size=expert_ffn,
+                   n_shared_experts=int(args.moe_shared_expert_intermediate_size) // expert_ffn,
+                   n_group=int(_get(args, "moe_router_num_groups", 1)), topk_group=int(_get(args, "moe_router_group_topk", 1)),
+                   first_k_dense_replace=pattern.index(1), norm_topk_prob=topk > 1,  # megatron-core: sigmoid top-k > 1
+                   routed_scaling_factor=float(_get(args, "moe_router_topk_scaling_factor", 1.0)))
+    return transformers.DeepseekV3Config(
+        hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=_get(args, "q_lora_rank"),
+        kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim, qk_rope_head_dim=args.qk_pos_emb_head_dim,
+        v_head_dim=args.v_head_dim, rope_interleave=True,  # megatron-core's MLA rotates (even, odd) pairs
+        hidden_act="silu", max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.norm_epsilon,
+        rope_parameters=_mla_rope_parameters(args), attention_bias=False,
+        attention_dropout=_get(args, "attention_dropout", 0.0), num_nextn_predict_layers=0, **moe, **common)
+
+
+def _mla_rope_parameters(args) -> Dict:
+    """MLA's rotary embedding: megatron-core's YaRN (its default) with factor 1 is plain RoPE;
+    otherwise transformers' ``yarn`` with megatron-core's fixed settings (MLATransformerConfig)."""
+    params = {"rope_type": "default", "rope_theta": float(int(args.rope_theta))}
+    factor = float(_get(args, "rotary_scaling_factor", 1.0))
+    if _get(args, "rope_type", "yarn") == "yarn" and factor != 1.0:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig as fixed
+
+        params.update(rope_type="yarn", factor=factor, original_max_position_embeddings=fixed.original_max_position_embeddings,
+                      beta_fast=float(fixed.beta_fast), beta_slow=float(fixed.beta_slow),
+                      mscale=float(_get(args, "mscale", 1.0)), mscale_all_dim=float(_get(args, "mscale_all_dim", 0.0)))
+    return params
 
 
 def legacy_config_keys(config) -> Dict:

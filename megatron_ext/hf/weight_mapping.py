@@ -7,6 +7,14 @@
 * SwiGLU: ``linear_fc1`` is ``[gate; up]`` -> ``gate_proj``, ``up_proj`` (Mixtral: ``w1``, ``w3``).
 * MoE: ``router`` -> ``block_sparse_moe.gate``, ``experts.local_experts.e`` -> ``experts.e.w1/w2/w3``
   (the hub's Mixtral layout, which every ``transformers`` version reads).
+* DeepSeek-V3 (multi-latent attention): ``linear_q_down_proj``/``q_layernorm``/``linear_q_up_proj`` ->
+  ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or ``linear_q_proj`` -> ``q_proj``),
+  ``linear_kv_down_proj``/``kv_layernorm``/``linear_kv_up_proj`` -> ``kv_a_proj_with_mqa``/
+  ``kv_a_layernorm``/``kv_b_proj``: the same row layouts (per head [no-position part; rotary part],
+  [latent; rotary key], per head [key; value]), so plain renames; the rotary pairs are (even, odd)
+  on both sides (``rope_interleave``). Router -> ``mlp.gate`` with its ``expert_bias`` as
+  ``e_score_correction_bias``; routed experts in the hub layout (``mlp.experts.e.gate_proj/up_proj/
+  down_proj``), shared experts -> ``mlp.shared_experts``.
 * Parametrization multipliers (muP / CompleteP) are forward hooks in our model; exported, they are
   folded into the weights so the Hugging Face model computes the same function: a residual-branch
   multiplier r into each branch's last matrix and bias (``o_proj``, ``down_proj``, every expert's
@@ -25,7 +33,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from megatron_ext.hf import HFError
-from megatron_ext.hf.config_mapping import GPT2, MIXTRAL
+from megatron_ext.hf.config_mapping import DEEPSEEK_V3, GPT2, MIXTRAL, moe_pattern
 
 
 def multipliers(args) -> Tuple[float, float, float]:
@@ -86,7 +94,11 @@ def to_hf(state: Dict[str, torch.Tensor], args, architecture: str) -> Tuple[Dict
         return take(name) if name in state else None
 
     out: Dict[str, torch.Tensor] = {}
-    (_to_gpt2 if architecture == GPT2 else _to_llama)(take, opt, args, architecture, residual, q_factor, out)
+    if architecture == DEEPSEEK_V3 and (logit, residual, q_factor) != (1.0, 1.0, 1.0):
+        raise HFError(f"--parametrization {args.parametrization}: its multipliers are not folded into "
+                      f"{DEEPSEEK_V3} weights; export a model of the standard parametrization")
+    to = {GPT2: _to_gpt2, DEEPSEEK_V3: _to_deepseek_v3}.get(architecture, _to_llama)
+    to(take, opt, args, architecture, residual, q_factor, out)
     tie = not getattr(args, "untie_embeddings_and_output_weights", False)
     embed_name = "transformer.wte.weight" if architecture == GPT2 else "model.embed_tokens.weight"
     if not tie:
@@ -132,6 +144,39 @@ def _to_llama(take: Callable, opt: Callable, args, architecture, residual, q_fac
                 out[dst + f"mlp.gate_proj.{kind}"], out[dst + f"mlp.up_proj.{kind}"] = fc1.chunk(2, dim=0)
                 out[dst + f"mlp.down_proj.{kind}"] = take(src + f"mlp.linear_fc2.{kind}") * residual
     out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+
+
+def _to_deepseek_v3(take: Callable, opt: Callable, args, architecture, residual, q_factor, out) -> None:
+    pattern = moe_pattern(args) or [0] * args.num_layers
+    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")
+    for i in range(args.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_attention_layernorm.weight"] = take(src + "pre_mlp_layernorm.weight")
+        ours, theirs = src + "self_attention.", dst + "self_attn."
+        renames = [("linear_kv_down_proj", "kv_a_proj_with_mqa"), ("kv_layernorm", "kv_a_layernorm"),
+                   ("linear_kv_up_proj", "kv_b_proj"), ("linear_proj", "o_proj")]
+        renames += ([("linear_q_down_proj", "q_a_proj"), ("q_layernorm", "q_a_layernorm"),
+                     ("linear_q_up_proj", "q_b_proj")] if getattr(args, "q_lora_rank", None) else
+                    [("linear_q_proj", "q_proj")])
+        for a, b in renames:
+            out[theirs + b + ".weight"] = take(ours + a + ".weight")
+        if pattern[i]:
+            moe, mlp = src + "mlp.", dst + "mlp."
+            out[mlp + "gate.weight"] = take(moe + "router.weight")
+            bias = opt(moe + "router.expert_bias")
+            out[mlp + "gate.e_score_correction_bias"] = torch.zeros(args.num_experts) if bias is None else bias
+            for e in range(args.num_experts):
+                _swiglu_to_hf(take, moe + f"experts.local_experts.{e}.", mlp + f"experts.{e}.", out)
+            _swiglu_to_hf(take, moe + "shared_experts.", mlp + "shared_experts.", out)
+        else:
+            _swiglu_to_hf(take, src + "mlp.", dst + "mlp.", out)
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+
+
+def _swiglu_to_hf(take: Callable, ours: str, theirs: str, out) -> None:
+    out[theirs + "gate_proj.weight"], out[theirs + "up_proj.weight"] = take(ours + "linear_fc1.weight").chunk(2, dim=0)
+    out[theirs + "down_proj.weight"] = take(ours + "linear_fc2.weight")
 
 
 def _to_gpt2(take: Callable, opt: Callable, args, architecture, residual, q_factor, out) -> None:

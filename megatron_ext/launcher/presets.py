@@ -24,7 +24,7 @@ _DEEPSEEK_V3_TINY_FLAGS = (  # every DeepSeek-V3 feature at CPU-demo size (V3's 
     "--moe-shared-expert-intermediate-size", "96", "--moe-first-k-dense", "1", "--moe-router-score-function",
     "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.001",
     "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.0001", "--moe-router-num-groups",
-    "4", "--moe-router-group-topk", "2", "--moe-router-topk-scaling-factor", "2.5", "--moe-router-dtype", "fp32",
+    "4", "--moe-router-group-topk", "1", "--moe-router-topk-scaling-factor", "2.5", "--moe-router-dtype", "fp32",
     "--mtp-num-layers", "1",
 )
 
