@@ -300,3 +300,26 @@ def test_sweep_trains_survives_failures_resumes_and_recommends(tmp_path, capsys)
     rec = _load(out / "recommendation.json")
     assert rec["best"]["name"] == min(eligible, key=lambda r: r["final_train_loss"])["name"]
     assert "final train loss" in rec["rule"]
+
+
+def test_a_sweep_inside_a_process_group_starts_its_variants_as_jobs_of_their_own(tmp_path, capsys, monkeypatch):
+    """From a torchrun worker, or a notebook that started a process group, the group's RANK and
+    rendezvous are in the environment and its MASTER_PORT is in use: a variant that inherited them
+    could not listen there (EADDRINUSE, what made the expert-grid test fail after in-process runs)."""
+    import socket
+
+    from megatron_ext.sweeps.runner import variant_environment
+
+    with socket.socket() as held:  # the group's rendezvous port, in use
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", port)):
+            monkeypatch.setenv(name, value)
+        out = tmp_path / "sweep"
+        assert run_argv(["--grid", "lr=1e-3", "--steps", "2", "--out", str(out), "--", *BASE]) == 0, \
+            capsys.readouterr().out
+    assert json.loads((out / "lr=1e-3" / "result.json").read_text())["status"] == "finished"
+    # a MASTER_PORT of its own (no job around the sweep) is the user's choice and reaches the variants
+    assert variant_environment({"MASTER_PORT": "29600", "PATH": "/bin"}) == {"MASTER_PORT": "29600", "PATH": "/bin"}

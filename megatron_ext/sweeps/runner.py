@@ -128,6 +128,21 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
         proc.wait()
 
 
+# Set by torchrun (and by our trainer for the process group it starts) for the job a process is in.
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def variant_environment(environ) -> dict:
+    """The environment a variant starts from. A sweep running inside a process group (RANK and
+    WORLD_SIZE set: a torchrun worker, a notebook or test process that started one) does not pass
+    that group's rank and rendezvous on: each variant is a job of its own, and the group's
+    MASTER_PORT is in use (EADDRINUSE). A MASTER_PORT set on its own is the user's and is kept."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return {k: v for k, v in environ.items() if k not in JOB_VARIABLES}
+    return dict(environ)
+
+
 def run_variant(vdir: str, spike_threshold: float = DEFAULT_SPIKE_THRESHOLD,
                 say: Callable[[str], None] = print) -> dict:
     """Run the variant in ``vdir`` to its end and return its result (also in ``result.json``).
@@ -149,7 +164,7 @@ def run_variant(vdir: str, spike_threshold: float = DEFAULT_SPIKE_THRESHOLD,
               "resumed_from_checkpoint": resumes}
     _write_json(os.path.join(vdir, RESULT), result)
 
-    env = {**os.environ, **spec["env"]}
+    env = {**variant_environment(os.environ), **spec["env"]}
     if spec["mode"] == "launcher":
         env.pop("DRY_RUN", None)  # the sweep's own --dry-run is how to print without running
         env.setdefault("MEGATRON_EXT_ROOT", spec["cwd"])
