@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from megatron_ext import attention
 from megatron_ext.hf import HFError
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
@@ -48,7 +49,7 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
-    if _get(args, "attention_backend") == "te":
+    if attention.saved_backend(args) == "te":
         raise HFError("--attention-backend te: Transformer Engine's parameter names are not mapped; export a "
                       "checkpoint of the sdpa or local backend")
     if _deepseek_v3_style(args):

@@ -109,6 +109,13 @@ def _mismatch(load_dir: str, tag: str, detail: str) -> CheckpointLoadError:
     return CheckpointLoadError(f"--load {load_dir} ({tag}) does not match the model built from the flags: {detail}")
 
 
+def _check_parameter_names(client: Dict[str, Any], args, tag: str) -> None:
+    """A checkpoint of another attention backend's parameter names (Transformer Engine's) is one line."""
+    problem = attention.checkpoint_names_problem(client.get("args") or {}, attention.backend_of(args))
+    if problem:
+        raise CheckpointLoadError(f"--load {args.load} ({tag}): {problem}")
+
+
 def check_native(engine, args, tag: str, load_optim: bool) -> None:
     """Layout and tensor shapes of a native checkpoint against this run (raises CheckpointLoadError)."""
     from megatron.core import parallel_state as ps
@@ -118,9 +125,7 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     if client.get("imported_from") and not args.finetune:  # megatron_ext/hf/checkpoint_writer.py
         raise CheckpointLoadError(f"--load {load_dir} ({tag}) holds weights only (megatron-ext import-hf of "
                                   f"{client['imported_from'].get('source')}): start from it with --finetune")
-    names = attention.checkpoint_names_problem(client.get("args") or {}, attention.backend_of(args))
-    if names:
-        raise CheckpointLoadError(f"--load {load_dir} ({tag}): {names}")
+    _check_parameter_names(client, args, tag)
     problem = layout_problem(client, args, load_optim)
     if problem:
         hint = "" if "tensor-parallel" in problem else " (or pass --no-load-optim to load the weights only)"
@@ -148,9 +153,7 @@ def check_universal(engine, args, tag: str) -> None:
     if not os.path.isdir(zero):
         raise CheckpointLoadError(f"--load {args.load} ({tag}): not a universal checkpoint (no zero/ folder); "
                                   f"convert with 'megatron-ext to-universal'")
-    names = attention.checkpoint_names_problem(_client(args.load, tag).get("args") or {}, attention.backend_of(args))
-    if names:
-        raise CheckpointLoadError(f"--load {args.load} ({tag}): {names}")
+    _check_parameter_names(_client(args.load, tag), args, tag)
     tp = ps.get_tensor_model_parallel_world_size()
     saved, model = [], []
     in_checkpoint = set(os.listdir(zero))
