@@ -15,6 +15,7 @@ Import sources (``import_flags``): ``LlamaForCausalLM``, ``MistralForCausalLM`` 
 """
 from __future__ import annotations
 
+import types
 from typing import Dict, List, Optional, Tuple
 
 from megatron_ext import attention
@@ -110,25 +111,32 @@ def _check_deepseek_v3(args, rope: bool, rms: bool, swiglu: bool) -> None:
          f"--norm-epsilon {DEEPSEEK_V3_NORM_EPS:g} (its q/kv norms fix it; this model: {_get(args, 'norm_epsilon')})"),
     ) if not ok]
     if _get(args, "num_experts"):
-        experts, topk = int(args.num_experts), int(_get(args, "moe_router_topk", 2))
-        groups, group_topk = int(_get(args, "moe_router_num_groups", 1)), int(_get(args, "moe_router_group_topk", 1))
-        pattern = moe_pattern(args)
-        first_moe = pattern.index(1) if 1 in pattern else len(pattern)
-        shared, expert_ffn = _get(args, "moe_shared_expert_intermediate_size"), _get(args, "moe_ffn_hidden_size",
-                                                                                      args.ffn_hidden_size)
+        m = _moe_routing(args)
+        experts, groups, scored_by = m.experts, m.groups, m.topk // m.group_topk
         problems += [what for ok, what in (
             (_get(args, "moe_router_score_function", "softmax") == "sigmoid", "sigmoid router scores"),
             (not _get(args, "moe_router_pre_softmax", False), "no --moe-router-pre-softmax"),
-            (all(pattern[first_moe:]), f"dense layers first, then MoE in every layer (this model: {pattern})"),
-            (bool(shared) and shared % expert_ffn == 0,
-             f"shared experts of a multiple of --moe-ffn-hidden-size {expert_ffn} (this model: {shared})"),
+            (all(m.pattern[m.first_moe:]), f"dense layers first, then MoE in every layer (this model: {m.pattern})"),
+            (bool(m.shared) and m.shared % m.expert_ffn == 0,
+             f"shared experts of a multiple of --moe-ffn-hidden-size {m.expert_ffn} (this model: {m.shared})"),
             (not _get(args, "moe_shared_expert_gate", False), "no shared-expert gate"),
-            (experts % groups == 0 and experts // groups >= 2 and (groups == 1 or topk // group_topk == 2),
+            (experts % groups == 0 and experts // groups >= 2 and (groups == 1 or scored_by == 2),
              f"expert groups scored by their top 2 experts (this model: {groups} groups of {experts // groups}, "
-             f"scored by their top {topk // group_topk}; --moe-router-topk / --moe-router-group-topk must be 2)"),
+             f"scored by their top {scored_by}; --moe-router-topk / --moe-router-group-topk must be 2)"),
         ) if not ok]
     if problems:
         raise HFError(f"DeepseekV3ForCausalLM cannot represent this model: it needs {'; '.join(problems)}")
+
+
+def _moe_routing(args) -> types.SimpleNamespace:
+    """The MoE layout and routing the saved flags give (what the DeepSeek-V3 check and config read)."""
+    pattern = moe_pattern(args)
+    return types.SimpleNamespace(
+        experts=int(args.num_experts), topk=int(_get(args, "moe_router_topk", 2)), pattern=pattern,
+        first_moe=pattern.index(1) if 1 in pattern else len(pattern),
+        groups=int(_get(args, "moe_router_num_groups", 1)), group_topk=int(_get(args, "moe_router_group_topk", 1)),
+        shared=_get(args, "moe_shared_expert_intermediate_size"),
+        expert_ffn=_get(args, "moe_ffn_hidden_size", args.ffn_hidden_size))
 
 
 def _rope_parameters(args) -> Dict:
@@ -176,12 +184,10 @@ def _deepseek_v3_config(transformers, args, common: Dict):
     moe = dict(n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1, moe_intermediate_size=args.ffn_hidden_size,
                n_group=1, topk_group=1, first_k_dense_replace=layers, routed_scaling_factor=1.0, norm_topk_prob=False)
     if _get(args, "num_experts"):
-        pattern, expert_ffn = moe_pattern(args), _get(args, "moe_ffn_hidden_size", args.ffn_hidden_size)
-        topk = int(_get(args, "moe_router_topk", 2))
-        moe = dict(n_routed_experts=int(args.num_experts), num_experts_per_tok=topk, moe_intermediate_size=expert_ffn,
-                   n_shared_experts=int(args.moe_shared_expert_intermediate_size) // expert_ffn,
-                   n_group=int(_get(args, "moe_router_num_groups", 1)), topk_group=int(_get(args, "moe_router_group_topk", 1)),
-                   first_k_dense_replace=pattern.index(1), norm_topk_prob=topk > 1,  # megatron-core: sigmoid top-k > 1
+        m = _moe_routing(args)
+        moe = dict(n_routed_experts=m.experts, num_experts_per_tok=m.topk, moe_intermediate_size=m.expert_ffn,
+                   n_shared_experts=int(m.shared) // m.expert_ffn, n_group=m.groups, topk_group=m.group_topk,
+                   first_k_dense_replace=m.first_moe, norm_topk_prob=m.topk > 1,  # megatron-core: sigmoid top-k > 1
                    routed_scaling_factor=float(_get(args, "moe_router_topk_scaling_factor", 1.0)))
     return transformers.DeepseekV3Config(
         hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size, num_hidden_layers=layers,
