@@ -104,17 +104,6 @@ def config_kwargs(args) -> dict:
     return kwargs
 
 
-def use_local_core_attention(layer_spec) -> None:
-    """Give an MLA layer spec (built by megatron-core's local spec) a core attention that takes MLA's
-    head shapes (``LocalMLACoreAttention``); other layer specs are left as they are."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    attention = getattr(layer_spec.submodules, "self_attention", None)
-    submodules = getattr(attention, "submodules", None)
-    if getattr(submodules, "core_attention", None) is DotProductAttention and hasattr(submodules, "linear_kv_down_proj"):
-        submodules.core_attention = local_mla_core_attention()
-
-
 @functools.lru_cache(maxsize=None)
 def local_mla_core_attention():
     """megatron-core 0.16.1's local ``DotProductAttention`` for MLA. MLA builds its core attention

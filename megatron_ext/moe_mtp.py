@@ -272,11 +272,6 @@ def layer_specs(config, normalization: str, use_transformer_engine: bool = False
                 get_gpt_layer_local_spec(normalization=normalization, **attention))
     else:  # per-layer MoE or dense MLP following config.moe_layer_freq
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=normalization)
-    if config.multi_latent_attention and not te:  # the local MLA spec needs a core attention taking its shapes
-        from megatron_ext.mla import use_local_core_attention
-
-        for layer_spec in getattr(spec, "layer_specs", [spec]):
-            use_local_core_attention(layer_spec)
     mtp = None
     if config.mtp_num_layers is not None:
         mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)

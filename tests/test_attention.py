@@ -120,6 +120,16 @@ def test_every_core_attention_of_moe_mtp_and_mla_specs_is_replaced(mcore):
     assert mla.submodules.self_attention.submodules.core_attention is SDPACoreAttention
     original = get_gpt_layer_local_spec(multi_latent_attention=True)
     assert original.submodules.self_attention.submodules.core_attention is DotProductAttention  # a copy, not an edit
+    # built from the flags: MLA layers (and the MTP layer) run sdpa too; local runs the local MLA attention
+    from megatron_ext.mla import local_mla_core_attention
+
+    mla_flags = TINY + ["--mock-data", "--train-iters", "1", "--multi-latent-attention", "--kv-lora-rank", "16",
+                        "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--mtp-num-layers", "1"]
+    kinds = [type(m) for m in build_model(parse_args(mla_flags, world_size=1), 1000).modules()]
+    assert kinds.count(SDPACoreAttention) == 3 and local_mla_core_attention() not in kinds
+    kinds = [type(m) for m in build_model(parse_args(mla_flags + ["--attention-backend", "local"], world_size=1),
+                                          1000).modules()]
+    assert kinds.count(local_mla_core_attention()) == 3 and SDPACoreAttention not in kinds
 
 
 GQA = TINY + ["--mock-data", "--num-key-value-heads", "2", "--zero-stage", "1"]

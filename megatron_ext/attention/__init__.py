@@ -126,11 +126,17 @@ def layer_specs(config, args):
 
     backend = backend_of(args)
     spec, mtp = moe_mtp.layer_specs(config, args.normalization, use_transformer_engine=backend == "te")
+    core = None
     if backend == "sdpa":
         from megatron_ext.attention.sdpa import SDPACoreAttention
 
-        spec = with_core_attention(spec, SDPACoreAttention)
-        mtp = with_core_attention(mtp, SDPACoreAttention)
+        core = SDPACoreAttention
+    elif backend == "local" and config.multi_latent_attention:  # the local MLA spec's own cannot take MLA's shapes
+        from megatron_ext.mla import local_mla_core_attention
+
+        core = local_mla_core_attention()
+    if core is not None:
+        spec, mtp = with_core_attention(spec, core), with_core_attention(mtp, core)
     return spec, mtp
 
 
