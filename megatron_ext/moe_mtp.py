@@ -206,9 +206,6 @@ def _validate_deepseek_routing(args) -> None:
         if args.moe_router_topk < group_topk or args.moe_router_topk > group_topk * per_group:
             raise ValueError(f"--moe-router-topk {args.moe_router_topk} must be between --moe-router-group-topk "
                              f"{group_topk} and the experts of the chosen groups ({group_topk} x {per_group})")
-        if args.moe_router_topk // group_topk > per_group:
-            raise ValueError(f"--moe-router-topk {args.moe_router_topk} / --moe-router-group-topk {group_topk} "
-                             f"is more than the {per_group} experts of a group")
 
 
 def moe_layer_pattern(args) -> Optional[List[int]]:
