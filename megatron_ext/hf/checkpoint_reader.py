@@ -43,6 +43,7 @@ import torch
 
 from megatron_ext.hf import HFError
 from megatron_ext.hf import tensor_parallel as tp_layout
+from megatron_ext.training.checkpoint_files import model_states_file
 
 LATEST = "latest"
 _RANK = re.compile(r"mp_rank_(\d+)")
@@ -100,24 +101,25 @@ def _ranks(files: List[str]) -> List[int]:
     return sorted({int(_RANK.search(os.path.basename(f)).group(1)) for f in files})
 
 
-def saved_args(tag_dir: str) -> types.SimpleNamespace:
-    """The flags the run saved with the checkpoint (any of its model-states files)."""
-
+def _saved_client(tag_dir: str):
+    """(the model-states files, the first one's client state, which holds the saved flags)."""
     files = _model_files(tag_dir)
     client = _load_states(files[0])
     if not isinstance(client, dict) or not client.get("args"):
         raise HFError(f"{files[0]}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
-    return types.SimpleNamespace(**client["args"])
+    return files, client
+
+
+def saved_args(tag_dir: str) -> types.SimpleNamespace:
+    """The flags the run saved with the checkpoint (any of its model-states files)."""
+    return types.SimpleNamespace(**_saved_client(tag_dir)[1]["args"])
 
 
 def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWeights:
     """Whole weights of the checkpoint at ``path`` (see ``locate``); ``say`` gets progress lines."""
 
     tag_dir = locate(path, say)
-    files = _model_files(tag_dir)
-    client = _load_states(files[0])
-    if not isinstance(client, dict) or not client.get("args"):
-        raise HFError(f"{files[0]}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
+    files, client = _saved_client(tag_dir)
     args = types.SimpleNamespace(**client["args"])
     vocab = getattr(args, "vocab_size_unpadded", None)
     if not vocab:
@@ -177,14 +179,14 @@ def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Ca
     layout = f"TP={tp}"
     if zero3:
         return [_zero_to_fp32(tag_dir, r, say) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {layout}", torch.float32
-    modules = [_tensors(_load_states(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))["module"]) for r in ranks]
+    modules = [_tensors(_load_states(model_states_file(tag_dir, r))["module"]) for r in ranks]
     dtype = next(iter(modules[0].values())).dtype
     if dtype == torch.float32:
         return modules, f"fp32 weights of the model-states files, ZeRO {stage}, {layout}", dtype
     if partitions:
         return ([_zero_to_fp32(tag_dir, r, say) for r in ranks],
                 f"fp32 master weights of the ZeRO-{stage} optimizer partitions, {layout}, {_name(dtype)} training", torch.float32)
-    masters = [_mixed_precision_masters(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt")) for r in ranks]
+    masters = [_mixed_precision_masters(model_states_file(tag_dir, r)) for r in ranks]
     if all(m is not None for m in masters):
         for module, master in zip(modules, masters):
             missing = set(module) - set(master)

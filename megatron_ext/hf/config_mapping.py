@@ -15,6 +15,7 @@ Import sources (``import_flags``): ``LlamaForCausalLM``, ``MistralForCausalLM`` 
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,19 @@ def moe_pattern(args) -> Optional[List[int]]:
     return moe_layer_pattern(args) if _get(args, "num_experts") else None
 
 
+def multipliers(args) -> Tuple[float, float, float]:
+    """(logit multiplier, residual-branch multiplier, factor on q) of the saved parametrization."""
+    from megatron_ext.parametrizations import parametrization_for
+
+    if not getattr(args, "parametrization", None):
+        return 1.0, 1.0, 1.0
+    p = parametrization_for(args)
+    scale = p.softmax_scale()
+    head_dim = args.hidden_size // args.num_attention_heads
+    return float(p.logit_multiplier()), float(p.residual_multiplier()), (
+        1.0 if scale is None else float(scale) * math.sqrt(head_dim))
+
+
 # -- export -----------------------------------------------------------------------------------
 def export_architecture(args) -> str:
     """The Hugging Face class that computes what the saved flags describe; HFError (one line
@@ -55,6 +69,9 @@ def export_architecture(args) -> str:
                       "checkpoint of the sdpa or local backend")
     if _deepseek_v3_style(args):
         _check_deepseek_v3(args, rope, rms, swiglu)
+        if multipliers(args) != (1.0, 1.0, 1.0):
+            raise HFError(f"--parametrization {args.parametrization}: its multipliers are not folded into "
+                          f"{DEEPSEEK_V3} weights; export a model of the standard parametrization")
         return DEEPSEEK_V3
     if _get(args, "qk_layernorm", False):
         raise HFError("--qk-layernorm without --multi-latent-attention: no Hugging Face class this export writes "
@@ -155,6 +172,8 @@ def hf_config(args, architecture: str, *, vocab_size: int, tie: bool, bos: Optio
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos,
                   architectures=[architecture], dtype=dtype)
     heads = args.num_attention_heads
+    if architecture == DEEPSEEK_V3:
+        return _deepseek_v3_config(transformers, args, common)
     if architecture == GPT2:
         return transformers.GPT2Config(
             n_positions=args.max_position_embeddings, n_embd=args.hidden_size, n_layer=args.num_layers,
@@ -167,8 +186,6 @@ def hf_config(args, architecture: str, *, vocab_size: int, tie: bool, bos: Optio
         num_key_value_heads=_get(args, "num_key_value_heads", heads), head_dim=args.hidden_size // heads,
         hidden_act="silu", max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.norm_epsilon,
         rope_parameters=_rope_parameters(args), attention_dropout=_get(args, "attention_dropout", 0.0), **common)
-    if architecture == DEEPSEEK_V3:
-        return _deepseek_v3_config(transformers, args, common)
     if architecture == LLAMA:
         bias = bool(_get(args, "add_bias_linear", False))
         return transformers.LlamaConfig(intermediate_size=args.ffn_hidden_size, attention_bias=bias, mlp_bias=bias,

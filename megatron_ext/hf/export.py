@@ -200,7 +200,7 @@ def verify(folder: str, args, state: Dict[str, torch.Tensor], dtype: torch.dtype
     """Logits of ``transformers.AutoModelForCausalLM`` on ``folder`` (fp32) against our own model
     on the same weights, and a short ``generate``; HFError when they differ by more than the tolerance."""
     from megatron_ext.hf import reference_model
-    from megatron_ext.hf.weight_mapping import multipliers
+    from megatron_ext.hf.config_mapping import multipliers
 
     transformers = require("transformers")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)

@@ -27,26 +27,12 @@ import then export gives the same bits.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
 from megatron_ext.hf import HFError
-from megatron_ext.hf.config_mapping import DEEPSEEK_V3, GPT2, MIXTRAL, moe_pattern
-
-
-def multipliers(args) -> Tuple[float, float, float]:
-    """(logit multiplier, residual-branch multiplier, factor on q) of the saved parametrization."""
-    from megatron_ext.parametrizations import parametrization_for
-
-    if not getattr(args, "parametrization", None):
-        return 1.0, 1.0, 1.0
-    p = parametrization_for(args)
-    scale = p.softmax_scale()
-    head_dim = args.hidden_size // args.num_attention_heads
-    return float(p.logit_multiplier()), float(p.residual_multiplier()), (
-        1.0 if scale is None else float(scale) * math.sqrt(head_dim))
+from megatron_ext.hf.config_mapping import DEEPSEEK_V3, GPT2, MIXTRAL, moe_pattern, multipliers
 
 
 def split_qkv(w: torch.Tensor, groups: int, per_group: int, head_dim: int):
@@ -94,9 +80,6 @@ def to_hf(state: Dict[str, torch.Tensor], args, architecture: str) -> Tuple[Dict
         return take(name) if name in state else None
 
     out: Dict[str, torch.Tensor] = {}
-    if architecture == DEEPSEEK_V3 and (logit, residual, q_factor) != (1.0, 1.0, 1.0):
-        raise HFError(f"--parametrization {args.parametrization}: its multipliers are not folded into "
-                      f"{DEEPSEEK_V3} weights; export a model of the standard parametrization")
     to = {GPT2: _to_gpt2, DEEPSEEK_V3: _to_deepseek_v3}.get(architecture, _to_llama)
     to(take, opt, args, architecture, residual, q_factor, out)
     tie = not getattr(args, "untie_embeddings_and_output_weights", False)
