@@ -1,6 +1,7 @@
 """Value types for command-line flags (``type=`` in argparse), shared by the core parser and
 plug-ins: each rejects a bad value with a message argparse turns into one line naming the flag."""
 import argparse
+import difflib
 import math
 
 
@@ -66,3 +67,16 @@ def choice_ci(*choices: str):
             raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(choices)})") from None
 
     return parse
+
+
+# -- names of flags ---------------------------------------------------------------------------
+def close_hint(word: str, known) -> str:
+    """' (did you mean X?)' for the closest of ``known``, or ''."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def negated_option(option: str) -> str:
+    """The other spelling of an ``argparse.BooleanOptionalAction`` flag (--x <-> --no-x)."""
+    name = option[2:]
+    return "--" + name[3:] if name.startswith("no-") else "--no-" + name

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
+
+from megatron_ext.argtypes import close_hint, negated_option
 
 JOB_SECTIONS = ("system", "model", "data")
 # experiment.* keys with a meaning of their own (the others are variables for ${experiment.x})
@@ -135,12 +136,12 @@ def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experim
     raw = _load_yaml(path)
     for key in raw:
         if key not in TOP_KEYS:
-            raise ConfigError(f"{path}: {key}: unknown top-level key{_close(key, TOP_KEYS)}; known: {', '.join(TOP_KEYS)}")
+            raise ConfigError(f"{path}: {key}: unknown top-level key{close_hint(key, TOP_KEYS)}; known: {', '.join(TOP_KEYS)}")
     group, job_path = _job_file(path, raw.get("defaults"))
     job = _load_yaml(job_path) if job_path else {}
     for key in job:
         if key not in JOB_SECTIONS:
-            raise ConfigError(f"{job_path}: {key}: unknown section{_close(key, JOB_SECTIONS)}; known: "
+            raise ConfigError(f"{job_path}: {key}: unknown section{close_hint(key, JOB_SECTIONS)}; known: "
                               f"{', '.join(JOB_SECTIONS)}")
     inline = {k: raw[k] for k in JOB_SECTIONS if k in raw}
     if inline and job:
@@ -166,11 +167,6 @@ def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experim
     return _experiment(path, where, exp, job_resolved, tree, resolved, parser)
 
 
-def _close(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experiment:
     notes: List[str] = []
     name = exp.get("exp_name")
@@ -180,7 +176,7 @@ def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experi
     for key in exp:
         if key not in EXPERIMENT_KEYS and key not in used_vars:
             raise ConfigError(f"{path}: experiment.{key}: unknown key, and no ${{experiment.{key}}} uses it"
-                              f"{_close(key, EXPERIMENT_KEYS)}")
+                              f"{close_hint(key, EXPERIMENT_KEYS)}")
     folder = os.path.abspath(str(exp.get("exp_dir") or name))
     task = exp.get("task") or {}
     for key, value in task.items():
@@ -195,7 +191,7 @@ def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experi
     runner = exp.get("runner") or {}
     for key in runner:
         if key not in RUNNER_KEYS:
-            raise ConfigError(f"{path}: experiment.runner.{key}: unknown key{_close(key, RUNNER_KEYS)}")
+            raise ConfigError(f"{path}: experiment.runner.{key}: unknown key{close_hint(key, RUNNER_KEYS)}")
     if runner.get("backend", "torchrun") != "torchrun":
         raise ConfigError(f"{path}: experiment.runner.backend: {runner['backend']!r}: runs use torchrun")
     if runner.get("nnodes", 1) != 1 or runner.get("hostfile"):
@@ -218,10 +214,9 @@ def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experi
 
         parser = build_parser()
     argv, sources = job_flags(job_where, job, parser, notes)
-    paths = {"save": os.path.join(folder, "checkpoints"), "metrics_file": os.path.join(folder, "metrics.jsonl"),
-             "tensorboard_dir": os.path.join(folder, "tensorboard")}
-    argv += ["--save", paths["save"], "--metrics-file", paths["metrics_file"], "--tensorboard-dir",
-             paths["tensorboard_dir"]]
+    paths = {dest: os.path.join(folder, name) for dest, name in OWNED.items()}
+    for dest, path in paths.items():
+        argv += ["--" + dest.replace("_", "-"), path]
     if "--load" not in sources:  # the same command resumes the experiment
         argv += ["--load", paths["save"]]
     return Experiment(name=name, folder=folder, argv=argv, nproc=nproc, env=env,
@@ -252,12 +247,13 @@ def job_flags(where: str, job: dict, parser, notes: List[str]) -> Tuple[List[str
             raise ConfigError(f"{where}: {section}: expected a mapping of flag names")
         for path, key, value in _flatten(block, section):
             key = KEY_ALIASES.get(key, key)
-            if key in OWNED:
-                raise ConfigError(f"{where}: {path}: the experiment folder holds the {OWNED[key]} "
+            option = "--" + key.replace("_", "-")
+            owned = OWNED.get(actions[option].dest if option in actions else key)  # aliases too (--output-dir)
+            if owned:
+                raise ConfigError(f"{where}: {path}: the experiment folder holds the {owned} "
                                   "(experiment.exp_dir decides where)")
             if value is None:  # null: unset (Megatron's default)
                 continue
-            option = "--" + key.replace("_", "-")
             if option not in actions:
                 if key in NO_EFFECT:
                     why, only = NO_EFFECT[key]
@@ -272,7 +268,7 @@ def job_flags(where: str, job: dict, parser, notes: List[str]) -> Tuple[List[str
                     option, value = "--recompute-activations", True
                 else:
                     known = [o[2:].replace("-", "_") for o in actions if o.startswith("--")]
-                    raise ConfigError(f"{where}: {path}: not a training flag{_close(key, known)}")
+                    raise ConfigError(f"{where}: {path}: not a training flag{close_hint(key, known)}")
             action = actions[option]
             if action.dest in seen:
                 raise ConfigError(f"{where}: {path}: sets {option} again (already {seen[action.dest]})")
@@ -288,13 +284,12 @@ def _flag_tokens(where: str, path: str, option: str, action, value, parser) -> L
     if action.nargs == 0:  # an on/off flag: true gives it; false its opposite, if the default is not already false
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {path}: {option} is an on/off flag; use true or false, got {value!r}")
-        const = getattr(action, "const", True) if not isinstance(action, argparse.BooleanOptionalAction) else True
-        wanted = const if value else (not const if isinstance(const, bool) else None)
         if value:
             return [option]
         if isinstance(action, argparse.BooleanOptionalAction):
-            name = option[2:]
-            return ["--" + name[3:] if name.startswith("no-") else "--no-" + name]
+            return [negated_option(option)]
+        const = getattr(action, "const", True)
+        wanted = not const if isinstance(const, bool) else None
         opposite = next((o for a in parser._actions if a.dest == action.dest and a is not action and a.nargs == 0
                          and getattr(a, "const", None) == wanted for o in a.option_strings), None)
         if opposite:

@@ -163,6 +163,8 @@ def _replace(old, new):
      "system.recompute_method: 'block' is not supported here"),
     ("job", _replace("  log_interval: 1\n", "  log_interval: 1\n    save: elsewhere\n"),
      "system.logging.save: the experiment folder holds the checkpoints"),
+    ("job", _replace("  log_interval: 1\n", "  log_interval: 1\n    output_dir: elsewhere\n"),
+     "system.logging.output_dir: the experiment folder holds the checkpoints"),  # an alias of --save
     ("job", _replace("num_layers: 2", "num_layers: abc"), "model.num_layers (--num-layers): invalid positive integer"),
     ("job", _replace("moe_router_topk: 2", "moe_router_topk: 8"),
      "model.moe_router_topk (--moe-router-topk) 8 is larger than model.num_experts (--num-experts) 4"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import io
 import itertools
@@ -21,6 +20,8 @@ import re
 import shlex
 import sys
 from typing import Dict, List, Optional, Sequence
+
+from megatron_ext.argtypes import close_hint, negated_option
 
 PROG = "megatron-ext sweep"
 ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -40,11 +41,6 @@ JOB_KEYS = ("script", "submit", "walltime", "queue", "account", "options", "setu
 
 class SweepError(ValueError):
     """Bad sweep input; the message is one line."""
-
-
-def _close(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --- keys and values -------------------------------------------------------------------------
@@ -170,7 +166,7 @@ def apply_rules(variants: List[Dict[str, str]], rules: Sequence[Rule]) -> List[D
     for rule in rules:
         for key in rule.when:
             if not any(key in v for v in variants):
-                raise SweepError(f"rule {rule.text!r}: no variant sets {key}{_close(key, {k for v in variants for k in v})}")
+                raise SweepError(f"rule {rule.text!r}: no variant sets {key}{close_hint(key, {k for v in variants for k in v})}")
         matched = 0
         for v, original in zip(out, variants):
             if all(original.get(k) == val for k, val in rule.when.items()):
@@ -201,7 +197,7 @@ class TrainerKeys:
         opt = "--" + key.replace("_", "-")
         if opt not in self.actions:
             known = {o[2:].replace("-", "_") for o in self.actions if o.startswith("--")}
-            raise SweepError(f"key {key!r} is not a training flag{_close(key, known)}")
+            raise SweepError(f"key {key!r} is not a training flag{close_hint(key, known)}")
         owned = next((o for o in self.actions[opt].option_strings if o in OWNED_FLAGS), None)  # aliases too
         if owned:
             raise SweepError(f"key {key!r} cannot be swept: {OWNED_FLAGS[owned]}")
@@ -214,8 +210,7 @@ class TrainerKeys:
             if _bool(key, value, opt):
                 return [opt]
             if isinstance(action, argparse.BooleanOptionalAction):
-                name = opt[2:]
-                return ["--" + name[3:] if name.startswith("no-") else "--no-" + name]
+                return [negated_option(opt)]
             return []
         if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1):
             return [opt, *shlex.split(value)]
@@ -384,7 +379,7 @@ def build_specs(settings: Settings, variants: List[Dict[str, str]]) -> List[dict
                 raise SweepError(f"{label}: {e}") from None
             for var in env:
                 if var in values and var not in read:
-                    raise SweepError(f"key {var!r} is not a variable train_alcf.sh reads{_close(var, read)}")
+                    raise SweepError(f"key {var!r} is not a variable train_alcf.sh reads{close_hint(var, read)}")
             inherited = {k: os.environ[k] for k in sorted(read)
                          if k in os.environ and k not in env and k not in MACHINE_VARIABLES}
             env = {**inherited, **env}
@@ -450,7 +445,7 @@ def load_config(path: str) -> dict:
     for key, value in raw.items():
         k = str(key).replace("-", "_")
         if k not in CONFIG_KEYS:
-            raise SweepError(f"{path}: unknown setting {key!r}{_close(k, CONFIG_KEYS)}; "
+            raise SweepError(f"{path}: unknown setting {key!r}{close_hint(k, CONFIG_KEYS)}; "
                              f"known: {', '.join(CONFIG_KEYS)}")
         cfg[k] = value
     where = lambda k: f"{path}: {k}"  # noqa: E731
