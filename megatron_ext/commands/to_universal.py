@@ -67,12 +67,8 @@ def main(argv=None, prog: str = "ds_to_universal.py") -> int:
                                keep_temp_folder=ns.keep_temp_folder, strict=ns.strict)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter; stdout is the summary
-            if ns.input_folder:
-                tag_dir = os.path.abspath(ns.input_folder)
-                if not os.path.isdir(tag_dir):
-                    raise ConversionError(f"--input_folder {tag_dir}: no such directory")
-            else:
-                tag_dir = os.path.join(*find_checkpoint(ns.run_dir or ns.load_dir))
+            # (convert refuses an --input_folder that is not a directory)
+            tag_dir = ns.input_folder or os.path.join(*find_checkpoint(ns.run_dir or ns.load_dir))
             summary = convert(tag_dir, ns.output_folder, options, verbose=ns.verbose)
     except (ConversionError, CheckpointFileError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

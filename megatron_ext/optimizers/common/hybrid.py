@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.optimizers.common.full_matrices import flat_layouts, model_params_of, number_groups
-from megatron_ext.optimizers.common.hooks import zero_stage
 from megatron_ext.registry import EngineSupport
 
 

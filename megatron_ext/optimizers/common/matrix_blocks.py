@@ -71,8 +71,5 @@ class MatrixBlocks:
         gate, up = (p.reshape(tp_shards, -1, cols) for p in parts)
         return torch.stack([gate, up], dim=1).reshape(-1, cols)
 
-    def describe(self) -> str:
-        return {"whole": "whole", "qkv": "Q, K, V", "heads": "per head", "gate_up": "gate, up"}[self.kind]
-
 
 WHOLE = MatrixBlocks()
