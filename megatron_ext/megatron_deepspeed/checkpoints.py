@@ -63,7 +63,6 @@ class Source:
     side: str
     client: Dict[str, Any]
     model_files: List[str]
-    optim_files: List[str]
 
     @property
     def iteration(self) -> int:
@@ -116,7 +115,7 @@ def inspect_source(path: str) -> Source:
     if side == FORK and not isinstance(client.get("module"), dict):
         raise ConvertError(f"{models[0]}: no module state (a pipeline checkpoint?); convert one saved with "
                            "--no-pipeline-parallel")
-    return Source(tag_dir, side, client, models, optims)
+    return Source(tag_dir, side, client, models)
 
 
 def flatten(state, prefix: str = "") -> "OrderedDict[str, Any]":
@@ -206,10 +205,10 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
         else:
             ckio._link_or_copy(source, dest)
     _run_converter(staged_in, staged_out, workers, log)
-    _drop_placeholders(staged_out, record)
+    ckio._drop_placeholders(staged_out, record)
     _rename_params(staged_out, rename)
     roles = _role_order([rename[n] for n in order if n in rename], src.client, rename)
-    _set_optimizer_groups(staged_out, [{"role": role} for role in roles])
+    _set_optimizer_groups(staged_out, lambda _: [{"role": role} for role in roles])
 
     ours = our_args_from_fork(fork_args, src.client)
     schedule, schedule_note = _our_schedule(src.client, fork_args)
@@ -339,16 +338,14 @@ def _refuse_ours_to_fork(src: Source) -> None:
 
 def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbose: bool) -> Dict[str, Any]:
     torch = _torch()
-    ckio = project_api.checkpoint_io()
     from deepspeed.checkpoint import constants as c
 
     oa = src.client["args"]
     os.makedirs(os.path.dirname(staged_out), exist_ok=True)
     try:
-        project_api.to_universal(src.tag_dir, staged_out, workers=workers, verbose=verbose)
+        converted = project_api.to_universal(src.tag_dir, staged_out, workers=workers, verbose=verbose)
     except project_api.universal_conversion_error() as e:
         raise ConvertError(str(e)) from None
-    record = ckio.read_record(staged_out)
     zero = os.path.join(staged_out, "zero")
     rename = _renames([p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p))], to_core=False)
     _rename_params(staged_out, rename)
@@ -358,21 +355,20 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     lr_schedule = project_api.lr_schedule_from_state(schedule["schedule"])
     next_lr = lr_schedule.lr(float(consumed))
     next_wd = project_api.weight_decay_at(schedule["weight_decay"], float(consumed))
-    optimizer_state = torch.load(os.path.join(zero, "optimizer_state.pt"), weights_only=False)
-    ours_groups = optimizer_state["param_groups"]
-    if groups == "roles":
-        layout = [{"role": g["role"], "lr": next_lr * g.get("lr_mult", 1.0),
-                   "weight_decay": next_wd * g.get("wd_mult", 1.0)} for g in ours_groups]
-    else:
-        layout = _fork_groups(ours_groups, next_lr, next_wd)
-    _set_optimizer_groups(staged_out, layout)
+
+    def layout_of(ours_groups):
+        if groups == "roles":
+            return [{"role": g["role"], "lr": next_lr * g.get("lr_mult", 1.0),
+                     "weight_decay": next_wd * g.get("wd_mult", 1.0)} for g in ours_groups]
+        return _fork_groups(ours_groups, next_lr, next_wd)
+
+    layout = _set_optimizer_groups(staged_out, layout_of)
 
     fork_args = fork_args_from_ours(oa, src.client)
     fork_schedule = fork_scheduler_state(schedule, consumed, src.client.get("tokens"))
     for path in project_api.checkpoint_files().model_states_files(staged_out):
         state = torch.load(path, map_location="cpu", weights_only=False)
-        for key in ("consumed_samples",):
-            state.pop(key, None)
+        state.pop("consumed_samples", None)
         state.update(module=None, args=fork_args, checkpoint_version=CHECKPOINT_VERSION, iteration=src.iteration,
                      tokens=int(src.client.get("tokens") or 0), lr_scheduler=fork_schedule,
                      rng_state=[_fork_rng(s) for s in (state.get("rng_state") or [])[:1]])
@@ -385,7 +381,7 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     if style not in FORK_STYLES:
         notes.append(f"the fork's own scheduler has no --lr-decay-style {style}: continue it with "
                      "MEGATRON_EXT_PLUGINS=all")
-    summary = _summary(src, OURS, FORK, staged_out, {"placeholders": set(), "not_carried": set(record.get("not_carried") or [])},
+    summary = _summary(src, OURS, FORK, staged_out, {"placeholders": set(), "not_carried": set(converted["not_carried"])},
                        len(layout), "the fork's fields, and megatron_ext's for the plug-ins")
     summary["notes"] = notes
     summary["group_layout"] = groups
@@ -501,13 +497,6 @@ def _run_converter(staged_in: str, staged_out: str, workers: int, log) -> None:
                            "(run again with --verbose for its output)") from None
 
 
-def _drop_placeholders(out: str, record) -> None:
-    for name, key in record["placeholders"]:
-        path = os.path.join(out, "zero", name, f"{key}.pt")
-        if os.path.exists(path):
-            os.unlink(path)
-
-
 def _rename_params(out: str, rename: Dict[str, str]) -> None:
     zero = os.path.join(out, "zero")
     for old in sorted(os.listdir(zero)):
@@ -534,25 +523,26 @@ def _role_order(core_names_in_model_order: List[str], client, rename) -> List[st
     return roles
 
 
-def _set_optimizer_groups(out: str, layout: List[Dict[str, Any]]) -> None:
-    """The param groups of ``zero/optimizer_state.pt`` (DeepSpeed pairs them with the loading
-    optimizer's groups by position and copies these keys into them)."""
+def _set_optimizer_groups(out: str, layout_of) -> List[Dict[str, Any]]:
+    """The param groups of ``zero/optimizer_state.pt`` become ``layout_of(its saved groups)``
+    (DeepSpeed pairs them with the loading optimizer's groups by position and copies these keys
+    into them); returns that layout."""
     torch = _torch()
     path = os.path.join(out, "zero", "optimizer_state.pt")
     state = torch.load(path, weights_only=False)
+    layout = layout_of(state["param_groups"])
     state["param_groups"] = [{**g, "params": [i]} for i, g in enumerate(layout)]
     for key in ("group_paddings", "partition_count"):
         if key in state:
             state[key] = [0] * len(layout) if key == "group_paddings" else [state[key][0]] * len(layout)
     state.pop("param_alignment_paddings", None)
     torch.save(state, path)
+    return layout
 
 
 def _summary(src: Source, source: str, target: str, out: str, record, groups: int, schedule: str,
              flags: str = "") -> Dict[str, Any]:
-    zero = os.path.join(out, "zero")
-    params = sorted(p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p)))
-    carried = sorted({os.path.splitext(f)[0] for p in params for f in os.listdir(os.path.join(zero, p))})
+    params, carried = project_api.checkpoint_io()._listing(out)
     client = src.client
     return {"source": src.tag_dir, "from": source, "to": target, "iteration": src.iteration,
             "tensor_model_parallel_size": client.get("mp_world_size"), "data_parallel_size": client.get("dp_world_size"),

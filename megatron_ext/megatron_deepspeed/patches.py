@@ -204,10 +204,10 @@ def apply(mode: str) -> None:
                 session.optimizer = original(*a, **kw)
                 return session.optimizer
             bound = _bind(original, a, kw)
+            view = session.view()
             try:
                 session.optimizer = fork_optimizer.build(
-                    bound.arguments["model"], session.view(), session.parametrization or
-                    project_api.parametrization_for(session.view()),
+                    bound.arguments["model"], view, session.parametrization or project_api.parametrization_for(view),
                     bound.arguments.get("no_weight_decay_cond"), bound.arguments.get("scale_lr_cond"),
                     bound.arguments.get("lr_mult", 1.0))
             except ActivationError as e:
@@ -263,13 +263,14 @@ def apply(mode: str) -> None:
 
     def train_step(original):
         def wrapper(*a, **kw):
-            bound = _bind(original, a, kw)
             hooks = project_api.optimizer_hooks()
-            if session.optimizer is not None and hooks.curvature_pass_due(session.optimizer):
-                session.calls["curvature_pass"] += 1
-                bound.arguments["data_iterator"] = loop.curvature_pass(
-                    session.fork, session, bound.arguments["forward_step_func"], bound.arguments["data_iterator"],
-                    bound.arguments["model"][0])
+            if session.optimizer is None or not hooks.curvature_pass_due(session.optimizer):
+                return original(*a, **kw)  # every step: no argument binding unless a pass is due
+            bound = _bind(original, a, kw)
+            session.calls["curvature_pass"] += 1
+            bound.arguments["data_iterator"] = loop.curvature_pass(
+                session.fork, session, bound.arguments["forward_step_func"], bound.arguments["data_iterator"],
+                bound.arguments["model"][0])
             return original(*bound.args, **bound.kwargs)
 
         return wrapper

@@ -232,7 +232,8 @@ def checkpoint_io():
     """The module that converts our DeepSpeed checkpoints to the universal format. Names used:
     CONVERSION_RECORD, STAGING_PREFIX, CARRIED, ConversionError, ConverterOptions, and for staging a
     fork checkpoint through DeepSpeed's converter the same way: _stage_optim_states (zero
-    placeholders for missing Adam moments), _run_converter (ds_to_universal, quiet), _link_or_copy."""
+    placeholders for missing Adam moments), _run_converter (ds_to_universal, quiet), _link_or_copy,
+    _drop_placeholders and _listing (the converted parameters and the states carried)."""
     from megatron_ext.training import universal
 
     return universal

@@ -284,14 +284,8 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
             hint = "" if verbose else " (run again with --verbose for the converter's output)"
             raise ConversionError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {type(e).__name__}: "
                                   f"{detail}{hint}") from None
-        for name, key in record["placeholders"]:
-            placeholder = os.path.join(staged_out, "zero", name, f"{key}.pt")
-            if os.path.exists(placeholder):
-                os.unlink(placeholder)
-        params = sorted(os.listdir(os.path.join(staged_out, "zero")))
-        params = [p for p in params if os.path.isdir(os.path.join(staged_out, "zero", p))]
-        carried = sorted({os.path.splitext(f)[0] for p in params
-                          for f in os.listdir(os.path.join(staged_out, "zero", p))})
+        _drop_placeholders(staged_out, record)
+        params, carried = _listing(staged_out)
         summary = {
             "source": tag_dir, "output": output_dir,
             "iteration": facts["iteration"], "consumed_samples": facts["consumed_samples"], "tokens": facts["tokens"],
@@ -308,6 +302,22 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
     write_text_atomically(latest, out_name)
     summary["latest_universal"] = latest
     return summary
+
+
+def _drop_placeholders(out: str, record) -> None:
+    """Remove the zero-filled optimizer moments staged for DeepSpeed's converter (not carried)."""
+    for name, key in record["placeholders"]:
+        placeholder = os.path.join(out, "zero", name, f"{key}.pt")
+        if os.path.exists(placeholder):
+            os.unlink(placeholder)
+
+
+def _listing(out: str):
+    """(the parameter folders of a converted checkpoint, the states carried for them)."""
+    zero = os.path.join(out, "zero")
+    params = sorted(p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p)))
+    carried = sorted({os.path.splitext(f)[0] for p in params for f in os.listdir(os.path.join(zero, p))})
+    return params, carried
 
 
 def read_record(tag_dir: str) -> Dict[str, Any]:
