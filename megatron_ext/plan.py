@@ -14,7 +14,9 @@ from the plan, it never writes it into ``args``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -127,6 +129,29 @@ def parse_plan(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     """The resolved flags of ``parse_plan`` (for code that only needs them)."""
     return parse_plan(argv, world_size).args
+
+
+def parse_or_problem(parser, argv: Sequence[str]) -> Tuple[Optional[argparse.Namespace], Optional[str]]:
+    """``parser.parse_args(argv)`` without printing or exiting: ``(args, None)``, or ``(None, the
+    parser's one-line error)``, for callers that report it in their own words."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv), None
+    except SystemExit:
+        return None, (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1].split("error: ", 1)[-1]
+
+
+def plan_or_problem(parser, argv: Sequence[str], world_size: int,
+                    check_files: bool = True) -> Tuple[Optional[RunPlan], Optional[str]]:
+    """``(plan, None)`` for ``argv``, or ``(None, the trainer's one-line error)``: the parser's or the plan's."""
+    args, problem = parse_or_problem(parser, argv)
+    if problem is not None:
+        return None, problem
+    try:
+        return build_plan(args, world_size, check_files), None
+    except ArgumentsError as e:
+        return None, str(e)
 
 
 def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = True) -> RunPlan:

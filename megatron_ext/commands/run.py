@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shlex
@@ -48,24 +47,16 @@ def _own_parser() -> argparse.ArgumentParser:
 def plan_experiment(config: str, extra_flags=()):
     """(Experiment, trainer argv, RunPlan): the config read and the whole command planned by the
     trainer; ConfigError with one line (trainer messages said in the config's keys)."""
-    from megatron_ext.arguments import ArgumentsError, build_parser
+    from megatron_ext.arguments import build_parser
     from megatron_ext.experiment_config import ConfigError, read, say_in_keys
-    from megatron_ext.plan import build_plan
+    from megatron_ext.plan import plan_or_problem
 
     parser = build_parser(prog=PROG)
     exp = read(config, parser)
     argv = exp.argv + list(extra_flags)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit:
-            line = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1].split("error: ", 1)[-1]
-            raise ConfigError(f"{config}: {say_in_keys(line, exp.sources)}") from None
-    try:
-        plan = build_plan(args, exp.nproc)
-    except ArgumentsError as e:
-        raise ConfigError(f"{config}: {say_in_keys(str(e), exp.sources)}") from None
+    plan, problem = plan_or_problem(parser, argv, exp.nproc)
+    if problem is not None:
+        raise ConfigError(f"{config}: {say_in_keys(problem, exp.sources)}")
     return exp, argv, plan
 
 

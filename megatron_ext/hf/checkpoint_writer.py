@@ -28,24 +28,15 @@ _LINEAR_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 def trainer_args(flags: List[str], world_size: int) -> argparse.Namespace:
     """The trainer's own parsing of ``flags`` (``--mock-data`` stands in for data, files are not
     checked); HFError with its one-line message for a combination it refuses."""
-    import contextlib
-    import io
+    from megatron_ext.arguments import build_parser
+    from megatron_ext.plan import plan_or_problem
 
-    from megatron_ext.arguments import ArgumentsError, build_parser
-    from megatron_ext.plan import build_plan
-
-    parser = build_parser()
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = parser.parse_args(flags + ["--mock-data", "--train-iters", "1"])
-        # a copy to describe the imported checkpoint (its vocabulary is filled in from the tokenizer)
-        args = argparse.Namespace(**vars(build_plan(args, world_size, check_files=False).args))
-    except SystemExit:
-        raise HFError((err.getvalue().strip().splitlines() or ["invalid flags"])[-1].split("error: ", 1)[-1]) from None
-    except ArgumentsError as e:
-        raise HFError(str(e)) from None
-    return args
+    plan, problem = plan_or_problem(build_parser(), flags + ["--mock-data", "--train-iters", "1"], world_size,
+                                    check_files=False)
+    if problem is not None:
+        raise HFError(problem)
+    # a copy to describe the imported checkpoint (its vocabulary is filled in from the tokenizer)
+    return argparse.Namespace(**vars(plan.args))
 
 
 def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict) -> List[str]:

@@ -532,16 +532,12 @@ def _moe_mtp_flags(e: _Env, note) -> List[str]:
 
 def _parse_extra(parser, argv):
     """Parse with the trainer's parser; a bad extra argument becomes one LaunchError line."""
-    import contextlib
-    import io
+    from megatron_ext.plan import parse_or_problem
 
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parser.parse_args(argv)
-    except SystemExit:
-        message = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1]
-        raise LaunchError(message.split("error: ", 1)[-1]) from None
+    args, problem = parse_or_problem(parser, argv)
+    if problem is not None:
+        raise LaunchError(problem)
+    return args
 
 
 def launch_command(e: _Env, trainer_argv, hosts, hostfile, ngpu, world, run_dir) -> List[str]:

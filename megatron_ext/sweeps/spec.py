@@ -230,21 +230,10 @@ def check_base_flags(flags: List[str]) -> None:
 
 def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[str]:
     """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start)."""
-    from megatron_ext.arguments import ArgumentsError
-    from megatron_ext.plan import build_plan
+    from megatron_ext.plan import plan_or_problem
 
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit:
-            lines = err.getvalue().strip().splitlines() or ["invalid arguments"]
-            return lines[-1].split("error: ", 1)[-1]
-        try:
-            build_plan(args, world_size)
-        except ArgumentsError as e:
-            return str(e)
-    return None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return plan_or_problem(parser, argv, world_size)[1]
 
 
 class _ReadRecorder(dict):
