@@ -417,11 +417,9 @@ def _check_plugins(a, engine: EngineSettings) -> Dict[str, Any]:
 
 
 def _schedule(a):
-    from megatron_ext.schedules.common.scheduler import build_schedule, build_weight_decay_schedule
+    from megatron_ext.schedules.common.scheduler import build_schedule
 
-    schedule = build_schedule(a)  # the whole curve must be servable before any work starts
-    build_weight_decay_schedule(a)  # validates the weight-decay flags
-    return schedule
+    return build_schedule(a)  # the whole curve (and the weight-decay flags) servable before any work starts
 
 
 def _mc_eval(a, tokenizer, sources):

@@ -35,7 +35,7 @@ class Training(RunMode):
     def scheduler(self, optimizer, plan):
         from megatron_ext.schedules.common.scheduler import ParamScheduler
 
-        return ParamScheduler.from_args(optimizer, plan.args)
+        return ParamScheduler.from_args(optimizer, plan.args, plan.schedule)
 
     def begin(self, start: dict, skipped_steps: int) -> int:
         return self.plan.args.train_iters

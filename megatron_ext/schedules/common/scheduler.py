@@ -470,15 +470,16 @@ class ParamScheduler:
         self.source = "the command line"  # where the schedule that runs came from (said at start-up)
 
     @classmethod
-    def from_args(cls, optimizer, args) -> "ParamScheduler":
-        """What the trainer uses: the schedules and resume rules the flags describe."""
+    def from_args(cls, optimizer, args, schedule: Optional[LRSchedule] = None) -> "ParamScheduler":
+        """What the trainer uses: the schedules and resume rules the flags describe (``schedule``:
+        the one the run plan already built from them)."""
         if getattr(args, "override_opt_param_scheduler", False):
             resume = "override"
         elif getattr(args, "use_checkpoint_opt_param_scheduler", False):
             resume = "checkpoint"
         else:
             resume = "match"
-        return cls(optimizer, build_schedule(args), build_weight_decay_schedule(args), resume=resume,
+        return cls(optimizer, schedule or build_schedule(args), build_weight_decay_schedule(args), resume=resume,
                    cooldown_iterations=getattr(args, "lr_cooldown_from_checkpoint", None),
                    cooldown_shape=getattr(args, "lr_wsd_decay_style", None),
                    global_batch_size=args.global_batch_size)
