@@ -179,8 +179,8 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
             check_batch_tokens(batch, plan.tokenizer.vocab_size)
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
+            expert_bias.discard_counts()  # the only counted forward besides training's (evaluation: no grad)
         iteration_loss = torch.zeros((), device=device)
-        expert_bias.discard_counts()
         for batch in batches:
             loss = lm_loss(engine, batch, device)
             auxiliary.attach(loss)
