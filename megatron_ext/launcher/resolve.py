@@ -400,7 +400,8 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     given_load = args.load or (os.path.abspath(load) if load else None)
     args.save = given_save or os.path.join(repo, "checkpoints", "run")
     args.load = given_load or args.save
-    plan = _plan(args, world, check_files, f)
+    # without SAVE the first plan only names the run directory: its files are checked once, below
+    plan = _plan(args, world, check_files and given_save is not None, f)
     if given_save is None:  # the descriptive default name, from what the plan resolved
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
         args.load = given_load or args.save
