@@ -60,10 +60,6 @@ class RunPlan:
     notes: Tuple[str, ...]  # what the user should know about how the flags were resolved
 
     @property
-    def train_iters(self) -> int:
-        return self.args.train_iters
-
-    @property
     def tokens_per_iteration(self) -> int:
         return self.args.global_batch_size * self.args.seq_length
 

@@ -50,7 +50,6 @@ class Launch:
     run_dir: str
     ds_config: Optional[dict]  # generated config (None when DS_CONFIG is the user's)
     ds_config_path: str
-    demo: bool
     notes: List[str]
     plan: object  # megatron_ext.plan.RunPlan: what the trainer will do
     files_checked: bool  # whether the plan resolved the tokenizer and data files (not for a demo yet to build)
@@ -428,8 +427,8 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     launcher = os.path.basename(command[0]) if command[0] != sys.executable else (
         "torchrun" if "torch.distributed.run" in command else "python (single process)")
     note("LAUNCH_WITH", launcher, e.get("LAUNCH_WITH", "LAUNCH_CMD")[1] or "auto")
-    return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, demo, notes,
-                  plan, check_files)
+    return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, notes, plan,
+                  check_files)
 
 
 def _normalised(argv: List[str]) -> List[str]:
