@@ -5,6 +5,8 @@ from __future__ import annotations
 from megatron_ext.launcher.presets import MODEL_PRESETS
 from megatron_ext.launcher.resolve import DEFAULT_TRAIN_TOKENS, DEMO_DEFAULTS, DEMO_TRAIN_ITERS, LAUNCHER_DEFAULTS
 
+_EVAL_LOG = ("EVAL_INTERVAL", "EVAL_ITERS", "LOG_INTERVAL")
+
 # (variables, default, what it becomes); the defaults come from resolve.py where it keeps them.
 VARIABLES = (
     ("DATA_FILE_LIST", "the demo corpus", "--data-file-list (lines 'weight prefix corpus')"),
@@ -13,7 +15,7 @@ VARIABLES = (
     ("DATA_CACHE_PATH", ".cache/index-cache", "--data-cache-path"),
     ("TRAIN_ITERS (TRAIN_ITER)", f"demo: {DEMO_TRAIN_ITERS}", "--train-iters; wins over TRAIN_TOKENS"),
     ("TRAIN_TOKENS", f"{DEFAULT_TRAIN_TOKENS:.0e}", "--train-tokens (iterations = tokens // (SEQ x GLOBAL_BATCH))"),
-    ("MICRO_BATCH", f"1 (demo: {DEMO_DEFAULTS['MICRO_BATCH']})", "--micro-batch-size"),
+    ("MICRO_BATCH", f"{LAUNCHER_DEFAULTS['MICRO_BATCH']} (demo: {DEMO_DEFAULTS['MICRO_BATCH']})", "--micro-batch-size"),
     ("GRAD_ACC_STEPS", "1", "--gradient-accumulation-steps"),
     ("GLOBAL_BATCH", "data-parallel x MICRO_BATCH x GRAD_ACC_STEPS", "--global-batch-size"),
     ("LR", f"{LAUNCHER_DEFAULTS['LR']} (demo: {DEMO_DEFAULTS['LR']})", "--lr (exactly as typed)"),
@@ -39,12 +41,14 @@ VARIABLES = (
     ("MUP_BASE_WIDTH, DEPTH_BASE", "unset", "--parametrization mup / completep with their base shapes"),
     ("NUM_EXPERTS, MOE_TOPK, ... MTP_NUM_LAYERS", "unset: dense", "MoE / MTP flags (README, docs/moe_mtp.md)"),
     ("SAVE, LOAD", "checkpoints/<descriptive name>; LOAD = SAVE", "--save, --load"),
-    ("SAVE_INTERVAL", f"50 (demo: {DEMO_DEFAULTS['SAVE_INTERVAL']})", "--save-interval"),
+    ("SAVE_INTERVAL", f"{LAUNCHER_DEFAULTS['SAVE_INTERVAL']} (demo: {DEMO_DEFAULTS['SAVE_INTERVAL']})", "--save-interval"),
     ("OVERRIDE_CKPT_OPT_PARAM", "unset: --use-checkpoint-opt-param-scheduler", "set: --override-opt-param-scheduler"),
-    ("EVAL_INTERVAL, EVAL_ITERS, LOG_INTERVAL", "100, 20, 1 (demo: 250, 10, 25)",
+    ("EVAL_INTERVAL, EVAL_ITERS, LOG_INTERVAL", ", ".join(str(LAUNCHER_DEFAULTS[v]) for v in _EVAL_LOG)
+     + " (demo: " + ", ".join(str(DEMO_DEFAULTS[v]) for v in _EVAL_LOG) + ")",
      "--eval-interval, --eval-iters, --log-interval"),
-    ("TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT", "990, 10, 0", "--split"),
-    ("SEED", "1234", "--seed"),
+    ("TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT", ", ".join(LAUNCHER_DEFAULTS[v] for v in ("TRAIN_SPLIT", "VAL_SPLIT", "TEST_SPLIT")),
+     "--split"),
+    ("SEED", str(LAUNCHER_DEFAULTS["SEED"]), "--seed"),
     ("NO_TENSORBOARD, WB_PROJECT (WANDB_PROJECT), WANDB_MODE", "unset", "--no-tensorboard, --wandb-project"),
     ("DS_CONFIG", "generated into the run directory", "--deepspeed-config (its keys win)"),
     ("HOSTFILE (PBS_NODEFILE), NGPU_PER_HOST", "this host; detected devices", "world size = hosts x NGPU_PER_HOST"),

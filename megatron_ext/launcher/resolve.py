@@ -34,7 +34,9 @@ DEMO_TRAIN_ITERS = 1000  # when neither TRAIN_ITERS nor TRAIN_TOKENS is given
 DEFAULT_HF_TOKENIZER = "google/gemma-7B"  # the ALCF fork's train_alcf.sh default for HFTokenizer
 # Megatron-DeepSpeed's train_alcf.sh defaults of the number variables that have no preset.
 LAUNCHER_DEFAULTS = {"LR": 0.0002, "LR_WARMUP_FRAC": 0.05, "ADAM_BETA1": 0.9, "ADAM_BETA2": 0.95, "ADAM_EPS": 1e-5,
-                     "WEIGHT_DECAY": 0.1, "CLIP_GRAD": 1.0}
+                     "WEIGHT_DECAY": 0.1, "CLIP_GRAD": 1.0, "MICRO_BATCH": 1, "EVAL_INTERVAL": 100, "EVAL_ITERS": 20,
+                     "LOG_INTERVAL": 1, "SAVE_INTERVAL": 50, "SEED": 1234,
+                     "TRAIN_SPLIT": "990", "VAL_SPLIT": "10", "TEST_SPLIT": "0"}
 
 
 class LaunchError(ValueError):
@@ -246,11 +248,9 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         f.add(f"--{dtype}", None, "DTYPE")
 
     # --- batch and length (the plan derives the rest) -------------------------------------------
-    number("MICRO_BATCH", "--micro-batch-size", 1, minimum=1)
-    if e.get("GRAD_ACC_STEPS")[0] is not None:
-        number("GRAD_ACC_STEPS", "--gradient-accumulation-steps", None, minimum=1)
-    if e.get("GLOBAL_BATCH")[0] is not None:
-        number("GLOBAL_BATCH", "--global-batch-size", None, minimum=1)
+    number("MICRO_BATCH", "--micro-batch-size", LAUNCHER_DEFAULTS["MICRO_BATCH"], minimum=1)
+    number("GRAD_ACC_STEPS", "--gradient-accumulation-steps", None, minimum=1)  # (unset: no flag)
+    number("GLOBAL_BATCH", "--global-batch-size", None, minimum=1)
     iters_given = e.get("TRAIN_ITERS", "TRAIN_ITER")[0] is not None
     tokens_given = e.get("TRAIN_TOKENS")[0] is not None
     if iters_given:
@@ -281,14 +281,11 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         raise LaunchError(f"LR_DECAY_STYLE={style_raw!r}: {err}") from None
     f.add("--lr-decay-style", style, "LR_DECAY_STYLE")
     note("LR_DECAY_STYLE", style, style_src or "default")
-    warm, s = e.number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), LAUNCHER_DEFAULTS["LR_WARMUP_FRAC"], kind=float,
-                       minimum=0)
+    warm, s = number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), "--lr-warmup-fraction",
+                     LAUNCHER_DEFAULTS["LR_WARMUP_FRAC"], kind=float, minimum=0)
     if warm > 1:
         raise LaunchError(f"{s}={warm} must be a fraction in [0, 1]")
-    number(("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), "--lr-warmup-fraction", LAUNCHER_DEFAULTS["LR_WARMUP_FRAC"],
-           kind=float)
-    if e.get("LR_DECAY_ITERS")[0] is not None:
-        number("LR_DECAY_ITERS", "--lr-decay-iters", None, minimum=1)
+    number("LR_DECAY_ITERS", "--lr-decay-iters", None, minimum=1)
     for var, flag, minimum in (("ADAM_BETA1", "--adam-beta1", None), ("ADAM_BETA2", "--adam-beta2", None),
                                ("ADAM_EPS", "--adam-eps", None), ("WEIGHT_DECAY", "--weight-decay", 0),
                                ("CLIP_GRAD", "--clip-grad", 0)):
@@ -328,18 +325,17 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     note("DATA_CACHE_PATH", cache, s or "default")
     f.add("--data-cache-path", cache, "DATA_CACHE_PATH")
     split = []
-    for var, default in (("TRAIN_SPLIT", "990"), ("VAL_SPLIT", "10"), ("TEST_SPLIT", "0")):
+    for var in ("TRAIN_SPLIT", "VAL_SPLIT", "TEST_SPLIT"):
         e.number(var, 0.0, kind=float, minimum=0)  # validates the text
-        split.append(_exact(e.get(var)[0] or default))
+        split.append(_exact(e.get(var)[0] or LAUNCHER_DEFAULTS[var]))
     note("TRAIN/VAL/TEST_SPLIT", "/".join(split), "TRAIN_SPLIT/VAL_SPLIT/TEST_SPLIT")
     f.add("--split", ",".join(split))
 
     # --- evaluation, logging, checkpoints ------------------------------------------------------
-    number("EVAL_INTERVAL", "--eval-interval", 100, minimum=1)
-    number("EVAL_ITERS", "--eval-iters", 20, minimum=0)
-    number("LOG_INTERVAL", "--log-interval", 1, minimum=1)
-    number("SAVE_INTERVAL", "--save-interval", 50, minimum=1)
-    number("SEED", "--seed", 1234, minimum=0)
+    for var, flag, minimum in (("EVAL_INTERVAL", "--eval-interval", 1), ("EVAL_ITERS", "--eval-iters", 0),
+                               ("LOG_INTERVAL", "--log-interval", 1), ("SAVE_INTERVAL", "--save-interval", 1),
+                               ("SEED", "--seed", 0)):
+        number(var, flag, LAUNCHER_DEFAULTS[var], minimum=minimum)
     # A walltime SIGTERM/SIGUSR1 saves and exits 0 instead of losing the work since the last save;
     # --no-exit-signal-handler after the script turns it off.
     f.add("--exit-signal-handler")
