@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_ext.megatron_deepspeed import names
+from megatron_ext.megatron_deepspeed import names, project_api
 from megatron_ext.megatron_deepspeed.errors import ActivationError
 
 
@@ -59,17 +59,7 @@ class Applied:
 
 def family_of(core: str) -> Optional[str]:
     """Our init family of a megatron-core parameter name (None: norms, biases, routers keep theirs)."""
-    if core.endswith(".bias") or "norm" in core.rsplit(".", 2)[-2] or core.endswith("router.weight"):
-        return None
-    if core.startswith("embedding."):
-        return "embedding"
-    if core.startswith("output_layer."):
-        return "output_layer"
-    if ".linear_proj." in core or ".linear_fc2." in core:
-        return "output_projection"
-    if ".linear_qkv." in core or ".linear_fc1." in core:
-        return "hidden"
-    return None
+    return project_api.init_family(core) or None
 
 
 def fork_stds(args) -> Dict[str, float]:

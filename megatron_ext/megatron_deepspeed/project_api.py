@@ -163,6 +163,13 @@ def parametrization_for(args):
     return choose(args)
 
 
+def init_family(name: str) -> str:
+    """The init family of a megatron-core parameter name ('' for norms, biases, routers)."""
+    from megatron_ext.parametrizations.common.report import family_of
+
+    return family_of(name)
+
+
 # -- LR schedule ----------------------------------------------------------------------------------
 
 
