@@ -31,14 +31,9 @@ class _SampledLabelModel:
         self.training = True
 
     def __call__(self, tokens, position_ids, attention_mask, labels=None, **kwargs):
-        hooks = project_api.optimizer_hooks()
         output = self.engine(tokens, position_ids, attention_mask, **kwargs)
         logits, others = (output[0], output[1]) if isinstance(output, tuple) else (output, [])
-        logits = project_api.full_vocab_logits(logits).float()
-        sampled = hooks.sample_labels(logits, self.generator)
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), reduction="none").reshape(sampled.shape)
-        return losses, others
+        return project_api.optimizer_hooks().sampled_label_losses(logits, self.generator), others
 
 
 def _loss_tokens(items, fork) -> float:

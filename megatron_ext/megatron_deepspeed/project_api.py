@@ -134,17 +134,10 @@ def param_role(name: str, param) -> str:
 
 def optimizer_hooks():
     """The optimizer hook protocol module (engine_ready, train_mode, evaluation_weights,
-    curvature_pass_due, gradient_clipping_disabled, sample_labels, UnsupportedEngineSetting)."""
+    curvature_pass_due, gradient_clipping_disabled, sampled_label_losses, UnsupportedEngineSetting)."""
     from megatron_ext.optimizers.common import hooks
 
     return hooks
-
-
-def full_vocab_logits(logits):
-    """[..., V/tp] vocabulary-parallel logits -> [..., V] (the trainer's curvature pass does this)."""
-    from megatron_ext.optimizers.common.hooks import _full_vocab_logits
-
-    return _full_vocab_logits(logits)
 
 
 def curvature_label_generator(device, seed: int, iteration: int, slot: int):

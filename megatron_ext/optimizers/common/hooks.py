@@ -199,13 +199,18 @@ def sampled_label_loss(engine, batch, device, generator: torch.Generator) -> tor
     from megatron_ext.training.loss import model_inputs
 
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    logits = engine(**model_inputs(batch, device))
+    losses = sampled_label_losses(engine(**model_inputs(batch, device)), generator)
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def sampled_label_losses(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-token cross entropy of (vocabulary-parallel) logits against labels sampled from their
+    own softmax; also what the Megatron-DeepSpeed integration's curvature pass computes."""
     logits = _full_vocab_logits(logits).float()
     labels = sample_labels(logits, generator)
-    losses = torch.nn.functional.cross_entropy(
+    return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
     ).reshape(labels.shape)
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
 def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, iteration: int) -> None:
