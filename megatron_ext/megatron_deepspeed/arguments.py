@@ -89,16 +89,11 @@ class ForkArguments:
             for plugin in registry.plugins():
                 for arg in plugin.arguments:
                     plugin_dests.setdefault(arg.dest, family)
-        recorded = project_api.recording_parser()
-        project_api.define_shared_flags(recorded)
-        project_api.define_plugin_flags(recorded)
-
         by_dest = {a.dest: a for a in parser._actions}
         by_flag = {_key(s): a for a in parser._actions for s in a.option_strings}
         group = parser.add_argument_group("megatron_ext plug-ins (MEGATRON_EXT_PLUGINS)")
         seen = set()
-        for flags, kwargs, _title in recorded.calls:
-            dest = kwargs.get("dest") or _key(next(f for f in flags if f.startswith("--"))).replace("-", "_")
+        for dest, flags, kwargs in project_api.our_flags():
             family = plugin_dests.get(dest) or _shared_family(dest)
             if (dest, flags) in seen:
                 continue

@@ -240,15 +240,21 @@ def checkpoint_io():
 
 
 
-def our_flag_defaults() -> Dict[str, Any]:
-    """dest -> default of every flag our shared definitions and plug-ins declare (to read a
-    Megatron-DeepSpeed run's saved arguments as our code expects them)."""
+def our_flags() -> List[tuple]:
+    """``(dest, flags, add_argument kwargs)`` of every flag our shared definitions and plug-ins
+    declare, in definition order."""
     recorded = RecordingParser()
     define_shared_flags(recorded)
     define_plugin_flags(recorded)
+    return [(kwargs.get("dest") or next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_"),
+             flags, kwargs) for flags, kwargs in recorded.calls]
+
+
+def our_flag_defaults() -> Dict[str, Any]:
+    """dest -> default of every flag our shared definitions and plug-ins declare (to read a
+    Megatron-DeepSpeed run's saved arguments as our code expects them)."""
     out = {}
-    for flags, kwargs, _ in recorded.calls:
-        dest = kwargs.get("dest") or next(f for f in flags if f.startswith("--")).lstrip("-").replace("-", "_")
+    for dest, _, kwargs in our_flags():
         out.setdefault(dest, flag_default(kwargs))
     return out
 
@@ -284,26 +290,18 @@ def write_text_atomically(path: str, text: str) -> None:
 
 
 
-def recording_parser() -> "RecordingParser":
-    return RecordingParser()
-
-
 class RecordingParser:
     """Collects ``add_argument`` calls (and groups) instead of building a parser, so our flag
     definitions can be replayed onto the fork's parser one by one."""
 
     def __init__(self):
-        self.calls: List[tuple] = []  # (flags, kwargs, group title)
-        self._title = None
+        self.calls: List[tuple] = []  # (flags, kwargs)
 
     def add_argument_group(self, title=None, description=None):
-        group = RecordingParser()
-        group.calls = self.calls
-        group._title = title
-        return group
+        return self  # the fork's parser gets one group of its own for all of them
 
     def add_argument(self, *flags, **kwargs):
-        self.calls.append((tuple(flags), dict(kwargs), self._title))
+        self.calls.append((tuple(flags), dict(kwargs)))
 
     def set_defaults(self, **kwargs):  # not used by our definitions
         raise NotImplementedError
