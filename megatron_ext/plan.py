@@ -21,6 +21,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from megatron_ext import derivations
 from megatron_ext.arguments import MODEL_STYLES, ArgumentsError, build_parser, given_no_op_flags
 from megatron_ext.registry import EngineSettings
 
@@ -187,8 +188,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
 
 
 def _model_shape(a) -> None:
-    if a.parametrization is None:
-        a.parametrization = "sp"
+    a.parametrization = derivations.parametrization_name(a)
     for key, value in MODEL_STYLES[a.model_style].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -240,51 +240,19 @@ def _attention(a) -> None:
 
 
 def _batch(a, world_size: int) -> None:
-    tp = a.tensor_model_parallel_size
-    if world_size % tp:
-        raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
     a.world_size = world_size
-    a.data_parallel_size = world_size // tp
-    per_step = a.micro_batch_size * a.data_parallel_size
-    if a.global_batch_size is None:
-        a.global_batch_size = per_step * (a.gradient_accumulation_steps or 1)
-    if a.global_batch_size % per_step:
-        raise ArgumentsError(f"--global-batch-size {a.global_batch_size} is not divisible by data-parallel size "
-                             f"{a.data_parallel_size} x --micro-batch-size {a.micro_batch_size}")
-    acc = a.global_batch_size // per_step
-    if a.gradient_accumulation_steps not in (None, acc):
-        raise ArgumentsError(f"--gradient-accumulation-steps {a.gradient_accumulation_steps} disagrees with "
-                             f"--global-batch-size {a.global_batch_size} / (data-parallel size "
-                             f"{a.data_parallel_size} x --micro-batch-size {a.micro_batch_size}) = {acc}")
-    a.gradient_accumulation_steps = acc
+    a.data_parallel_size = derivations.data_parallel_size(world_size, a.tensor_model_parallel_size)
+    a.global_batch_size, a.gradient_accumulation_steps = derivations.batch_sizes(
+        a.micro_batch_size, a.global_batch_size, a.gradient_accumulation_steps, a.data_parallel_size)
 
 
 def _length(a, notes: List[str]) -> None:
     """Iterations win, then samples, then tokens (each rounding down, said in a note)."""
-    tokens_per_iter = a.global_batch_size * a.seq_length
-    if a.train_iters is not None:
-        for flag, value in (("--train-samples", a.train_samples), ("--train-tokens", a.train_tokens)):
-            if value is not None:
-                notes.append(f"--train-iters {a.train_iters} wins over {flag} {value}")
-        return
-    if a.train_samples is not None:
-        a.train_iters = a.train_samples // a.global_batch_size
-        dropped, unit, given = a.train_samples - a.train_iters * a.global_batch_size, "samples", \
-            f"--train-samples {a.train_samples}"
-        formula = f"{a.train_samples} // {a.global_batch_size}"
-    elif a.train_tokens is not None:
-        a.train_iters = a.train_tokens // tokens_per_iter
-        dropped, unit, given = a.train_tokens - a.train_iters * tokens_per_iter, "tokens", \
-            f"--train-tokens {a.train_tokens}"
-        formula = f"{a.train_tokens} // ({a.seq_length} x {a.global_batch_size})"
-    else:
+    a.train_iters, length_notes = derivations.train_iterations(
+        a.train_iters, a.train_samples, a.train_tokens, a.global_batch_size, a.seq_length)
+    if a.train_iters is None:
         raise ArgumentsError("no training length: give --train-iters, --train-samples or --train-tokens")
-    if a.train_iters < 1:
-        raise ArgumentsError(f"training length is shorter than one iteration of {a.global_batch_size} samples "
-                             f"x {a.seq_length} tokens")
-    trained = a.train_iters * (tokens_per_iter if unit == "tokens" else a.global_batch_size)
-    notes.append(f"{given} -> --train-iters = {formula} = {a.train_iters} ({trained} {unit} trained, "
-                 f"{dropped} dropped by rounding)")
+    notes.extend(length_notes)
 
 
 def _data_flags(a) -> None:

@@ -155,8 +155,7 @@ class ForkArguments:
         for dest, record in self.added.items():
             if not owner.ours(record["family"]) and _given(args, dest, record):
                 raise ValueError(f"{record['flag']} has no effect: {owner.why_not(record['family'])}")
-        if getattr(args, "parametrization", None) is None:
-            args.parametrization = "sp"
+        args.parametrization = project_api.parametrization_name(args)
         return owner
 
     def _given_new(self, args) -> List[str]:
@@ -201,18 +200,20 @@ def our_view(args):
     the fork's own derivations undone (constant weight decay filled into start/end)."""
     view = copy.copy(args)
     world = int(getattr(args, "world_size", 1) or 1)
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    # the fork clamps TP to the world, then PP to what TP leaves (its validate_args)
+    tp = min(int(getattr(args, "tensor_model_parallel_size", 1) or 1), world)
+    pp = min(int(getattr(args, "pipeline_model_parallel_size", 1) or 1), max(1, world // tp))
     sp = int(getattr(args, "ds_sequence_parallel_size", 1) or 1)
-    view.data_parallel_size = max(1, world // (tp * min(pp, max(1, world // tp)) * sp))
-    if view.global_batch_size is None and view.micro_batch_size:
-        view.global_batch_size = view.micro_batch_size * view.data_parallel_size
-    if not view.train_iters and getattr(view, "train_samples", None) and view.global_batch_size:
-        view.train_iters = view.train_samples // view.global_batch_size
+    view.data_parallel_size = project_api.data_parallel_size(world, tp, pp, sp)
+    if view.micro_batch_size:
+        view.global_batch_size, _ = project_api.batch_sizes(view.micro_batch_size, view.global_batch_size, None,
+                                                            view.data_parallel_size)
+    if not view.train_iters and view.global_batch_size:
+        view.train_iters, _ = project_api.train_iterations(None, getattr(view, "train_samples", None), None,
+                                                           view.global_batch_size, getattr(view, "seq_length", None) or 1)
     if getattr(view, "weight_decay_incr_style", "constant") == "constant":
         view.start_weight_decay = view.end_weight_decay = None
-    if getattr(view, "parametrization", None) is None:
-        view.parametrization = "sp"
+    view.parametrization = project_api.parametrization_name(view)
     if isinstance(getattr(view, "num_experts", None), list):
         view.num_experts = max(view.num_experts) if view.num_experts else 1
     return view

@@ -33,7 +33,7 @@ class _SampledLabelModel:
     def __call__(self, tokens, position_ids, attention_mask, labels=None, **kwargs):
         output = self.engine(tokens, position_ids, attention_mask, **kwargs)
         logits, others = (output[0], output[1]) if isinstance(output, tuple) else (output, [])
-        return project_api.optimizer_hooks().sampled_label_losses(logits, self.generator), others
+        return project_api.sampled_label_losses(logits, self.generator), others
 
 
 def _loss_tokens(items, fork) -> float:
@@ -62,7 +62,6 @@ def curvature_pass(fork, session, forward_step_func, data_iterator, engine):
     fork's ``train_step`` must read (the same micro-batches first)."""
     from megatron.core import mpu
 
-    hooks = project_api.optimizer_hooks()
     args = fork["megatron.get_args"]()
     n = fork["megatron.get_num_microbatches"]()
     items = [next(data_iterator) for _ in range(n)] if data_iterator is not None else None
@@ -72,7 +71,7 @@ def curvature_pass(fork, session, forward_step_func, data_iterator, engine):
     device = next(engine.module.parameters()).device
     replay = iter(items) if items is not None else None
     try:
-        with hooks.gradient_clipping_disabled(engine):
+        with project_api.gradient_clipping_disabled(engine):
             for micro in range(n):
                 engine.set_gradient_accumulation_boundary(micro == n - 1)
                 gen = project_api.curvature_label_generator(device, args.seed, args.iteration, micro * dp_size + dp_rank)

@@ -37,7 +37,8 @@ class Ownership:
             return cls(mode, opt in optimizers, style in schedules, True, True, opt, style)
         return cls(mode, opt in optimizers and opt not in fork_optimizers,
                    style in schedules and style not in fork_schedules,
-                   bool(init_flags_given) or getattr(args, "parametrization", None) not in (None, "sp"),
+                   bool(init_flags_given)
+                   or project_api.parametrization_name(args) != project_api.DEFAULT_PARAMETRIZATION,
                    False, opt, style)
 
     def ours(self, family: str) -> bool:

@@ -59,11 +59,10 @@ class Session:
         self.engine = engine
         if self.optimizer is None:
             self.optimizer = engine.basic_optimizer
-        hooks = project_api.optimizer_hooks()
         self.calls["engine_ready"] += 1
         try:
-            hooks.engine_ready(self.optimizer, engine)
-        except hooks.UnsupportedEngineSetting as e:
+            project_api.engine_ready(self.optimizer, engine)
+        except project_api.UnsupportedEngineSetting as e:
             fail(str(e))
 
     def evaluation_weights(self):
@@ -71,7 +70,7 @@ class Session:
             return contextlib.nullcontext()
         if callable(getattr(self.optimizer, "eval_mode", None)):
             self.calls["evaluation_weights"] += 1
-        return project_api.optimizer_hooks().evaluation_weights(self.optimizer, self.engine)
+        return project_api.evaluation_weights(self.optimizer, self.engine)
 
     def write_report(self) -> None:
         path = os.environ.get(REPORT_ENV)
@@ -256,15 +255,14 @@ def apply(mode: str) -> None:
             model = result[0]
             if model:
                 session.engine_ready(model[0])
-                project_api.optimizer_hooks().train_mode(session.optimizer, model[0])
+                project_api.train_mode(session.optimizer, model[0])
             return result
 
         return wrapper
 
     def train_step(original):
         def wrapper(*a, **kw):
-            hooks = project_api.optimizer_hooks()
-            if session.optimizer is None or not hooks.curvature_pass_due(session.optimizer):
+            if session.optimizer is None or not project_api.curvature_pass_due(session.optimizer):
                 return original(*a, **kw)  # every step: no argument binding unless a pass is due
             bound = _bind(original, a, kw)
             session.calls["curvature_pass"] += 1

@@ -12,6 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+# Handed out as they are (the integration's API): the derivations both trainers share, and the
+# optimizer hook protocol the fork's loop calls. Neither imports more than torch and the registry.
+from megatron_ext.derivations import (DEFAULT_PARAMETRIZATION, batch_sizes, data_parallel_size,  # noqa: F401
+                                      parametrization_name, train_iterations)
+from megatron_ext.optimizers.common.hooks import (UnsupportedEngineSetting, curvature_label_generator,  # noqa: F401
+                                                  curvature_pass_due, engine_ready, evaluation_weights,
+                                                  gradient_clipping_disabled, sampled_label_losses, train_mode)
+
 # -- registries ---------------------------------------------------------------------------------
 
 
@@ -59,14 +67,22 @@ def init_std_type():
 
 
 def _engine_of(args):
-    """The engine the fork's flags ask for (its DeepSpeed config follows them)."""
-    from megatron_ext.registry import EngineSettings
+    """The engine the fork runs: under ``--deepspeed`` its DeepSpeed JSON decides (ZeRO stage,
+    offload, precision), as for our trainer's merged config; the fork's ``--zero-stage`` and
+    ``--bf16`` flags only describe it. Without DeepSpeed, the flags."""
+    from megatron_ext.training.deepspeed_config import engine_settings, read_deepspeed_json
 
-    precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
-    return EngineSettings(zero_stage=int(getattr(args, "zero_stage", 0) or 0),
-                          cpu_offload=bool(getattr(args, "cpu_optimizer", False)),
-                          tensor_parallel=int(getattr(args, "tensor_model_parallel_size", 1) or 1),
-                          precision=precision)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    config = getattr(args, "deepspeed_config", None) if getattr(args, "deepspeed", False) else None
+    if isinstance(config, str):
+        config = read_deepspeed_json(config, "--deepspeed_config")
+    if not isinstance(config, dict):
+        precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
+        config = {"zero_optimization": {"stage": int(getattr(args, "zero_stage", 0) or 0)},
+                  "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
+        if getattr(args, "cpu_optimizer", False):
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return engine_settings(config, tp)
 
 
 def _check(registry, name: str, args) -> None:
@@ -110,14 +126,12 @@ def param_groups(named_model, parametrization) -> List[dict]:
 
 
 def build_optimizer_from_groups(groups: List[dict], args):
-    """The registry's ``--optimizer`` over ``groups``, each group's epsilon scaled by its
-    ``eps_mult`` once (what ``megatron_ext.optimizers.build_optimizer`` does over our model)."""
-    optimizers, _, _ = registries()
-    optimizer = optimizers.get(args.optimizer).build(groups, args)
-    for group in optimizer.param_groups:
-        if "eps" in group and group.get("eps_mult", 1.0) != 1.0:
-            group["eps"] = group["eps"] * group["eps_mult"]
-    return optimizer
+    """The registry's ``--optimizer`` over ``groups`` (megatron_ext.optimizers.build_optimizer_from_groups:
+    epsilon scaled as our trainer does)."""
+    from megatron_ext.optimizers import build_optimizer_from_groups as build
+
+    registries()
+    return build(groups, args)
 
 
 def is_hybrid_matrix_optimizer(optimizer) -> bool:
@@ -130,21 +144,6 @@ def param_role(name: str, param) -> str:
     from megatron_ext.optimizers.common.param_groups import param_role as role
 
     return role(name, param)
-
-
-def optimizer_hooks():
-    """The optimizer hook protocol module (engine_ready, train_mode, evaluation_weights,
-    curvature_pass_due, gradient_clipping_disabled, sampled_label_losses, UnsupportedEngineSetting)."""
-    from megatron_ext.optimizers.common import hooks
-
-    return hooks
-
-
-def curvature_label_generator(device, seed: int, iteration: int, slot: int):
-    """The generator our trainer's curvature pass draws a micro-batch's labels from."""
-    from megatron_ext.optimizers.common.hooks import _generator
-
-    return _generator(device, seed, iteration, slot)
 
 
 # -- parametrization ------------------------------------------------------------------------------

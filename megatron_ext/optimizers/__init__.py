@@ -34,10 +34,16 @@ OPTIMIZERS = Registry("optimizer", "optimizers (--optimizer)", package=__name__,
 
 def build_optimizer(model, args, parametrization):
     """The ``--optimizer`` of ``args`` over ``model``'s param groups, with the parametrization's
-    per-role multipliers (``eps_mult`` scales each group's epsilon once, here)."""
+    per-role multipliers."""
     from megatron_ext.optimizers.common.param_groups import build_param_groups
 
-    optimizer = OPTIMIZERS.get(args.optimizer).build(build_param_groups(model, parametrization.group_options), args)
+    return build_optimizer_from_groups(build_param_groups(model, parametrization.group_options), args)
+
+
+def build_optimizer_from_groups(groups, args):
+    """The ``--optimizer`` of ``args`` over ``groups``, each group's epsilon scaled by its
+    ``eps_mult`` once, here (both trainers build through this)."""
+    optimizer = OPTIMIZERS.get(args.optimizer).build(groups, args)
     for group in optimizer.param_groups:
         if "eps" in group and group.get("eps_mult", 1.0) != 1.0:
             group["eps"] = group["eps"] * group["eps_mult"]

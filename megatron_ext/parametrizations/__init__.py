@@ -3,6 +3,7 @@
 per-role param-group multipliers (lr / weight decay / epsilon) for any optimizer, and forward
 multipliers (output logits, residual branches, attention scale). Its record's ``validate`` is the
 class's ``validate_args``."""
+from megatron_ext.derivations import parametrization_name
 from megatron_ext.registry import Registry
 
 PARAMETRIZATIONS = Registry("parametrization", "init and parametrizations (--parametrization)", package=__name__,
@@ -11,4 +12,4 @@ PARAMETRIZATIONS = Registry("parametrization", "init and parametrizations (--par
 
 def parametrization_for(args):
     """The parametrization object ``args`` select."""
-    return PARAMETRIZATIONS.get(args.parametrization or "sp").obj(args)
+    return PARAMETRIZATIONS.get(parametrization_name(args)).obj(args)

@@ -42,13 +42,7 @@ def build_deepspeed_config(args) -> dict:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         config["zero_force_ds_cpu_optimizer"] = False
     if args.deepspeed_config:
-        try:
-            with open(args.deepspeed_config) as f:
-                user = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DeepSpeedConfigError(f"--deepspeed-config {args.deepspeed_config}: {e}") from None
-        if not isinstance(user, dict):
-            raise DeepSpeedConfigError(f"--deepspeed-config {args.deepspeed_config}: top level must be an object")
+        user = read_deepspeed_json(args.deepspeed_config)
         for key in BATCH_KEYS:
             if key in user and user[key] not in ("auto", config[key]):
                 raise DeepSpeedConfigError(
@@ -64,6 +58,18 @@ def build_deepspeed_config(args) -> dict:
     if fp32_gradient_accumulation(args, engine) is None:
         config = _merge(config, {"data_types": {"grad_accum_dtype": "fp32"}})
     return config
+
+
+def read_deepspeed_json(path: str, flag: str = "--deepspeed-config") -> dict:
+    """A user's DeepSpeed JSON file as a dict; any problem is one line naming it."""
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DeepSpeedConfigError(f"{flag} {path}: {e}") from None
+    if not isinstance(user, dict):
+        raise DeepSpeedConfigError(f"{flag} {path}: top level must be an object")
+    return user
 
 
 def fp32_gradient_accumulation(args, engine: EngineSettings) -> Optional[str]:

@@ -230,6 +230,38 @@ def test_a_flag_of_a_family_the_fork_runs_is_refused():
         _parse("new", "--lr-decay-style", "cosine", "--lr-wsd-decay-fraction", "0.1")
 
 
+def test_the_engine_the_forks_deepspeed_json_gives_is_the_one_checked(tmp_path):
+    """DeepSpeed runs the fork's JSON, not its --zero-stage flag: a JSON at ZeRO 3 refuses Muon even
+    when the flag says 1 (the rule our trainer applies to its merged config)."""
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "bf16": {"enabled": true}}')
+    fork_args = arguments.ForkArguments("all")
+    parser = fork_args.extend(fork_like_parser())
+    parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--deepspeed_config", type=str)
+    args = parser.parse_args(["--lr", "1e-3", "--optimizer", "muon", "--zero-stage", "1", "--deepspeed",
+                              "--deepspeed_config", str(ds)])
+    args.world_size = 1
+    assert project_api._engine_of(args).zero_stage == 3 and project_api._engine_of(args).precision == "bf16"
+    with pytest.raises(ValueError, match=r"^--optimizer muon supports --zero-stage 0, 1 and 2, not 3"):
+        arguments.check(args, fork_args.resolve(args))
+    ds.write_text("{not json")
+    with pytest.raises(ValueError, match=r"^--deepspeed_config .*ds.json: "):
+        project_api._engine_of(args)
+
+
+def test_the_forks_view_derives_batch_and_length_by_our_rules():
+    args, _ = _parse("all", "--optimizer", "adamw", "--global-batch-size", "8", "--micro-batch-size", "2")
+    view = arguments.our_view(args)
+    assert (view.data_parallel_size, view.global_batch_size) == (1, 8)
+    args.world_size, args.train_iters, args.train_samples = 2, None, 100
+    assert arguments.our_view(args).train_iters == 12  # 100 samples // 8, rounding down as our plan does
+    args.global_batch_size = 6
+    with pytest.raises(ValueError, match=r"^--global-batch-size 6 is not divisible by data-parallel size 2 x "
+                                         r"--micro-batch-size 2$"):
+        arguments.our_view(args)
+
+
 # -- activation ----------------------------------------------------------------------------------
 
 

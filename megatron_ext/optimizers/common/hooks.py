@@ -181,7 +181,7 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
-def _generator(device, seed: int, iteration: int, slot: int) -> torch.Generator:
+def curvature_label_generator(device, seed: int, iteration: int, slot: int) -> torch.Generator:
     # ``slot`` is the micro-batch's place in the global batch (micro * dp_size + dp_rank, the order
     # the sampler hands out samples), so the draws do not depend on how the batch is split between
     # data-parallel ranks and accumulation steps. Same on every tensor-parallel rank (they must draw
@@ -226,7 +226,7 @@ def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, it
     try:
         with gradient_clipping_disabled(engine):
             for micro, batch in enumerate(batches):
-                gen = _generator(device, seed, iteration, micro * dp_size + dp_rank)
+                gen = curvature_label_generator(device, seed, iteration, micro * dp_size + dp_rank)
                 loss = sampled_label_loss(engine, batch, device, gen)
                 engine.backward(loss)
                 engine.step()

@@ -1,0 +1,79 @@
+"""The values both trainers derive from the same flags: our run plan (``megatron_ext.plan``) and the
+Megatron-DeepSpeed integration's view of the fork's arguments (``megatron_deepspeed.arguments``).
+
+Each rule is written once here so the two cannot drift apart: the data-parallel size of a layout,
+the batch arithmetic (global batch, gradient accumulation), the training length in iterations, and
+the parametrization a run uses when none is named. Every problem is one ``ValueError`` line naming
+the flags.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+DEFAULT_PARAMETRIZATION = "sp"
+
+
+def parametrization_name(args) -> str:
+    """``--parametrization`` as given, or the standard parametrization (the flag defaults to None so
+    that a given one can be told apart)."""
+    return getattr(args, "parametrization", None) or DEFAULT_PARAMETRIZATION
+
+
+def data_parallel_size(world_size: int, tensor: int = 1, pipeline: int = 1, sequence: int = 1) -> int:
+    """Ranks that hold the same model shard: the world divided by the model-parallel dimensions."""
+    model_parallel = tensor * pipeline * sequence
+    if world_size % model_parallel:
+        dims = [f"--tensor-model-parallel-size {tensor}"]
+        if pipeline != 1:
+            dims.append(f"--pipeline-model-parallel-size {pipeline}")
+        if sequence != 1:
+            dims.append(f"--ds-sequence-parallel-size {sequence}")
+        product = " x ".join(dims) + (f" = {model_parallel}" if len(dims) > 1 else "")
+        raise ValueError(f"{product} does not divide the world size {world_size}")
+    return world_size // model_parallel
+
+
+def batch_sizes(micro_batch: int, global_batch: Optional[int], accumulation: Optional[int],
+                data_parallel: int) -> Tuple[int, int]:
+    """``(global batch, gradient accumulation steps)``: the global batch defaults to one micro batch
+    per data-parallel rank times the accumulation (1 when not given); both given must agree."""
+    per_step = micro_batch * data_parallel
+    if global_batch is None:
+        global_batch = per_step * (accumulation or 1)
+    if global_batch % per_step:
+        raise ValueError(f"--global-batch-size {global_batch} is not divisible by data-parallel size "
+                         f"{data_parallel} x --micro-batch-size {micro_batch}")
+    derived = global_batch // per_step
+    if accumulation not in (None, derived):
+        raise ValueError(f"--gradient-accumulation-steps {accumulation} disagrees with --global-batch-size "
+                         f"{global_batch} / (data-parallel size {data_parallel} x --micro-batch-size "
+                         f"{micro_batch}) = {derived}")
+    return global_batch, derived
+
+
+def train_iterations(train_iters: Optional[int], train_samples: Optional[int], train_tokens: Optional[int],
+                     global_batch: int, seq_length: int) -> Tuple[Optional[int], List[str]]:
+    """``(iterations, notes)``: iterations win, then samples, then tokens, each rounding down (the
+    notes say how many were dropped, or which flags lost). ``(None, [])`` when no length is given."""
+    tokens_per_iter = global_batch * seq_length
+    if train_iters is not None:
+        return train_iters, [f"--train-iters {train_iters} wins over {flag} {value}" for flag, value in
+                             (("--train-samples", train_samples), ("--train-tokens", train_tokens)) if value is not None]
+    if train_samples is not None:
+        iters, unit, per_iter, given = train_samples // global_batch, "samples", global_batch, \
+            f"--train-samples {train_samples}"
+        formula = f"{train_samples} // {global_batch}"
+        total = train_samples
+    elif train_tokens is not None:
+        iters, unit, per_iter, given = train_tokens // tokens_per_iter, "tokens", tokens_per_iter, \
+            f"--train-tokens {train_tokens}"
+        formula = f"{train_tokens} // ({seq_length} x {global_batch})"
+        total = train_tokens
+    else:
+        return None, []
+    if iters < 1:
+        raise ValueError(f"training length is shorter than one iteration of {global_batch} samples x "
+                         f"{seq_length} tokens")
+    trained = iters * per_iter
+    return iters, [f"{given} -> --train-iters = {formula} = {iters} ({trained} {unit} trained, "
+                   f"{total - trained} dropped by rounding)"]
