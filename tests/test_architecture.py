@@ -1,5 +1,6 @@
-"""The structure the project promises: no import circles inside the package, and a family folder
-lists its plug-ins (shared code lives in its ``common`` sub-package)."""
+"""The structure the project promises: packages in layers that import only downward, no import
+circles inside the package, and a family folder lists its plug-ins (shared code lives in its
+``common`` sub-package)."""
 import ast
 import os
 import pkgutil
@@ -77,6 +78,47 @@ def _cycles(edges):
         if v not in index:
             visit(v)
     return found
+
+
+# Bottom to top. A module imports its own layer and the layers below, never one above (function-level
+# imports included). A name is a module or a package (its modules too).
+LAYERS = [
+    ("base", ["megatron_ext.argtypes", "megatron_ext.fileio", "megatron_ext.optional", "megatron_ext.derivations",
+              "megatron_ext.registry", "megatron_ext.plotting", "megatron_ext.platform"]),
+    ("plug-in families", ["megatron_ext.schedules", "megatron_ext.optimizers", "megatron_ext.parametrizations"]),
+    ("model", ["megatron_ext.model", "megatron_ext.attention", "megatron_ext.mla", "megatron_ext.moe_mtp",
+               "megatron_ext.llama_moe_names"]),
+    ("data", ["megatron_ext.data"]),
+    ("training", ["megatron_ext.training"]),
+    ("flags and plan", ["megatron_ext.arguments", "megatron_ext.plan", "megatron_ext.experiment_config"]),
+    ("integrations", ["megatron_ext.hf", "megatron_ext.megatron_deepspeed", "megatron_ext.launcher",
+                      "megatron_ext.sweeps"]),
+    ("entry points", ["megatron_ext.commands", "megatron_ext.cli", "megatron_ext.train", "megatron_ext"]),
+]
+
+
+def _layer_of(module: str) -> int:
+    best = None
+    for index, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (index, len(name))
+    assert best is not None, f"{module} belongs to no layer of tests/test_architecture.py:LAYERS"
+    return best[0]
+
+
+def _upward(edges):
+    return sorted(f"{a} ({LAYERS[_layer_of(a)][0]}) imports {b} ({LAYERS[_layer_of(b)][0]})"
+                  for a, targets in edges.items() for b in targets if _layer_of(b) > _layer_of(a))
+
+
+def test_every_module_imports_only_its_own_layer_and_below():
+    assert _upward(_imports(_modules())) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert _upward({"megatron_ext.optimizers.common.hooks": {"megatron_ext.training.loss"}}) == [
+        "megatron_ext.optimizers.common.hooks (plug-in families) imports megatron_ext.training.loss (training)"]
 
 
 def test_no_import_circles_in_the_package():

@@ -148,8 +148,8 @@ def test_trainer_continues_an_import(models, tmp_path):
 def test_hub_names_resolve_through_the_local_cache_only(models, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
+    from megatron_ext.data.hub import HubError
     from megatron_ext.data.tokenizers import build_tokenizer
-    from megatron_ext.hf import HFError
 
     cache = tmp_path / "hub"
     fake_hub_cache(cache, "tiny-org/tiny-llama", models["tied"])
@@ -160,7 +160,7 @@ def test_hub_names_resolve_through_the_local_cache_only(models, tmp_path, monkey
     assert tok.vocab_size == 400 and tok.eod == 2
     for call in (lambda: do_import("tiny-org/not-cached", tmp_path / "ck2"),
                  lambda: build_tokenizer("HFTokenizer", tokenizer_model="tiny-org/not-cached")):
-        with pytest.raises(HFError) as e:
+        with pytest.raises(HubError) as e:
             call()
         message = str(e.value)
         assert "\n" not in message and "not in the local Hugging Face cache" in message

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_ext.optional import require
+
 # Looked up, in this order, in HF vocabularies (and SentencePiece models without an eos id).
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
@@ -102,7 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer: a ``tokenizer.json`` file, a folder, or a hub name (``org/name``)
-    found in the local Hugging Face cache (never downloaded; ``megatron_ext/hf/hub.py``).
+    found in the local Hugging Face cache (never downloaded; ``megatron_ext/data/hub.py``).
 
     ``tokenizer.json`` is read with the ``tokenizers`` library; a folder without one (only a
     SentencePiece ``tokenizer.model`` or GPT-2 ``vocab.json``/``merges.txt``) goes through
@@ -114,7 +116,7 @@ class HFTokenizer(Tokenizer):
     name = "HFTokenizer"
 
     def __init__(self, model_path: str):
-        from megatron_ext.hf.hub import resolve
+        from megatron_ext.data.hub import resolve
 
         path = resolve(model_path, "--tokenizer-model")  # a local path, or a cached hub snapshot
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")) and any(
@@ -153,8 +155,6 @@ def _tokenizer_json(path: str):
 
 def _fast_tokenizer_of(folder: str):
     """The ``tokenizers`` object behind ``AutoTokenizer`` for a folder without tokenizer.json."""
-    from megatron_ext.hf import require
-
     transformers = require("transformers")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -15,26 +15,17 @@ Modules:
 * ``tokenizer_export``: the training tokenizer as Hugging Face tokenizer files with the same ids.
 * ``export`` / ``importer``: the two conversions; ``reference_model``: our model in one process
   (for ``--verify`` logit comparisons); ``lm_eval_bridge``: ``megatron-ext eval``.
-* ``hub``: a hub name or a local folder, resolved through the local cache only.
+Hub names resolve through the local cache only (``megatron_ext/data/hub.py``, shared with the
+tokenizers).
 
 ``transformers``, ``safetensors`` and ``lm-eval`` are optional (extras ``[hf]`` and ``[eval]``):
 nothing here imports them at module import time.
 """
+from megatron_ext.optional import MissingExtra, require  # noqa: F401 (the hf modules take require from here)
 
 
 class HFError(ValueError):
     """Bad input for a Hugging Face conversion; the message is one line naming the culprit."""
-
-
-def require(module: str, extra: str = "hf"):
-    """Import an optional dependency, or fail in one line naming the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise HFError(f"this needs the Python package '{module.split('.')[0]}': "
-                      f"pip install 'megatron_ext[{extra}]'") from None
 
 
 def command_parser(prog: str, description: str):
@@ -53,12 +44,14 @@ def run_command(prog: str, work, describe) -> int:
     import sys
     import warnings
 
+    from megatron_ext.data.hub import HubError
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice lines are not ours to print
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
     try:
         summary = work(lambda line: print(line, file=sys.stderr, flush=True))
-    except (HFError, OSError) as e:
+    except (HFError, HubError, MissingExtra, OSError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2

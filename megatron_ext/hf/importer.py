@@ -118,7 +118,8 @@ def _copy_tokenizer(folder: str, dest: str) -> List[str]:
 def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dict:
     """Run the import; returns a summary (also written to ``megatron_ext_import.json``)."""
     from megatron_ext.data.tokenizers import HFTokenizer
-    from megatron_ext.hf import checkpoint_writer, config_mapping, hub, weight_mapping
+    from megatron_ext.data import hub
+    from megatron_ext.hf import checkpoint_writer, config_mapping, weight_mapping
 
     transformers = require("transformers")
     if options.dtype is not None and options.dtype not in DTYPES:

@@ -70,7 +70,7 @@ def training_tokenizer(args, tokenizer_type: Optional[str] = None, tokenizer_mod
 def write(tok, out_dir: str, source: str) -> List[str]:
     """Write Hugging Face tokenizer files for our tokenizer ``tok`` into ``out_dir``; returns their names."""
     from megatron_ext.data.tokenizers import GPT2BPETokenizer, HFTokenizer, SentencePieceTokenizer
-    from megatron_ext.hf.hub import resolve
+    from megatron_ext.data.hub import resolve
 
     if isinstance(tok, HFTokenizer):
         folder = resolve(source, "--tokenizer-model")

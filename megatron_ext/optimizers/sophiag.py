@@ -10,7 +10,7 @@ Per element, at every training step::
     p -= lr * clip(m / max(rho*h, eps), -1, 1)
 
 and every ``--sophiag-hessian-interval`` steps (before the step, starting with the first) the
-trainer runs a curvature pass (``megatron_ext.optimizers.common.hooks.curvature_pass``): labels sampled
+trainer runs a curvature pass (``megatron_ext.training.curvature_pass``): labels sampled
 from the model's own softmax, the loss on them back-propagated through the DeepSpeed engine, and
 this optimizer's ``step`` then only refreshes ``h = beta2*h + (1-beta2) * B * g_hat**2`` where
 ``g_hat`` is that gradient and ``B`` the number of loss tokens in the global batch (the estimator

@@ -21,6 +21,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
+from megatron_ext.training.curvature_pass import curvature_pass
 from megatron_ext.training.expert_bias import ExpertBiasUpdate
 from megatron_ext.training.loss import dp_mean, lm_loss
 from megatron_ext.training.metrics import MetricsWriter, format_log_line, print_rank0, startup_table
@@ -178,7 +179,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         for batch in batches:
             check_batch_tokens(batch, plan.tokenizer.vocab_size)
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
-            optimizer_hooks.curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
+            curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
             expert_bias.discard_counts()  # the only counted forward besides training's (evaluation: no grad)
         iteration_loss = torch.zeros((), device=device)
         for batch in batches:

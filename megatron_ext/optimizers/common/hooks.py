@@ -28,7 +28,8 @@ plug-in may define any of these methods (all optional):
 ``curvature_pass_due() -> bool``, ``begin_curvature_pass(num_tokens) -> None``, ``end_curvature_pass() -> None``
     For optimizers that keep a curvature estimate refreshed from an extra pass (SophiaG's
     Gauss-Newton-Bartlett Hessian). Before each training iteration the trainer asks
-    :func:`curvature_pass_due`; when it is, :func:`curvature_pass` runs every micro-batch of the
+    :func:`curvature_pass_due`; when it is, the trainer's curvature pass (``training/curvature_pass.py``;
+    the Megatron-DeepSpeed integration has its own over the fork's loop) runs every micro-batch of the
     iteration forward, samples labels from the model's own softmax (gathered over the
     tensor-parallel vocabulary shards), back-propagates the loss on those labels through the
     DeepSpeed engine (so data-parallel reduction, ZeRO partitioning and loss scaling are the
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -193,16 +194,6 @@ def curvature_label_generator(device, seed: int, iteration: int, slot: int) -> t
     return gen
 
 
-def sampled_label_loss(engine, batch, device, generator: torch.Generator) -> torch.Tensor:
-    """Mean cross entropy of the model's logits against labels sampled from its own softmax, over
-    the unmasked positions of a micro-batch (the loss of the Gauss-Newton-Bartlett estimator)."""
-    from megatron_ext.training.loss import model_inputs
-
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    losses = sampled_label_losses(engine(**model_inputs(batch, device)), generator)
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-
-
 def sampled_label_losses(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per-token cross entropy of (vocabulary-parallel) logits against labels sampled from their
     own softmax; also what the Megatron-DeepSpeed integration's curvature pass computes."""
@@ -211,24 +202,3 @@ def sampled_label_losses(logits: torch.Tensor, generator: torch.Generator) -> to
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
     ).reshape(labels.shape)
-
-
-def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, iteration: int) -> None:
-    """One curvature refresh on the micro-batches of an iteration (see the module docstring)."""
-    from megatron.core import parallel_state as ps
-
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        count += batch["loss_mask"].to(device).double().sum()
-    torch.distributed.all_reduce(count, group=ps.get_data_parallel_group())
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    optimizer.begin_curvature_pass(float(count.item()))
-    try:
-        with gradient_clipping_disabled(engine):
-            for micro, batch in enumerate(batches):
-                gen = curvature_label_generator(device, seed, iteration, micro * dp_size + dp_rank)
-                loss = sampled_label_loss(engine, batch, device, gen)
-                engine.backward(loss)
-                engine.step()
-    finally:
-        optimizer.end_curvature_pass()

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import re
 
-from megatron_ext.hf import HFError
+
+
+class HubError(ValueError):
+    """A hub name that is not in the local cache; the message is one line saying how to fetch it."""
 
 # "org/name" or "name", optionally "@revision" (a branch, tag or commit of the cached snapshot)
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*(?:@[\w.\-/]+)?$")
@@ -29,7 +32,7 @@ def cache_dir() -> str:
 def resolve(name_or_path: str, what: str) -> str:
     """An existing file or folder as given; otherwise the cached snapshot folder of a hub name.
     ``what`` names the input in errors (a flag, or the command's argument): FileNotFoundError for a
-    missing path that cannot be a hub name, HFError for a hub name that is not cached."""
+    missing path that cannot be a hub name, HubError for a hub name that is not cached."""
     path = os.path.expanduser(str(name_or_path))
     if os.path.exists(path):
         return path
@@ -41,6 +44,6 @@ def resolve(name_or_path: str, what: str) -> str:
     try:
         return snapshot_download(repo_id, revision=revision or None, local_files_only=True)
     except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and its relatives all mean "not cached"
-        raise HFError(f"{what} {name_or_path}: no such local path, and not in the local Hugging Face cache "
+        raise HubError(f"{what} {name_or_path}: no such local path, and not in the local Hugging Face cache "
                       f"({cache_dir()}); this never downloads: fetch it where there is internet access with "
                       f"'hf download {repo_id}' (same HF_HOME), or give a local folder") from None

@@ -1,0 +1,44 @@
+"""The curvature pass of optimizers that keep a curvature estimate (the hook protocol in
+``optimizers/common/hooks.py``: ``curvature_pass_due``, ``begin_curvature_pass``,
+``end_curvature_pass``), run by the trainer before an iteration when the optimizer asks for it."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from megatron_ext.optimizers.common.hooks import (curvature_label_generator, gradient_clipping_disabled,
+                                                  sampled_label_losses)
+from megatron_ext.training.loss import model_inputs
+
+
+def sampled_label_loss(engine, batch, device, generator: torch.Generator) -> torch.Tensor:
+    """Mean cross entropy of the model's logits against labels sampled from its own softmax, over
+    the unmasked positions of a micro-batch (the loss of the Gauss-Newton-Bartlett estimator)."""
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    losses = sampled_label_losses(engine(**model_inputs(batch, device)), generator)
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, iteration: int) -> None:
+    """One curvature refresh on the micro-batches of an iteration: every micro-batch forward, labels
+    sampled from the model's own softmax, the loss on them back-propagated through the DeepSpeed
+    engine (its data-parallel reduction, ZeRO partitioning and loss scaling) and ``engine.step()``
+    with clipping off; between begin and end the optimizer updates only its curvature estimate."""
+    from megatron.core import parallel_state as ps
+
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        count += batch["loss_mask"].to(device).double().sum()
+    torch.distributed.all_reduce(count, group=ps.get_data_parallel_group())
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    optimizer.begin_curvature_pass(float(count.item()))
+    try:
+        with gradient_clipping_disabled(engine):
+            for micro, batch in enumerate(batches):
+                gen = curvature_label_generator(device, seed, iteration, micro * dp_size + dp_rank)
+                loss = sampled_label_loss(engine, batch, device, gen)
+                engine.backward(loss)
+                engine.step()
+    finally:
+        optimizer.end_curvature_pass()
