@@ -13,7 +13,7 @@ import json
 import sys
 from typing import List
 
-from megatron_ext.argtypes import positive_int
+from megatron_ext.argtypes import one_line_errors, positive_int
 
 PASS_THROUGH = True
 DEFAULT_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--seq-length", "64", "--lr", "3e-3",
@@ -60,7 +60,7 @@ def run_argv(argv) -> int:
     from megatron_ext.arguments import normalise_argv
 
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")
+    one_line_errors(own)
     opts, rest = own.parse_known_args(normalise_argv(list(argv)))
     if opts.help:
         own.print_help()
