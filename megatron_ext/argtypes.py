@@ -1,8 +1,13 @@
 """Value types for command-line flags (``type=`` in argparse), shared by the core parser and
-plug-ins: each rejects a bad value with a message argparse turns into one line naming the flag."""
+plug-ins: each rejects a bad value with a message argparse turns into one line naming the flag.
+Also the small rules every parser of the project follows: one-line errors, ``--a_b`` = ``--a-b``,
+the did-you-mean hint, the words for true and false."""
 import argparse
 import difflib
 import math
+from typing import List, Optional, Sequence
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def positive_int(value: str) -> int:
@@ -69,14 +74,43 @@ def choice_ci(*choices: str):
     return parse
 
 
+def boolean(value: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off, any case)."""
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# -- parsers ----------------------------------------------------------------------------------
+def one_line_errors(parser: argparse.ArgumentParser, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """``parser`` reports a bad command line as one line, ``PROG: error: MESSAGE``, and exits with 2
+    (argparse's default prints the whole usage first)."""
+    parser.error = lambda message: parser.exit(2, f"{prog or parser.prog}: error: {message}\n")
+    return parser
+
+
 # -- names of flags ---------------------------------------------------------------------------
-def close_hint(word: str, known) -> str:
-    """' (did you mean X?)' for the closest of ``known``, or ''."""
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def normalise_argv(argv: Sequence[str]) -> List[str]:
+    """``--lr_decay_style=x`` -> ``--lr-decay-style=x`` (Megatron scripts mix both spellings); values
+    are left alone, and so is everything after ``--``, which argparse reads as values, never flags."""
+    out = []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            return out + list(argv[i:])
+        if tok.startswith("--"):
+            name, eq, value = tok.partition("=")
+            tok = name.replace("_", "-") + eq + value
+        out.append(tok)
+    return out
 
 
-def negated_option(option: str) -> str:
-    """The other spelling of an ``argparse.BooleanOptionalAction`` flag (--x <-> --no-x)."""
-    name = option[2:]
-    return "--" + name[3:] if name.startswith("no-") else "--no-" + name
+def close_hint(word: str, known, cutoff: float = 0.6, most: int = 1, quote: bool = True) -> str:
+    """' (did you mean 'X'?)' for the closest of ``known`` (``most`` of them at most; ``quote=False``
+    for flags, which read unquoted), or ''."""
+    close = difflib.get_close_matches(word, list(known), n=most, cutoff=cutoff)
+    if not close:
+        return ""
+    return f" (did you mean {', '.join(repr(c) if quote else c for c in close)}?)"

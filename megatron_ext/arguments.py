@@ -11,7 +11,6 @@ are the run plan's (``megatron_ext.plan``).
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
 import re
@@ -19,7 +18,8 @@ import sys
 from typing import List, Optional
 
 from megatron_ext import registry
-from megatron_ext.argtypes import choice_ci, finite_float, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from megatron_ext.argtypes import (choice_ci, close_hint, finite_float, fraction, nonneg_float, nonneg_int,
+                                   normalise_argv, one_line_errors, positive_float, positive_int)
 
 MODEL_STYLES = {
     # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
@@ -68,9 +68,7 @@ class MegatronArgumentParser(argparse.ArgumentParser):
         # "expected one argument"; every negative number, however written, is a value here.
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
                                                    re.IGNORECASE)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        one_line_errors(self)
 
     def parse_args(self, args=None, namespace=None):
         argv = normalise_argv(sys.argv[1:] if args is None else list(args))
@@ -84,24 +82,9 @@ class MegatronArgumentParser(argparse.ArgumentParser):
         if not flags:
             return f"unexpected argument {unknown[0]!r}"
         flag = flags[0].split("=", 1)[0]
-        close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = close_hint(flag, self._option_string_actions, quote=False)
         more = f" (and {len(flags) - 1} more: {' '.join(flags[1:])})" if len(flags) > 1 else ""
         return f"unrecognized argument {flag}{hint}{more}"
-
-
-def normalise_argv(argv: List[str]) -> List[str]:
-    """``--lr_decay_style=x`` -> ``--lr-decay-style=x``; values are left alone."""
-    out = []
-    for tok in argv:
-        if tok == "--":
-            out.append(tok)
-            continue
-        if tok.startswith("--"):
-            name, eq, value = tok.partition("=")
-            tok = name.replace("_", "-") + eq + value
-        out.append(tok)
-    return out
 
 
 def _split(value: str) -> str:

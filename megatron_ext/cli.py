@@ -5,6 +5,7 @@ import pkgutil
 import sys
 
 from megatron_ext import commands
+from megatron_ext.argtypes import one_line_errors
 
 
 def _command_modules():
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     silence_known_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="megatron-ext", description=__doc__)
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
+    one_line_errors(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pass_through = {}
     for module in _command_modules():

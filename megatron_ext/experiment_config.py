@@ -24,7 +24,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_ext.argtypes import close_hint, negated_option
+from megatron_ext.argtypes import close_hint
+from megatron_ext.flag_spelling import FlagSpelling, FlagValueError
 
 JOB_SECTIONS = ("system", "model", "data")
 # experiment.* keys with a meaning of their own (the others are variables for ${experiment.x})
@@ -238,6 +239,7 @@ def _flatten(tree: dict, prefix: str) -> List[Tuple[str, str, Any]]:
 def job_flags(where: str, job: dict, parser, notes: List[str]) -> Tuple[List[str], Dict[str, str]]:
     """The trainer flags of the job sections, and which key each flag came from."""
     actions = parser._option_string_actions
+    spelling = FlagSpelling(parser)
     argv: List[str] = []
     sources: Dict[str, str] = {}
     seen: Dict[str, str] = {}
@@ -273,47 +275,14 @@ def job_flags(where: str, job: dict, parser, notes: List[str]) -> Tuple[List[str
             if action.dest in seen:
                 raise ConfigError(f"{where}: {path}: sets {option} again (already {seen[action.dest]})")
             seen[action.dest] = path
-            tokens = _flag_tokens(where, path, option, action, value, parser)
+            try:
+                tokens = spelling.flags(option, value, name=path)
+            except FlagValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
             argv += tokens
             if tokens:
                 sources[tokens[0]] = path
     return argv, sources
-
-
-def _flag_tokens(where: str, path: str, option: str, action, value, parser) -> List[str]:
-    if action.nargs == 0:  # an on/off flag: true gives it; false its opposite, if the default is not already false
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {path}: {option} is an on/off flag; use true or false, got {value!r}")
-        if value:
-            return [option]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return [negated_option(option)]
-        const = getattr(action, "const", True)
-        wanted = not const if isinstance(const, bool) else None
-        opposite = next((o for a in parser._actions if a.dest == action.dest and a is not action and a.nargs == 0
-                         and getattr(a, "const", None) == wanted for o in a.option_strings), None)
-        if opposite:
-            return [opposite]
-        if parser.get_default(action.dest) in (wanted, None, False):
-            return []
-        raise ConfigError(f"{where}: {path}: false cannot be said with {option}")
-    if isinstance(value, list):
-        if action.nargs not in ("+", "*"):
-            raise ConfigError(f"{where}: {path}: {option} takes one value, got a list")
-        return [option, *(_text(v, where, path) for v in value)]
-    if isinstance(value, dict):
-        raise ConfigError(f"{where}: {path}: expected a value, got a mapping")
-    return [option, _text(value, where, path)]
-
-
-def _text(value, where: str, path: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (int, str)):
-        return str(value)
-    raise ConfigError(f"{where}: {path}: expected a number or a string, got {value!r}")
 
 
 def say_in_keys(message: str, sources: Dict[str, str]) -> str:

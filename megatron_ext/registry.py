@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib
 import importlib.metadata
 import pkgutil
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from megatron_ext.argtypes import close_hint
 
 ENTRY_POINT_GROUP = "megatron_ext.plugins"
 
@@ -256,8 +257,7 @@ class Registry:
     def unknown_message(self, name: str) -> str:
         load_plugins()
         known = sorted(self._aliases)
-        close = difflib.get_close_matches(_key(name), known, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = close_hint(_key(name), known, cutoff=0.5)
         return f"unknown {self.family} '{name}'{hint}; known: {', '.join(sorted(self._plugins))}"
 
     def __contains__(self, name: str) -> bool:

@@ -12,6 +12,7 @@ def test_dash_and_underscore_spellings_are_the_same_flag():
     a = parse_args(BASE + ["--lr_decay_style", "linear", "--micro_batch_size=3", "--adam-beta1", "0.8"], world_size=1)
     assert a.lr_decay_style == "linear" and a.micro_batch_size == 3 and a.adam_beta1 == 0.8
     assert normalise_argv(["--data_path", "a_b_c", "--x_y=p_q"]) == ["--data-path", "a_b_c", "--x-y=p_q"]
+    assert normalise_argv(["--a_b", "--", "--x_y"]) == ["--a-b", "--", "--x_y"]  # after --: values, as typed
 
 
 def test_llama_style_defaults_and_gpt2_style():

@@ -18,8 +18,9 @@ import shlex
 import sys
 from typing import Any, Dict, List, Tuple
 
-from megatron_ext.argtypes import positive_int
+from megatron_ext.argtypes import one_line_errors, positive_int
 from megatron_ext.commands import split_at_double_dash
+from megatron_ext.flag_spelling import FlagSpelling, FlagValueError, value_text
 
 # Flags the cooldown command sets itself, or that describe the machine rather than the run.
 _SKIP = {
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="megatron-ext cooldown", allow_abbrev=False,
         usage="megatron-ext cooldown CHECKPOINT_DIR --iters R [options] [-- extra training flags]",
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
+    one_line_errors(p)
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
                    help="the run's --save directory (its 'latest' checkpoint), or that checkpoint's global_stepN folder")
     p.add_argument("--iters", type=positive_int, required=True, metavar="R",
@@ -112,14 +113,10 @@ def argv_from_args(saved: Dict[str, Any]) -> List[str]:
     differs from the parser's default, spelled with the parser's own flags."""
     from megatron_ext.arguments import build_parser
 
-    parser = build_parser()
-    by_dest: Dict[str, list] = {}
-    for action in parser._actions:
-        if action.option_strings and action.dest != argparse.SUPPRESS:
-            by_dest.setdefault(action.dest, []).append(action)
+    spelling = FlagSpelling(build_parser())
     out: List[str] = []
     save = saved.get("save")
-    for dest, actions in by_dest.items():
+    for dest, actions in spelling.by_dest.items():
         if dest in _SKIP or dest not in saved:
             continue
         value = saved[dest]
@@ -129,34 +126,11 @@ def argv_from_args(saved: Dict[str, Any]) -> List[str]:
             continue
         if dest == "tensorboard_dir" and save and value == os.path.join(save, "tensorboard"):
             continue  # derived from --save
-        flag = _spell(actions, value)
-        if flag is None:
-            raise CooldownError(f"cannot express {dest}={value!r} as a flag; pass it after --")
-        out += flag
+        try:
+            out += spelling.flags(dest, value)
+        except FlagValueError as e:
+            raise CooldownError(f"cannot express {dest}={value!r} as a flag ({e}); pass it after --") from None
     return out
-
-
-def _spell(actions, value):
-    long = lambda a: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])  # noqa: E731
-    for a in actions:
-        if isinstance(a, argparse.BooleanOptionalAction) and isinstance(value, bool):
-            return [a.option_strings[0] if value else next(o for o in a.option_strings if o.startswith("--no-"))]
-    for a in actions:
-        if a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction):
-            if type(a.const) is type(value) and a.const == value:
-                return [long(a)]
-    if value is None or isinstance(value, bool):
-        return None
-    for a in actions:
-        if a.nargs != 0:
-            if isinstance(value, (list, tuple)):
-                return [long(a), *map(str, value)]
-            return [long(a), _fmt(value)]
-    return None
-
-
-def _fmt(value) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def build_command(ns) -> Tuple[List[str], List[str], Dict[str, Any]]:
@@ -175,7 +149,7 @@ def build_command(ns) -> Tuple[List[str], List[str], Dict[str, Any]]:
     flags += ["--load", load_dir, "--save", os.path.abspath(ns.save) if ns.save else load_dir,
               "--train-iters", str(s + r), "--lr-cooldown-from-checkpoint", str(r)]
     if ns.min_lr is not None:
-        flags += ["--min-lr", _fmt(ns.min_lr)]
+        flags += ["--min-lr", value_text(ns.min_lr)]
     if ns.shape is not None:
         flags += ["--lr-wsd-decay-style", ns.shape]
     flags += list(ns.extra or [])

@@ -21,7 +21,7 @@ import math
 import sys
 from typing import Dict, List, Sequence
 
-from megatron_ext.argtypes import positive_int
+from megatron_ext.argtypes import one_line_errors, positive_int
 
 DEFAULT_WIDTHS = (64, 128, 256, 512)
 DEFAULT_DEPTHS = (2, 4, 8, 16)
@@ -185,7 +185,7 @@ def run_argv(argv) -> int:
     from megatron_ext.arguments import normalise_argv
 
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")
+    one_line_errors(own)
     opts, rest = own.parse_known_args(normalise_argv(list(argv)))
     if opts.help:
         own.print_help()

@@ -2,6 +2,8 @@
 lists (same code as ``tools/mix_datasets.py``; see ``megatron_ext/data/mix_datasets.py``)."""
 import argparse
 
+from megatron_ext.argtypes import one_line_errors
+
 PROG = "megatron-ext mix-datasets"
 
 
@@ -11,7 +13,7 @@ def add_parser(sub):
     p = sub.add_parser("mix-datasets", help="mix data file lists with weights (continual-pretraining replay)",
                        description=mix_datasets.__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.error = lambda message: p.exit(2, f"{PROG}: error: {message}\n")  # one line, no usage
+    one_line_errors(p, PROG)
     mix_datasets.add_arguments(p)
     p.set_defaults(func=run)
 

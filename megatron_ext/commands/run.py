@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from megatron_ext.argtypes import one_line_errors
 from megatron_ext.commands import split_at_double_dash
 
 PASS_THROUGH = True  # its own options, then training flags after --
@@ -40,8 +41,7 @@ def _own_parser() -> argparse.ArgumentParser:
                                 description="Run an OpenSeek-style experiment config (docs/experiment_configs.md).")
     p.add_argument("config", metavar="CONFIG.yaml", help="the experiment file (its defaults: name the job file)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the command; write nothing")
-    p.error = lambda message: p.exit(2, f"{PROG}: error: {message}\n")
-    return p
+    return one_line_errors(p)
 
 
 def plan_experiment(config: str, extra_flags=()):

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_ext.argtypes import positive_int
+from megatron_ext.argtypes import one_line_errors, positive_int
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 DATA_FLAGS = ("--mock-data", "--data-path", "--data-file-list")
@@ -117,7 +117,7 @@ def run_argv(argv) -> int:
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")  # one line, no usage
+    one_line_errors(own)
     opts, rest = own.parse_known_args(normalise_argv(list(argv)))
     if opts.help:
         own.print_help()

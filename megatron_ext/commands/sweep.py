@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import os
 import shlex
 import shutil
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from megatron_ext.argtypes import finite_float, positive_int
+from megatron_ext.argtypes import close_hint, finite_float, one_line_errors, positive_int
 from megatron_ext.commands import split_at_double_dash
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
@@ -108,9 +107,9 @@ def _gather(opts, unknown_options, training_flags):
 
         trainer_options = build_parser()._option_string_actions
         for name in normalise_argv(unknown):
-            close = difflib.get_close_matches(name, own_options, n=1, cutoff=0.75)
-            if name not in trainer_options and close:  # a mistyped sweep option, not a training flag
-                raise S.SweepError(f"unknown option {name} (did you mean {close[0]}?)")
+            hint = close_hint(name, own_options, cutoff=0.75, quote=False)
+            if name not in trainer_options and hint:  # a mistyped sweep option, not a training flag
+                raise S.SweepError(f"unknown option {name}{hint}")
     cfg = S.load_config(opts.config) if opts.config else {}
     grid = dict(cfg.get("grid", {}))
     grid.update(S.parse_grid(opts.grid))  # a key on the command line replaces the file's values
@@ -216,7 +215,7 @@ def run_argv(argv) -> int:
 
     argv, training_flags = split_at_double_dash(argv)
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{PROG}: error: {message}\n")  # one line, no usage
+    one_line_errors(own)
     opts, rest = own.parse_known_args(argv)
     if opts.help:
         own.print_help()

@@ -9,6 +9,8 @@ import contextlib
 import os
 import sys
 
+from megatron_ext.argtypes import one_line_errors
+
 PASS_THROUGH = True  # parsed by the converter's own parser
 
 
@@ -27,7 +29,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         description="Convert a megatron_ext (DeepSpeed ZeRO 1/2) checkpoint to DeepSpeed's universal format, "
                     "which loads at any data-parallel and tensor-parallel size (--universal-checkpoint). "
                     "Details: docs/checkpoints.md.")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
+    one_line_errors(p)
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
                    help="a run's --save directory: converts its 'latest' checkpoint (or give --input_folder)")
     p.add_argument("--load", dest="load_dir", default=None, metavar="DIR", help="same as RUN_DIR")

@@ -21,6 +21,7 @@ import sys
 from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
+from megatron_ext.argtypes import one_line_errors
 from megatron_ext.data.data_list import (DataListError, DataSource, _parse_weight, missing_files,
                                          read_data_file_list)
 from megatron_ext.fileio import write_text_atomically
@@ -100,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
+    one_line_errors(p)
     add_arguments(p)
     return p
 

@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from megatron_ext.argtypes import normalise_argv, one_line_errors
 from megatron_ext.data.tokenizers import build_tokenizer
 
 PROG = "preprocess_data.py"
@@ -48,14 +49,9 @@ class InputError(Exception):
     """Bad input or arguments: reported as one line, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        raise InputError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False,
-                description="Tokenize text/JSON-lines corpora into megatron-core indexed datasets.")
+    p = one_line_errors(argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False, description="Tokenize text/JSON-lines corpora into megatron-core indexed datasets."))
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files, directories or globs; .jsonl/.json are JSON lines, anything else "
@@ -84,19 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10000,
                    help="without a terminal, log progress every N documents (0: never)")
     return p
-
-
-def normalise_argv(argv: Sequence[str]) -> List[str]:
-    """Accept ``--a_b`` for ``--a-b`` (Megatron scripts mix both spellings)."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            return out + list(argv[i:])
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            arg = name.replace("_", "-") + eq + value
-        out.append(arg)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- inputs

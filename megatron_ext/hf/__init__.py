@@ -32,9 +32,10 @@ def command_parser(prog: str, description: str):
     """argparse with one-line errors and exit code 2 (no usage dump)."""
     import argparse
 
+    from megatron_ext.argtypes import one_line_errors
+
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    parser.error = lambda message: parser.exit(2, f"{prog}: error: {message}\n")
-    return parser
+    return one_line_errors(parser)
 
 
 def run_command(prog: str, work, describe) -> int:

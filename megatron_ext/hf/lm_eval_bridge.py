@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import glob
 import json
 import os
@@ -38,6 +37,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+from megatron_ext.argtypes import close_hint
 from megatron_ext.hf import HFError, require
 
 RESULT_PREFIX = "lm_eval_"
@@ -147,8 +147,7 @@ def _task_manager(lm_eval_tasks, include: List[str], tasks: List[str]):
     known = manager.all_tasks
     for t in tasks:
         if t not in known:
-            close = difflib.get_close_matches(t, known, n=3)
-            raise HFError(f"--tasks {t}: no such lm_eval task" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise HFError(f"--tasks {t}: no such lm_eval task{close_hint(t, known, most=3, quote=False)}")
     return manager
 
 

@@ -13,7 +13,6 @@ in the variables that produced them), before anything starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -22,9 +21,9 @@ import shutil
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from megatron_ext.argtypes import TRUE_WORDS, close_hint
 from megatron_ext.launcher.presets import MODEL_PRESETS, preset_name
 
-TRUE = ("1", "true", "yes", "on")
 DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh default
 # With no DATA_FILE_LIST the launcher runs the demo; these replace the documented defaults there
 # (and only there) so a tiny model learns visibly in a few CPU minutes.
@@ -73,7 +72,7 @@ class _Env:
 
     def flag(self, name: str) -> bool:
         value, _ = self.get(name)
-        return value is not None and value.lower() in TRUE
+        return value is not None and value.lower() in TRUE_WORDS
 
     def number(self, names, default, kind=int, minimum=None, allowed=None):
         names = (names,) if isinstance(names, str) else names
@@ -211,8 +210,7 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     arch_raw, arch_src = e.get("MODEL_ARCH")
     arch = preset_name(arch_raw) if arch_raw else ("tiny" if on_cpu else "7B")
     if arch is None:
-        close = difflib.get_close_matches(arch_raw, list(MODEL_PRESETS), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = close_hint(arch_raw, MODEL_PRESETS, cutoff=0.5)
         raise LaunchError(f"MODEL_ARCH={arch_raw!r} is not a known preset{hint}; known: {', '.join(MODEL_PRESETS)}")
     note("MODEL_ARCH", arch, arch_src or ("default (no accelerator: CPU demo size)" if on_cpu else "default"))
     preset = MODEL_PRESETS[arch]

@@ -45,15 +45,6 @@ def _key(flag: str) -> str:
     return flag.lstrip("-").replace("_", "-")
 
 
-def strict_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 class _NamesOf:
     """``type=`` for --optimizer / --lr-decay-style: the fork's choices plus our registry's names."""
 
@@ -114,7 +105,7 @@ class ForkArguments:
         for action in parser._actions:  # the fork's own boolean traps, ours or not
             if action.type is bool:
                 _fix_bool(action)
-        _one_line_errors(parser)
+        project_api.one_line_errors(parser)
         return parser
 
     def _reuse(self, parser, action, flags, kwargs, family, plugin_dests):
@@ -178,17 +169,10 @@ def _shared_family(dest: str) -> str:
 
 
 def _fix_bool(action) -> None:
-    action.type = strict_bool
+    action.type = project_api.boolean
     if action.nargs is None:
         action.nargs = "?"
         action.const = True
-
-
-def _one_line_errors(parser) -> None:
-    def error(message):
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    parser.error = error
 
 
 # -- the view our checks and builders read ----------------------------------------------------------

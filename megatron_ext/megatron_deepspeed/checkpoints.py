@@ -37,6 +37,7 @@ import glob
 import io
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -258,22 +259,16 @@ def our_args_from_fork(fa, client) -> Dict[str, Any]:
     }
 
 
+_MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
+                "seq_length", "max_position_embeddings", "normalization", "norm_epsilon", "swiglu",
+                "position_embedding_type", "rope_theta", "untie_embeddings_and_output_weights", "add_bias_linear",
+                "make_vocab_size_divisible_by")
+
+
 def our_flags(ours: Dict[str, Any]) -> str:
     """Our trainer's model flags for the converted checkpoint's architecture."""
-    flags = [f"--num-layers {ours['num_layers']}", f"--hidden-size {ours['hidden_size']}",
-             f"--ffn-hidden-size {ours['ffn_hidden_size']}", f"--num-attention-heads {ours['num_attention_heads']}",
-             f"--num-key-value-heads {ours['num_key_value_heads']}", f"--seq-length {ours['seq_length']}",
-             f"--max-position-embeddings {ours['max_position_embeddings']}",
-             f"--normalization {ours['normalization']}", f"--norm-epsilon {ours['norm_epsilon']:g}",
-             "--swiglu" if ours["swiglu"] else "--no-swiglu",
-             f"--position-embedding-type {ours['position_embedding_type']}"]
-    if ours["position_embedding_type"] == "rope":
-        flags.append(f"--rope-theta {ours['rope_theta']:g}")
-    flags.append("--untie-embeddings-and-output-weights" if ours["untie_embeddings_and_output_weights"]
-                 else "--tie-embeddings-and-output-weights")
-    flags.append("--add-bias-linear" if ours["add_bias_linear"] else "--disable-bias-linear")
-    flags.append(f"--make-vocab-size-divisible-by {ours['make_vocab_size_divisible_by']}")
-    return " ".join(flags)
+    rope = ours["position_embedding_type"] == "rope"
+    return shlex.join(project_api.trainer_flags({k: ours[k] for k in _MODEL_FLAGS if k != "rope_theta" or rope}))
 
 
 def _our_schedule(client, fork_args):

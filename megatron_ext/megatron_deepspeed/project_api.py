@@ -265,6 +265,15 @@ def flag_default(kwargs: Dict[str, Any]):
     return {"store_true": False, "store_false": True}.get(kwargs.get("action"))
 
 
+def trainer_flags(values: Dict[str, Any]) -> List[str]:
+    """Our trainer's flags that set ``values`` (destination -> value), spelled by its own parser."""
+    from megatron_ext.arguments import build_parser
+    from megatron_ext.flag_spelling import FlagSpelling
+
+    spelling = FlagSpelling(build_parser())
+    return [token for dest, value in values.items() for token in spelling.flags(dest, value)]
+
+
 def schedule_states(args) -> Dict[str, Any]:
     """Our LR- and weight-decay-schedule states for ``args`` (what a checkpoint stores)."""
     from megatron_ext.schedules.common.scheduler import build_schedule, build_weight_decay_schedule
@@ -286,6 +295,20 @@ def write_text_atomically(path: str, text: str) -> None:
 
 
 # -- argument types (for flags the integration defines itself) -----------------------------------
+
+
+def boolean(text: str) -> bool:
+    """``type=`` of a true/false value: our trainer's words (1/0, yes/no, on/off too)."""
+    from megatron_ext.argtypes import boolean as read
+
+    return read(text)
+
+
+def one_line_errors(parser) -> None:
+    """The parser reports a bad command line in one line and exits with 2, as ours do."""
+    from megatron_ext.argtypes import one_line_errors as install
+
+    install(parser)
 
 
 

@@ -23,6 +23,7 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
+from megatron_ext.optimizers.common.closure import closure_loss
 from megatron_ext.optimizers.common.full_matrices import flat_layouts, number_groups
 from megatron_ext.registry import Arg, EngineSupport
 
@@ -106,10 +107,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             layout = self._layouts.get(group["group_index"])

@@ -23,6 +23,7 @@ switched off for the curvature pass only (clipping would rescale the estimate).
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.closure import closure_loss
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -110,10 +111,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if self._curvature_tokens is not None:
             self.update_hessian(self._curvature_tokens)
             return loss

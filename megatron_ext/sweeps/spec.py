@@ -21,11 +21,11 @@ import shlex
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from megatron_ext.argtypes import close_hint, negated_option
+from megatron_ext.argtypes import close_hint
+from megatron_ext.flag_spelling import FlagSpelling, FlagValueError, value_text as typed_text
 
 PROG = "megatron-ext sweep"
 ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 # Set per variant by the sweep (one value shared by the variants would mix their files).
 OWNED_FLAGS = {
     "--metrics-file": "each variant writes DIR/<variant>/metrics.jsonl",
@@ -55,15 +55,12 @@ def value_text(value, key: str) -> str:
     """A config value (YAML gives numbers, booleans, lists) as the text a command line carries."""
     if value is None:
         raise SweepError(f"{key}: no value")
-    if isinstance(value, bool):
-        return "true" if value else "false"
     if isinstance(value, (list, tuple)):  # a multi-value flag such as --data-path
         return " ".join(value_text(v, key) for v in value)
-    if isinstance(value, float):
-        return repr(value)  # shortest text that reads back as the same number
-    if isinstance(value, (int, str)):
-        return str(value)
-    raise SweepError(f"{key}: expected a number, a string or a boolean, got {value!r}")
+    try:
+        return typed_text(value)
+    except TypeError as e:
+        raise SweepError(f"{key}: {e}") from None
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
@@ -178,20 +175,13 @@ def apply_rules(variants: List[Dict[str, str]], rules: Sequence[Rule]) -> List[D
     return out
 
 
-def _bool(key: str, value: str, option: str) -> bool:
-    if value.lower() in TRUE:
-        return True
-    if value.lower() in FALSE:
-        return False
-    raise SweepError(f"{key}={value}: {option} is an on/off flag; use {key}=true or {key}=false")
-
-
 class TrainerKeys:
     """Sweep keys -> training flags, checked against the trainer's own parser."""
 
     def __init__(self, parser: argparse.ArgumentParser):
         self.parser = parser
         self.actions = parser._option_string_actions
+        self.spelling = FlagSpelling(parser)
 
     def option(self, key: str) -> str:
         opt = "--" + key.replace("_", "-")
@@ -204,17 +194,10 @@ class TrainerKeys:
         return opt
 
     def flags(self, key: str, value: str) -> List[str]:
-        opt = self.option(key)
-        action = self.actions[opt]
-        if action.nargs == 0:  # an on/off flag: key=true gives it, key=false its --no- form (or nothing)
-            if _bool(key, value, opt):
-                return [opt]
-            if isinstance(action, argparse.BooleanOptionalAction):
-                return [negated_option(opt)]
-            return []
-        if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1):
-            return [opt, *shlex.split(value)]
-        return [opt, value]
+        try:
+            return self.spelling.flags(self.option(key), value, name=key)
+        except FlagValueError as e:
+            raise SweepError(str(e)) from None
 
 
 def check_base_flags(flags: List[str]) -> None:

@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.optimizers.common.closure import closure_loss
 from megatron_ext.optimizers.common.full_matrices import flat_layouts, model_params_of, number_groups
 from megatron_ext.registry import EngineSupport
 
@@ -96,10 +97,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             if group["use_matrix"]:
                 self._matrix_group(group)
