@@ -65,7 +65,7 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext import attention, mla, moe_mtp
+        from megatron_ext.models.features import attention_backend as attention, mla, moe_mtp
 
         a = self.args
         rows = [
@@ -224,8 +224,8 @@ def _model_shape(a) -> None:
                              f"{a.num_layers}")
     if a.bf16 and a.fp16:
         raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
-    from megatron_ext.mla import validate_attention_args
-    from megatron_ext.moe_mtp import validate_moe_mtp_args
+    from megatron_ext.models.features.mla import validate_attention_args
+    from megatron_ext.models.features.moe_mtp import validate_moe_mtp_args
 
     validate_attention_args(a)  # --multi-latent-attention, --q-lora-rank, ... (megatron_ext/mla.py)
     validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
@@ -233,7 +233,7 @@ def _model_shape(a) -> None:
 
 def _attention(a) -> None:
     """--attention-backend (and Megatron-DeepSpeed's --use-flash-attn*): the backend that runs here."""
-    from megatron_ext.attention import plan_fields
+    from megatron_ext.models.features.attention_backend import plan_fields
 
     for key, value in plan_fields(a).items():
         setattr(a, key, value)
@@ -371,7 +371,7 @@ def _files(a, check_files: bool, notes: List[str]):
     data files are checked against each other, the vocabulary and the splits the run reads."""
     from megatron_ext.data.data_checks import check_data_files
     from megatron_ext.data.gpt_data import data_sources, tokenizer_for
-    from megatron_ext.model import padded_vocab_size
+    from megatron_ext.models.gpt import padded_vocab_size
 
     a.vocab_size_unpadded = a.padded_vocab_size = None
     if not check_files:

@@ -19,7 +19,7 @@ import math
 import types
 from typing import Dict, List, Optional, Tuple
 
-from megatron_ext import attention
+from megatron_ext.models.features import attention_backend
 from megatron_ext.hf import HFError
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
@@ -37,7 +37,7 @@ def _get(args, name, default=None):
 
 
 def moe_pattern(args) -> Optional[List[int]]:
-    from megatron_ext.moe_mtp import moe_layer_pattern
+    from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
     return moe_layer_pattern(args) if _get(args, "num_experts") else None
 
@@ -64,7 +64,7 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
-    if attention.saved_backend(args) == "te":
+    if attention_backend.saved_backend(args) == "te":
         raise HFError("--attention-backend te: Transformer Engine's parameter names are not mapped; export a "
                       "checkpoint of the sdpa or local backend")
     if _deepseek_v3_style(args):

@@ -502,7 +502,7 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 def _moe_mtp_flags(e: _Env, note) -> List[str]:
     import argparse
 
-    from megatron_ext.moe_mtp import VALUE_TYPES
+    from megatron_ext.models.features.moe_mtp import VALUE_TYPES
 
     flags: List[str] = []
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:

@@ -71,7 +71,7 @@ def _record(model, store: Dict[str, float]):
 def _one_run(argv: List[str], steps: int, batch: int, seed: int) -> Dict[str, List[float]]:
     """Mean |activation| per recorded module, at each of ``steps`` training steps."""
     from megatron_ext.plan import parse_args
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import build_optimizer
     from megatron_ext.parametrizations import parametrization_for
     from megatron_ext.schedules.common.scheduler import ParamScheduler

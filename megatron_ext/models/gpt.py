@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import attention, mla, moe_mtp
+from megatron_ext.models.features import attention_backend as attention, mla, moe_mtp
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -122,17 +122,17 @@ def layer_specs(config, args):
     backend reaches the model. megatron-core's specs (megatron_ext/moe_mtp.py builds them: dense,
     MoE, MTP) with Transformer Engine modules for ``te``; for ``sdpa`` every core attention in them
     (self-attention and multi-latent attention alike) becomes ``SDPACoreAttention`` (attention/sdpa.py)."""
-    from megatron_ext import moe_mtp
+    from megatron_ext.models.features import moe_mtp
 
     backend = backend_of(args)
     spec, mtp = moe_mtp.layer_specs(config, args.normalization, use_transformer_engine=backend == "te")
     core = None
     if backend == "sdpa":
-        from megatron_ext.attention.sdpa import SDPACoreAttention
+        from megatron_ext.models.sdpa import SDPACoreAttention
 
         core = SDPACoreAttention
     elif backend == "local" and config.multi_latent_attention:  # the local MLA spec's own cannot take MLA's shapes
-        from megatron_ext.mla import local_mla_core_attention
+        from megatron_ext.models.features.mla import local_mla_core_attention
 
         core = local_mla_core_attention()
     if core is not None:
