@@ -170,10 +170,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
-    from megatron_ext.models.features.attention_backend import add_attention_arguments
+    from megatron_ext.models import features
     from megatron_ext.models.llama_moe_names import add_llama_moe_names
-    from megatron_ext.models.features.mla import add_mla_arguments
-    from megatron_ext.models.features.moe_mtp import add_moe_mtp_arguments
     from megatron_ext.schedules.common.scheduler import add_schedule_arguments
     from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
@@ -222,10 +220,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--attention-dropout", type=fraction, default=None)
     g.add_argument("--hidden-dropout", type=fraction, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
-    add_attention_arguments(p.add_argument_group("attention"))
+    features.add_arguments(p)  # each model feature's flags (megatron_ext/models/features)
     add_init_arguments(p.add_argument_group("initialisation and parametrization"))
-    add_mla_arguments(p.add_argument_group("multi-latent attention and qk-layernorm"))
-    add_moe_mtp_arguments(p.add_argument_group("mixture of experts and multi-token prediction"))
 
     g = p.add_argument_group("data and tokenizer")
     g.add_argument("--data-path", nargs="+", default=None,

@@ -19,8 +19,8 @@ import math
 import types
 from typing import Dict, List, Optional, Tuple
 
-from megatron_ext.models.features import attention_backend
 from megatron_ext.hf import HFError
+from megatron_ext.models import features
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
@@ -64,18 +64,15 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
-    if attention_backend.saved_backend(args) == "te":
-        raise HFError("--attention-backend te: Transformer Engine's parameter names are not mapped; export a "
-                      "checkpoint of the sdpa or local backend")
+    problem = features.refusal("export_hf", args)  # what a model feature's record says export-hf cannot carry
+    if problem:
+        raise HFError(problem)
     if _deepseek_v3_style(args):
         _check_deepseek_v3(args, rope, rms, swiglu)
         if multipliers(args) != (1.0, 1.0, 1.0):
             raise HFError(f"--parametrization {args.parametrization}: its multipliers are not folded into "
                           f"{DEEPSEEK_V3} weights; export a model of the standard parametrization")
         return DEEPSEEK_V3
-    if _get(args, "qk_layernorm", False):
-        raise HFError("--qk-layernorm without --multi-latent-attention: no Hugging Face class this export writes "
-                      "computes it")
     if rope or rms or swiglu:
         missing = [what for ok, what in ((rope, "rotary positions (this model: learned absolute)"),
                                          (rms, f"RMSNorm (this model: {_get(args, 'normalization')})"),

@@ -479,7 +479,7 @@ def _show_plan(settings, notes, plan, f: "_Flags") -> None:
     notes.extend(f.say_in_variables(n) for n in plan.notes)
 
 
-# MoE / MTP variables -> trainer flags (megatron_ext/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
+# MoE / MTP variables -> trainer flags (megatron_ext/models/features/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
 MOE_MTP_NUMBERS = (  # (variable, aliases...), flag, kind, minimum
     (("NUM_EXPERTS",), "--num-experts", int, 1),
     (("MOE_TOPK", "MOE_ROUTER_TOPK"), "--moe-router-topk", int, 1),
