@@ -215,14 +215,13 @@ def _deepseek_v3_config(transformers, args, common: Dict):
 
 def _mla_rope_parameters(args) -> Dict:
     """MLA's rotary embedding: megatron-core's YaRN (its default) with factor 1 is plain RoPE;
-    otherwise transformers' ``yarn`` with megatron-core's fixed settings (MLATransformerConfig)."""
+    otherwise transformers' ``yarn`` with megatron-core's fixed settings (``mla.yarn_fixed_settings``)."""
     params = {"rope_type": "default", "rope_theta": float(int(args.rope_theta))}
     factor = float(_get(args, "rotary_scaling_factor", 1.0))
     if _get(args, "rope_type", "yarn") == "yarn" and factor != 1.0:
-        from megatron.core.transformer.transformer_config import MLATransformerConfig as fixed
+        from megatron_ext.models.features.mla import yarn_fixed_settings
 
-        params.update(rope_type="yarn", factor=factor, original_max_position_embeddings=fixed.original_max_position_embeddings,
-                      beta_fast=float(fixed.beta_fast), beta_slow=float(fixed.beta_slow),
+        params.update(rope_type="yarn", factor=factor, **yarn_fixed_settings(),
                       mscale=float(_get(args, "mscale", 1.0)), mscale_all_dim=float(_get(args, "mscale_all_dim", 0.0)))
     return params
 

@@ -85,6 +85,14 @@ def config_class(args):
     return MLATransformerConfig
 
 
+def yarn_fixed_settings() -> dict:
+    """What megatron-core fixes of MLA's YaRN (MLATransformerConfig's defaults; no flag sets them)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig as fixed
+
+    return {"original_max_position_embeddings": fixed.original_max_position_embeddings,
+            "beta_fast": float(fixed.beta_fast), "beta_slow": float(fixed.beta_slow)}
+
+
 def config_kwargs(args) -> dict:
     """The TransformerConfig fields the attention flags set."""
     kwargs = {"qk_layernorm": args.qk_layernorm}
