@@ -169,15 +169,10 @@ def _te_checkpoint(saved) -> List[str]:
 
 
 FEATURE = Feature(
-    name="attention backend",
-    title="attention",
-    add_arguments=add_attention_arguments,
-    plan_fields=plan_fields,
-    config_kwargs=config_kwargs,
-    spec_options=spec_options,
-    layer_specs=layer_specs,
-    summary=summary,
-    row="attention",
+    name="attention backend", title="attention", add_arguments=add_attention_arguments,
+    plan_fields=plan_fields,  # the backend that runs here, and why
+    config_kwargs=config_kwargs, spec_options=spec_options, layer_specs=layer_specs,
+    summary=summary, row="attention",
     export_hf=Support(_te_checkpoint, "Transformer Engine's parameter names are not mapped; export a checkpoint of "
                                       "the sdpa or local backend"),
     convert=Support(_te_checkpoint, "Transformer Engine's fused-norm parameter names have no Megatron-DeepSpeed "

@@ -177,15 +177,10 @@ def _in_use(saved) -> List[str]:
 
 
 FEATURE = Feature(
-    name="multi-latent attention",
-    title="multi-latent attention and qk-layernorm",
-    add_arguments=add_mla_arguments,
-    validate=validate_attention_args,
-    config_kwargs=config_kwargs,
-    config_class=config_class,
-    layer_specs=layer_specs,
-    summary=summary,
-    row="attention",
+    name="multi-latent attention", title="multi-latent attention and qk-layernorm", add_arguments=add_mla_arguments,
+    validate=validate_attention_args, config_kwargs=config_kwargs, config_class=config_class,
+    layer_specs=layer_specs,  # after the attention backend's (models/features/__init__.py)
+    summary=summary, row="attention",  # the attention row, after the backend's line
     # MLA is exported as DeepseekV3ForCausalLM (hf/config_mapping.py checks the rest of the model)
     export_hf=Support(_qk_layernorm_alone, "no Hugging Face class this export writes computes it"),
     convert=Support(_in_use, "no Megatron-DeepSpeed counterpart here (the fork's GPT layers have no multi-latent "

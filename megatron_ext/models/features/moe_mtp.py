@@ -289,13 +289,10 @@ def _in_use(saved) -> List[str]:
 
 
 FEATURE = Feature(
-    name="mixture of experts and multi-token prediction",
-    title="mixture of experts and multi-token prediction",
+    name="mixture of experts and multi-token prediction", title="mixture of experts and multi-token prediction",
     add_arguments=add_moe_mtp_arguments,
     validate=validate_moe_mtp_args,  # (needs the final --ffn-hidden-size: run after the model shape)
-    config_kwargs=config_kwargs,
-    summary=summary,
-    row="MoE / MTP",
+    config_kwargs=config_kwargs, summary=summary, row="MoE / MTP",
     # export-hf: MoE as MixtralForCausalLM or DeepseekV3ForCausalLM where one computes it (hf/config_mapping.py
     # names what does not fit); MTP layers are left out (a training aid: the next-token logits do not use them)
     convert=Support(_in_use, "a mixture-of-experts / multi-token-prediction model has no Megatron-DeepSpeed "
