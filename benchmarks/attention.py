@@ -39,7 +39,7 @@ def measure(backend, seq, opts):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_ext.attention.sdpa import SDPACoreAttention
+    from megatron_ext.models.sdpa import SDPACoreAttention
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import set_seeds
 

@@ -70,7 +70,7 @@ def peak_tflops(name: str):
 
 
 def available_backends():
-    from megatron_ext.attention import transformer_engine_problem
+    from megatron_ext.models.features.attention_backend import transformer_engine_problem
 
     return (["te"] if transformer_engine_problem() is None else []) + ["sdpa", "local"]
 

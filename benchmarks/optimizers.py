@@ -47,7 +47,7 @@ def step_times(repeats):
     from megatron.core import parallel_state as ps
 
     from megatron_ext.plan import parse_args
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.optimizers.common.param_groups import build_param_groups
     from megatron_ext.platform import init_distributed
@@ -136,7 +136,7 @@ def muon_variant_step_times(repeats):
     Newton-Schulz-sized product X X^T (X 256 x 768, the model's QKV block) in bf16 vs fp32."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.optimizers.common.param_groups import build_param_groups
     from megatron_ext.plan import parse_args

@@ -29,7 +29,7 @@ def hand_loop(args, iters, warmup):
     import deepspeed
 
     from megatron_ext.data.gpt_data import build_datasets, make_loader, tokenizer_for
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.training.deepspeed_config import build_deepspeed_config
     from megatron_ext.training.mpu import MegatronCoreMPU
     from megatron_ext.training.trainer import set_seeds

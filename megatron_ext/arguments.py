@@ -153,10 +153,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.parametrizations import PARAMETRIZATIONS
     from megatron_ext.schedules import SCHEDULES
-    from megatron_ext.attention import add_attention_arguments
-    from megatron_ext.llama_moe_names import add_llama_moe_names
-    from megatron_ext.mla import add_mla_arguments
-    from megatron_ext.moe_mtp import add_moe_mtp_arguments
+    from megatron_ext.models import features
+    from megatron_ext.models.llama_moe_names import add_llama_moe_names
     from megatron_ext.schedules.common.scheduler import add_schedule_arguments
     from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
@@ -205,10 +203,8 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     g.add_argument("--attention-dropout", type=fraction, default=None)
     g.add_argument("--hidden-dropout", type=fraction, default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
-    add_attention_arguments(p.add_argument_group("attention"))
+    features.add_arguments(p)  # each model feature's flags (megatron_ext/models/features)
     add_init_arguments(p.add_argument_group("initialisation and parametrization"))
-    add_mla_arguments(p.add_argument_group("multi-latent attention and qk-layernorm"))
-    add_moe_mtp_arguments(p.add_argument_group("mixture of experts and multi-token prediction"))
 
     g = p.add_argument_group("data and tokenizer")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -327,5 +323,5 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     for fam in registry.families().values():  # families added by third-party plug-ins
         if fam not in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
             fam.add_arguments(p)
-    add_llama_moe_names(p)  # LLaMA-MoE's spellings of some of the flags above (megatron_ext/llama_moe_names.py)
+    add_llama_moe_names(p)  # LLaMA-MoE's spellings of some of the flags above (megatron_ext/models/llama_moe_names.py)
     return p

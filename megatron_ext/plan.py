@@ -66,9 +66,10 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext import attention, mla, moe_mtp
+        from megatron_ext.models import features
 
         a = self.args
+        feature_rows = features.summary_rows(a)  # (megatron_ext/models/features)
         rows = [
             ("world size", self.world_size),
             ("data-parallel size", self.data_parallel_size),
@@ -79,7 +80,7 @@ class RunPlan:
             ("gradient accumulation", a.gradient_accumulation_steps),
             ("global batch", a.global_batch_size),
             ("sequence length", a.seq_length),
-            ("attention", "; ".join(x for x in (attention.summary(a), mla.summary(a)) if x)),
+            *((label, line) for label, line in feature_rows.items() if label == "attention"),
             ("tokens per step", f"{self.tokens_per_iteration:,}"),
             ("train iterations", a.train_iters),
             ("train tokens", f"{a.train_iters * self.tokens_per_iteration:,}"),
@@ -87,8 +88,7 @@ class RunPlan:
             ("lr schedule", f"{a.lr_decay_style} (lr {a.lr:g}, min {a.min_lr:g})"),
             ("parametrization", self.parametrization.summary()),
         ]
-        if moe_mtp.summary(a):
-            rows.append(("MoE / MTP", moe_mtp.summary(a)))
+        rows += [(label, line) for label, line in feature_rows.items() if label != "attention"]
         documents = [f for f, on in (("positions reset", a.reset_position_ids), ("attention within documents",
                      a.reset_attention_mask), ("no loss on end-of-document inputs", a.eod_mask_loss)) if on]
         if documents:
@@ -160,7 +160,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
     notes: List[str] = []
     try:
         _model_shape(a)
-        _attention(a)
+        _model_features(a)
         _batch(a, world_size)
         _length(a, notes)
         _data_flags(a)
@@ -224,19 +224,14 @@ def _model_shape(a) -> None:
                              f"{a.num_layers}")
     if a.bf16 and a.fp16:
         raise ArgumentsError("--bf16 and --fp16 are mutually exclusive")
-    from megatron_ext.mla import validate_attention_args
-    from megatron_ext.moe_mtp import validate_moe_mtp_args
-
-    validate_attention_args(a)  # --multi-latent-attention, --q-lora-rank, ... (megatron_ext/mla.py)
-    validate_moe_mtp_args(a)  # --num-experts, --moe-*, --mtp-* (needs the final ffn size)
 
 
-def _attention(a) -> None:
-    """--attention-backend (and Megatron-DeepSpeed's --use-flash-attn*): the backend that runs here."""
-    from megatron_ext.attention import plan_fields
+def _model_features(a) -> None:
+    """Each model feature's defaults, checks and derived fields (megatron_ext/models/features:
+    --attention-backend, --multi-latent-attention, --num-experts...), on the final model shape."""
+    from megatron_ext.models import features
 
-    for key, value in plan_fields(a).items():
-        setattr(a, key, value)
+    features.validate(a)
 
 
 def _batch(a, world_size: int) -> None:
@@ -339,7 +334,7 @@ def _files(a, check_files: bool, notes: List[str]):
     data files are checked against each other, the vocabulary and the splits the run reads."""
     from megatron_ext.data.data_checks import check_data_files
     from megatron_ext.data.gpt_data import data_sources, tokenizer_for
-    from megatron_ext.model import padded_vocab_size
+    from megatron_ext.models.gpt import padded_vocab_size
 
     a.vocab_size_unpadded = a.padded_vocab_size = None
     if not check_files:

@@ -1,7 +1,9 @@
 """The structure the project promises: packages in layers that import only downward, no import
-circles inside the package, and a family folder lists its plug-ins (shared code lives in its
-``common`` sub-package)."""
+circles inside the package, a family folder lists its plug-ins (shared code lives in its
+``common`` sub-package), and the model code is one package whose features folder lists its
+feature records."""
 import ast
+import importlib
 import os
 import pkgutil
 
@@ -86,8 +88,7 @@ LAYERS = [
     ("base", ["megatron_ext.argtypes", "megatron_ext.fileio", "megatron_ext.optional", "megatron_ext.derivations",
               "megatron_ext.registry", "megatron_ext.plotting", "megatron_ext.platform"]),
     ("plug-in families", ["megatron_ext.schedules", "megatron_ext.optimizers", "megatron_ext.parametrizations"]),
-    ("model", ["megatron_ext.model", "megatron_ext.attention", "megatron_ext.mla", "megatron_ext.moe_mtp",
-               "megatron_ext.llama_moe_names"]),
+    ("model", ["megatron_ext.models"]),
     ("data", ["megatron_ext.data"]),
     ("training", ["megatron_ext.training"]),
     ("flags and plan", ["megatron_ext.arguments", "megatron_ext.flag_spelling", "megatron_ext.plan",
@@ -139,3 +140,28 @@ def test_a_family_folder_lists_its_plugins(family):
     registered = {p.source.rsplit(".", 1)[-1] for reg in registry.families().values() for p in reg.plugins()
                   if p.source.startswith(f"megatron_ext.{family}.")}
     assert modules == registered, "every module of a family folder registers a plug-in; shared code is in common/"
+
+
+# megatron-core's model building: the GPT model and its layer specs, the config, core attention
+MODEL_BUILDING = ("megatron.core.models", "megatron.core.transformer.spec_utils",
+                  "megatron.core.transformer.dot_product_attention", "megatron.core.transformer.transformer_config")
+
+
+def test_the_model_package_holds_the_model_code():
+    """Only megatron_ext/models builds the model (imports megatron-core's model building), and each
+    module of models/features is one registered feature record."""
+    from megatron_ext.models import features
+
+    outside = []
+    for module, path in _modules().items():
+        if module == "megatron_ext.models" or module.startswith("megatron_ext.models."):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            outside += [f"{module} imports {n}" for n in names if n.startswith(MODEL_BUILDING)]
+    assert outside == [], "model code lives in megatron_ext/models"
+    folder = os.path.join(PACKAGE, "models", "features")
+    modules = sorted(m.name for m in pkgutil.iter_modules([folder]))
+    records = [importlib.import_module(f"megatron_ext.models.features.{m}").FEATURE for m in modules]
+    assert set(features.FEATURES) == set(records), "every module of models/features is a registered feature"

@@ -48,7 +48,7 @@ def test_sdpa_equals_local_attention_values_and_gradients(mcore, heads, groups, 
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_ext.attention.sdpa import SDPACoreAttention
+    from megatron_ext.models.sdpa import SDPACoreAttention
 
     config = _config(heads, groups, 16)
     kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
@@ -68,7 +68,7 @@ def test_sdpa_takes_multi_latent_attention_shapes(mcore):
     every head, and the layer passes its own softmax scale."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_ext.attention.sdpa import SDPACoreAttention
+    from megatron_ext.models.sdpa import SDPACoreAttention
 
     heads, dk, dv, s, b, scale = 4, 24, 16, 20, 2, 0.3
     module = SDPACoreAttention(_config(heads, heads, 16), 1, AttnMaskType.causal, "self", softmax_scale=scale,
@@ -86,7 +86,7 @@ def test_dropout_is_applied_in_training_only_from_the_model_parallel_rng(mcore):
     from megatron.core import tensor_parallel
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_ext.attention.sdpa import SDPACoreAttention
+    from megatron_ext.models.sdpa import SDPACoreAttention
 
     module = SDPACoreAttention(_config(4, 2, 16, dropout=0.5), 1, AttnMaskType.causal, "self")
     plain = SDPACoreAttention(_config(4, 2, 16), 1, AttnMaskType.causal, "self")
@@ -106,9 +106,9 @@ def test_every_core_attention_of_moe_mtp_and_mla_specs_is_replaced(mcore):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_ext.attention import with_core_attention
-    from megatron_ext.attention.sdpa import SDPACoreAttention
-    from megatron_ext.model import build_model
+    from megatron_ext.models.features.attention_backend import with_core_attention
+    from megatron_ext.models.sdpa import SDPACoreAttention
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.plan import parse_args
 
     args = parse_args(TINY + ["--mock-data", "--train-iters", "1", "--num-experts", "2", "--mtp-num-layers", "1",
@@ -121,7 +121,7 @@ def test_every_core_attention_of_moe_mtp_and_mla_specs_is_replaced(mcore):
     original = get_gpt_layer_local_spec(multi_latent_attention=True)
     assert original.submodules.self_attention.submodules.core_attention is DotProductAttention  # a copy, not an edit
     # built from the flags: MLA layers (and the MTP layer) run sdpa too; local runs the local MLA attention
-    from megatron_ext.mla import local_mla_core_attention
+    from megatron_ext.models.features.mla import local_mla_core_attention
 
     mla_flags = TINY + ["--mock-data", "--train-iters", "1", "--multi-latent-attention", "--kv-lora-rank", "16",
                         "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--mtp-num-layers", "1"]

@@ -21,7 +21,7 @@ def _mfu_module():
 
 def test_model_flops_count_the_matrices_the_model_has(mcore):
     from megatron_ext.launcher.presets import MODEL_PRESETS
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
 
     mfu = _mfu_module()
     flags = mfu.train_flags("tiny", "sdpa", 1, 128, type("O", (), dict(iters=1, log_interval=1, dtype="fp32"))())

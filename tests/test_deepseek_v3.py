@@ -61,7 +61,7 @@ def test_impossible_combinations_are_one_line(capsys, argv, world, message):
 
 def test_flags_reach_megatron_core_config():
     """Megatron-LM's defaults, MLA's own config class, and the fields each flag sets."""
-    from megatron_ext.model import transformer_config
+    from megatron_ext.models.gpt import transformer_config
     from megatron_ext.parametrizations import parametrization_for
 
     a = parse_args(BASE + ["--multi-latent-attention", "--qk-layernorm", "--num-experts", "8",
@@ -91,7 +91,7 @@ def test_llama_moe_names_are_all_documented():
     import os
 
     from conftest import REPO
-    from megatron_ext.llama_moe_names import ALIASES, REFUSED
+    from megatron_ext.models.llama_moe_names import ALIASES, REFUSED
 
     doc = open(os.path.join(REPO, "docs", "deepseek_v3.md")).read()
     for alias, (flag, _) in ALIASES.items():
@@ -106,7 +106,7 @@ def _model_and_sample(argv):
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data.gpt_data import build_datasets
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import set_seeds
 
@@ -260,7 +260,7 @@ def test_optimizer_roles_of_mla_router_shared_experts():
     whole); the router keeps its element-wise role; norms and the expert bias are not matrices."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.optimizers.common.param_groups import build_param_groups
     from megatron_ext.platform import init_distributed

@@ -269,3 +269,45 @@ def test_architecture_refusals_name_what_is_missing():
     for change, expected in cases:
         with pytest.raises(HFError, match=expected.replace("(", r"\(").replace(")", r"\)")):
             export_architecture(types.SimpleNamespace(**{**llama, **change}))
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("LlamaForCausalLM", ["--num-key-value-heads", "2", "--add-bias-linear"]),
+    ("MixtralForCausalLM", ["--num-key-value-heads", "2", "--num-experts", "4"]),
+    ("DeepseekV3ForCausalLM", [*MODEL_PRESETS["deepseek-v3-tiny"]["flags"], "--num-layers", "3",
+                               "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "32"]),
+    ("DeepseekV3ForCausalLM", ["--multi-latent-attention", "--qk-layernorm", "--norm-epsilon", "1e-6"]),  # full q, dense
+    ("GPT2LMHeadModel", ["--model-style", "gpt2", "--untie-embeddings-and-output-weights"]),
+])
+def test_the_weight_table_read_both_ways_gives_back_every_tensor(one_process_megatron, name, flags):  # noqa: F811
+    """weight_mapping's one table: export then import (no multipliers) is the identity on every
+    tensor of our model, for each architecture and (Mixtral) both expert layouts import reads."""
+    from megatron_ext.hf.config_mapping import export_architecture, hf_config
+    from megatron_ext.hf.weight_mapping import from_hf, to_hf
+    from megatron_ext.models.gpt import build_model
+    from megatron_ext.plan import parse_args
+
+    args = parse_args(TINY + ["--mock-data", "--train-iters", "1", *flags], world_size=1)
+    assert export_architecture(args) == name
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in build_model(args, 256).state_dict().items()
+             if torch.is_tensor(v) and not k.startswith("mtp.")}
+    state = {k: v[:250] if v.shape[0] == 256 else v for k, v in state.items()}  # vocabulary unpadded
+    theirs, tie, _ = to_hf(state, args, name)
+    config = hf_config(args, name, vocab_size=250, tie=tie, bos=None, eos=None, dtype="float32")
+    layouts = [theirs]
+    if name == "MixtralForCausalLM":  # transformers 5's fused experts
+        fused = {k: v for k, v in theirs.items() if ".block_sparse_moe." not in k}
+        for i in range(args.num_layers):
+            moe, experts = f"model.layers.{i}.block_sparse_moe.", range(args.num_experts)
+            fused[f"model.layers.{i}.mlp.gate.weight"] = theirs[moe + "gate.weight"]
+            fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([theirs[moe + f"experts.{e}.w1.weight"], theirs[moe + f"experts.{e}.w3.weight"]]) for e in experts])
+            fused[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([theirs[moe + f"experts.{e}.w2.weight"]
+                                                                             for e in experts])
+        layouts.append(fused)
+    for hf in layouts:
+        ours = from_hf(hf.__getitem__, list(hf), config, name)
+        assert sorted(ours) == sorted(state)
+        for k, v in state.items():
+            assert torch.equal(ours[k], v), k

@@ -106,7 +106,7 @@ import json
 from megatron_ext.plan import parse_args
 from megatron_ext.platform import init_distributed
 from megatron.core import parallel_state as ps
-from megatron_ext.model import build_model
+from megatron_ext.models.gpt import build_model
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.param_groups import build_param_groups
 args = parse_args('--mock-data --train-iters 1 --num-layers 3 --num-experts 4 --moe-first-k-dense 1 '
@@ -162,7 +162,7 @@ def test_flags_spellings_and_defaults():
     assert (a.mtp_num_layers, a.mtp_loss_scaling_factor) == (2, 0.1)
     b = parse_args(BASE + ["--num-layers", "4", "--num-experts", "8", "--moe-layer-freq", "2", "--first-k-dense-replace",
                            "1"], world_size=1)
-    from megatron_ext.moe_mtp import moe_layer_pattern
+    from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
     assert moe_layer_pattern(b) == [0, 0, 1, 0]
     dense = parse_args(BASE, world_size=1)

@@ -76,7 +76,7 @@ from megatron_ext.plan import parse_args
 from megatron_ext.platform import init_distributed
 from megatron.core import parallel_state as ps
 from megatron_ext.training.trainer import set_seeds
-from megatron_ext.model import build_model
+from megatron_ext.models.gpt import build_model
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.param_groups import build_param_groups
 args = parse_args('--mock-data --train-iters 1 --optimizer muon --muon-lr-scale 2'.split())
@@ -273,7 +273,7 @@ def test_fp16_overflow_leaves_the_momentum_as_it_was():
 
 
 def test_moe_experts_are_orthogonalised_one_expert_at_a_time(mcore):
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import OPTIMIZERS
     from megatron_ext.optimizers.common.param_groups import build_param_groups
     from megatron_ext.plan import parse_args

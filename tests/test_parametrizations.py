@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore")
 import torch
 from megatron.core import parallel_state as ps
 from megatron_ext.plan import parse_args
-from megatron_ext.model import build_model
+from megatron_ext.models.gpt import build_model
 from megatron_ext.optimizers import build_optimizer
 from megatron_ext.parametrizations import parametrization_for
 from megatron_ext.parametrizations.common.apply import residual_branches

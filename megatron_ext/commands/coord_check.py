@@ -79,7 +79,7 @@ def _one_run(argv: List[str], steps: int, batch: int, seed: int) -> Dict[str, Li
     """Mean |activation| per recorded module, at each of ``steps`` training steps."""
     import torch
 
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.optimizers import build_optimizer
     from megatron_ext.parametrizations import parametrization_for
     from megatron_ext.plan import parse_args

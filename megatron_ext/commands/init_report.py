@@ -33,7 +33,7 @@ def run_argv(argv) -> int:
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
     from megatron_ext.parametrizations.common.report import format_init_report, init_report_rows
     from megatron_ext.platform import init_distributed
     from megatron_ext.training.trainer import set_seeds

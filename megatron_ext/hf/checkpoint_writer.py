@@ -45,7 +45,7 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
     import deepspeed
 
     from megatron_ext.fileio import write_text_atomically
-    from megatron_ext.model import padded_vocab_size
+    from megatron_ext.models.gpt import padded_vocab_size
     from megatron_ext.training.checkpoint_files import TRACKER_FILE, tag_for
     from megatron_ext.training.checkpointing import CHECKPOINT_VERSION
     from megatron_ext.training.universal import universal_checkpoint_info

@@ -19,8 +19,8 @@ import math
 import types
 from typing import Dict, List, Optional, Tuple
 
-from megatron_ext import attention
 from megatron_ext.hf import HFError
+from megatron_ext.models import features
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
@@ -37,7 +37,7 @@ def _get(args, name, default=None):
 
 
 def moe_pattern(args) -> Optional[List[int]]:
-    from megatron_ext.moe_mtp import moe_layer_pattern
+    from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
     return moe_layer_pattern(args) if _get(args, "num_experts") else None
 
@@ -64,18 +64,15 @@ def export_architecture(args) -> str:
     swiglu = bool(_get(args, "swiglu", False))
     heads, kv = args.num_attention_heads, _get(args, "num_key_value_heads", args.num_attention_heads)
     style = f"--model-style {_get(args, 'model_style', '?')}"
-    if attention.saved_backend(args) == "te":
-        raise HFError("--attention-backend te: Transformer Engine's parameter names are not mapped; export a "
-                      "checkpoint of the sdpa or local backend")
+    problem = features.refusal("export_hf", args)  # what a model feature's record says export-hf cannot carry
+    if problem:
+        raise HFError(problem)
     if _deepseek_v3_style(args):
         _check_deepseek_v3(args, rope, rms, swiglu)
         if multipliers(args) != (1.0, 1.0, 1.0):
             raise HFError(f"--parametrization {args.parametrization}: its multipliers are not folded into "
                           f"{DEEPSEEK_V3} weights; export a model of the standard parametrization")
         return DEEPSEEK_V3
-    if _get(args, "qk_layernorm", False):
-        raise HFError("--qk-layernorm without --multi-latent-attention: no Hugging Face class this export writes "
-                      "computes it")
     if rope or rms or swiglu:
         missing = [what for ok, what in ((rope, "rotary positions (this model: learned absolute)"),
                                          (rms, f"RMSNorm (this model: {_get(args, 'normalization')})"),
@@ -218,14 +215,13 @@ def _deepseek_v3_config(transformers, args, common: Dict):
 
 def _mla_rope_parameters(args) -> Dict:
     """MLA's rotary embedding: megatron-core's YaRN (its default) with factor 1 is plain RoPE;
-    otherwise transformers' ``yarn`` with megatron-core's fixed settings (MLATransformerConfig)."""
+    otherwise transformers' ``yarn`` with megatron-core's fixed settings (``mla.yarn_fixed_settings``)."""
     params = {"rope_type": "default", "rope_theta": float(int(args.rope_theta))}
     factor = float(_get(args, "rotary_scaling_factor", 1.0))
     if _get(args, "rope_type", "yarn") == "yarn" and factor != 1.0:
-        from megatron.core.transformer.transformer_config import MLATransformerConfig as fixed
+        from megatron_ext.models.features.mla import yarn_fixed_settings
 
-        params.update(rope_type="yarn", factor=factor, original_max_position_embeddings=fixed.original_max_position_embeddings,
-                      beta_fast=float(fixed.beta_fast), beta_slow=float(fixed.beta_slow),
+        params.update(rope_type="yarn", factor=factor, **yarn_fixed_settings(),
                       mscale=float(_get(args, "mscale", 1.0)), mscale_all_dim=float(_get(args, "mscale_all_dim", 0.0)))
     return params
 

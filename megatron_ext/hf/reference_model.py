@@ -1,7 +1,7 @@
 """Our model in one process (TP=1, fp32), built from a checkpoint's saved flags with whole weights:
 the reference that ``--verify`` compares a Hugging Face model against.
 
-It is the trainer's own model (``megatron_ext.model.build_model``: megatron-core GPTModel, the
+It is the trainer's own model (``megatron_ext.models.gpt.build_model``: megatron-core GPTModel, the
 parametrization's forward hooks), so a match means the Hugging Face model computes what was trained.
 Multi-token-prediction layers are left out (they do not change the next-token logits).
 """
@@ -34,7 +34,7 @@ def single_process() -> None:
 def build(args, state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None):
     """Our GPTModel (TP=1, fp32, eval mode) holding ``state`` (whole tensors, vocabulary unpadded;
     rounded to ``dtype`` first when given, to compare with a Hugging Face copy stored in it)."""
-    from megatron_ext.model import build_model
+    from megatron_ext.models.gpt import build_model
 
     single_process()
     flags = dict(vars(args))

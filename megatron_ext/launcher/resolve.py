@@ -477,7 +477,7 @@ def _show_plan(settings, notes, plan, f: "_Flags") -> None:
     notes.extend(f.say_in_variables(n) for n in plan.notes)
 
 
-# MoE / MTP variables -> trainer flags (megatron_ext/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
+# MoE / MTP variables -> trainer flags (megatron_ext/models/features/moe_mtp.py; docs/moe_mtp.md). Unset: not passed.
 MOE_MTP_NUMBERS = (  # (variable, aliases...), flag, kind, minimum
     (("NUM_EXPERTS",), "--num-experts", int, 1),
     (("MOE_TOPK", "MOE_ROUTER_TOPK"), "--moe-router-topk", int, 1),
@@ -500,7 +500,7 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 def _moe_mtp_flags(e: _Env, note) -> List[str]:
     import argparse
 
-    from megatron_ext.moe_mtp import VALUE_TYPES
+    from megatron_ext.models.features.moe_mtp import VALUE_TYPES
 
     flags: List[str] = []
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:

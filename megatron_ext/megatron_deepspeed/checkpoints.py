@@ -317,16 +317,9 @@ def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
 def _refuse_ours_to_fork(src: Source) -> None:
     """What of our models the fork has no counterpart for: one line before anything is written."""
     oa = src.client["args"]
-    if (oa.get("num_experts") or 1) > 1 or (oa.get("mtp_num_layers") or 0) > 0:
-        raise ConvertError(f"{src.tag_dir}: a mixture-of-experts / multi-token-prediction model has no "
-                           "Megatron-DeepSpeed counterpart here")
-    unmapped = [flag for flag, key in (("--multi-latent-attention", "multi_latent_attention"),
-                                       ("--qk-layernorm", "qk_layernorm")) if oa.get(key)]
-    if oa.get("attention_backend") == "te":  # Transformer Engine's fused-norm names: not mapped
-        unmapped.append("--attention-backend te")
-    if unmapped:
-        raise ConvertError(f"{src.tag_dir}: a model with {', '.join(unmapped)} has no Megatron-DeepSpeed "
-                           "counterpart here")
+    problem = project_api.model_feature_refusal(oa)  # (the records of megatron_ext/models/features)
+    if problem:
+        raise ConvertError(f"{src.tag_dir}: {problem}")
     if oa.get("position_embedding_type") not in ("rope", "learned_absolute"):
         raise ConvertError(f"{src.tag_dir}: position embeddings {oa.get('position_embedding_type')} unknown to the fork")
 

@@ -287,6 +287,14 @@ def our_universal_checkpoint_info(args_namespace) -> Dict[str, Any]:
     return universal_checkpoint_info(args_namespace)
 
 
+def model_feature_refusal(saved_args: Dict[str, Any]) -> Optional[str]:
+    """Why ``convert`` cannot carry our model whose saved arguments are ``saved_args`` to the fork:
+    the line of the first model feature whose record says so (None: it carries them all)."""
+    from megatron_ext.models import features
+
+    return features.refusal("convert", saved_args)
+
+
 
 def write_text_atomically(path: str, text: str) -> None:
     from megatron_ext.fileio import write_text_atomically as write

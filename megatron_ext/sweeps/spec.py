@@ -202,7 +202,7 @@ class TrainerKeys:
 
 def check_base_flags(flags: List[str]) -> None:
     from megatron_ext.arguments import normalise_argv
-    from megatron_ext.llama_moe_names import ALIASES
+    from megatron_ext.models.llama_moe_names import ALIASES
 
     for tok in normalise_argv(flags):
         name = tok.split("=", 1)[0]

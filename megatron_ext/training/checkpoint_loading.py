@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_ext import attention
+from megatron_ext.models.features import attention_backend
 from megatron_ext.training.checkpoint_files import (
     LATEST_UNIVERSAL,
     CheckpointFileError,
@@ -111,7 +111,7 @@ def _mismatch(load_dir: str, tag: str, detail: str) -> CheckpointLoadError:
 
 def _check_parameter_names(client: Dict[str, Any], args, tag: str) -> None:
     """A checkpoint of another attention backend's parameter names (Transformer Engine's) is one line."""
-    problem = attention.checkpoint_names_problem(client.get("args") or {}, attention.backend_of(args))
+    problem = attention_backend.checkpoint_names_problem(client.get("args") or {}, attention_backend.backend_of(args))
     if problem:
         raise CheckpointLoadError(f"--load {args.load} ({tag}): {problem}")
 

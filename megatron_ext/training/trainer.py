@@ -59,7 +59,7 @@ def set_seeds(seed: int) -> None:
 def flops_per_iteration(args, num_params: int) -> float:
     """Training FLOPs of one iteration: 6 per (active) parameter per token plus attention scores
     and their weighted sum of values (query-key and value widths: ``mla.attention_widths``)."""
-    from megatron_ext.mla import attention_widths
+    from megatron_ext.models.features.mla import attention_widths
 
     tokens = args.global_batch_size * args.seq_length
     attention = 6 * args.num_layers * args.seq_length * sum(attention_widths(args))
@@ -84,7 +84,7 @@ def start_session(plan) -> Session:
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data.gpt_data import build_datasets
-    from megatron_ext.model import build_model, count_parameters
+    from megatron_ext.models.gpt import build_model, count_parameters
     from megatron_ext.optimizers import build_optimizer
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.platform import accelerator, init_distributed
@@ -107,7 +107,7 @@ def start_session(plan) -> Session:
 
 def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     """Run ``plan`` (``megatron_ext.plan.build_plan``) in ``mode`` (default: what its flags ask)."""
-    from megatron_ext import moe_mtp
+    from megatron_ext.models.features import moe_mtp
     from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.platform import accelerator

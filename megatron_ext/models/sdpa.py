@@ -1,5 +1,5 @@
 """``--attention-backend sdpa``: megatron-core's core-attention interface over
-``torch.nn.functional.scaled_dot_product_attention`` (chosen in ``megatron_ext/attention``)."""
+``torch.nn.functional.scaled_dot_product_attention`` (chosen in ``models/features/attention_backend.py``)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """Attention backends (``--attention-backend``): which core-attention kernel the model runs, chosen
 once, from the flags and the machine, by the run plan; and the layer specs that carry the choice.
 
-* ``sdpa``: ``attention.sdpa.SDPACoreAttention``, megatron-core's core-attention interface over
+* ``sdpa``: ``models.sdpa.SDPACoreAttention``, megatron-core's core-attention interface over
   ``torch.nn.functional.scaled_dot_product_attention``. torch picks the kernel: flash or
   memory-efficient attention on CUDA and XPU, a fused flash kernel on CPU; none of them builds the
   [batch, heads, seq, seq] score matrix. It is put in place of megatron-core's local
@@ -20,10 +20,11 @@ te where it runs, else sdpa; with ``te`` Transformer Engine is told which of its
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from megatron_ext.argtypes import choice_ci
+from megatron_ext.models.feature import Feature, Support, saved_value
+from megatron_ext.models.specs import with_core_attention
 
 BACKENDS = ("auto", "sdpa", "te", "local")
 MEGATRON_LM_SPELLINGS = ("flash", "fused", "unfused")
@@ -117,64 +118,26 @@ def config_kwargs(args) -> dict:
 
 
 # -- layer specs -----------------------------------------------------------------------------
-def layer_specs(config, args):
-    """``(decoder spec, MTP block spec or None)`` for the run's attention backend: the one place the
-    backend reaches the model. megatron-core's specs (megatron_ext/moe_mtp.py builds them: dense,
-    MoE, MTP) with Transformer Engine modules for ``te``; for ``sdpa`` every core attention in them
-    (self-attention and multi-latent attention alike) becomes ``SDPACoreAttention`` (attention/sdpa.py)."""
-    from megatron_ext import moe_mtp
-
-    backend = backend_of(args)
-    spec, mtp = moe_mtp.layer_specs(config, args.normalization, use_transformer_engine=backend == "te")
-    core = None
-    if backend == "sdpa":
-        from megatron_ext.attention.sdpa import SDPACoreAttention
-
-        core = SDPACoreAttention
-    elif backend == "local" and config.multi_latent_attention:  # the local MLA spec's own cannot take MLA's shapes
-        from megatron_ext.mla import local_mla_core_attention
-
-        core = local_mla_core_attention()
-    if core is not None:
-        spec, mtp = with_core_attention(spec, core), with_core_attention(mtp, core)
-    return spec, mtp
+def spec_options(args) -> dict:
+    """megatron-core's Transformer Engine specs for ``te``, its local ones otherwise."""
+    return {"use_transformer_engine": backend_of(args) == "te"}
 
 
-def with_core_attention(spec, core_attention):
-    """A copy of a megatron-core spec tree (ModuleSpec / submodule dataclasses / lists) with every
-    ``core_attention`` that is megatron-core's local ``DotProductAttention`` replaced."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.spec_utils import ModuleSpec
+def layer_specs(specs, config, args):
+    """For ``sdpa`` every core attention of the specs (self-attention and multi-latent attention
+    alike, decoder and MTP layers) becomes ``SDPACoreAttention`` (models/sdpa.py)."""
+    if backend_of(args) != "sdpa":
+        return specs
+    from megatron_ext.models.sdpa import SDPACoreAttention
 
-    def is_local(value) -> bool:
-        return value is DotProductAttention or (isinstance(value, ModuleSpec) and value.module is DotProductAttention)
-
-    def walk(node):
-        if isinstance(node, (list, tuple)):
-            new = [walk(n) for n in node]
-            return node if all(a is b for a, b in zip(new, node)) else type(node)(new)
-        if not dataclasses.is_dataclass(node) or isinstance(node, type):
-            return node
-        changes = {}
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            if field.name == "core_attention" and is_local(value):
-                changes[field.name] = core_attention
-            else:
-                new = walk(value)
-                if new is not value:
-                    changes[field.name] = new
-        return dataclasses.replace(node, **changes) if changes else node
-
-    return walk(spec)
+    return tuple(with_core_attention(spec, SDPACoreAttention) for spec in specs)
 
 
 # -- checkpoints ------------------------------------------------------------------------------
 def saved_backend(saved_args) -> str:
     """The backend a checkpoint's model was built with, from its saved flags (a dict or namespace);
     checkpoints written before --attention-backend existed hold the local spec's names."""
-    get = saved_args.get if isinstance(saved_args, dict) else lambda k, d=None: getattr(saved_args, k, d)
-    return get("attention_backend") or "local"
+    return saved_value(saved_args, "attention_backend", "local")
 
 
 def checkpoint_names_problem(saved_args, backend: str) -> Optional[str]:
@@ -199,3 +162,19 @@ def summary(args) -> str:
     what = {"sdpa": "torch scaled_dot_product_attention", "te": "Transformer Engine layer spec",
             "local": "megatron-core unfused DotProductAttention"}[backend]
     return f"{backend} ({what}; {why})"
+
+
+def _te_checkpoint(saved) -> List[str]:
+    return ["--attention-backend te"] if saved_backend(saved) == "te" else []
+
+
+FEATURE = Feature(
+    name="attention backend", title="attention", add_arguments=add_attention_arguments,
+    plan_fields=plan_fields,  # the backend that runs here, and why
+    config_kwargs=config_kwargs, spec_options=spec_options, layer_specs=layer_specs,
+    summary=summary, row="attention",
+    export_hf=Support(_te_checkpoint, "Transformer Engine's parameter names are not mapped; export a checkpoint of "
+                                      "the sdpa or local backend"),
+    convert=Support(_te_checkpoint, "Transformer Engine's fused-norm parameter names have no Megatron-DeepSpeed "
+                                    "counterpart here"),
+)

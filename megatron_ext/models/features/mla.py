@@ -5,14 +5,16 @@ MLA (megatron-core ``MLASelfAttention``) compresses keys and values into one lat
 ``--kv-lora-rank`` per token (and queries into ``--q-lora-rank``, when given), then projects them
 back up per head; the positional part of each head (``--qk-pos-emb-head-dim``) is rotated
 separately and shared by all heads' keys. The core attention is megatron-core's local one (the
-layer spec is ``moe_mtp.layer_specs``). See docs/deepseek_v3.md.
+layer spec is ``models.specs.base_layer_specs``). See docs/deepseek_v3.md.
 """
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import List, Tuple
 
 from megatron_ext.argtypes import choice_ci, finite_float, positive_float, positive_int
+from megatron_ext.models.feature import Feature, Support, saved_value
+from megatron_ext.models.specs import with_core_attention
 
 # Megatron-LM's defaults, filled with --multi-latent-attention (all None without it).
 MLA_DEFAULTS = {"kv_lora_rank": 32, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64, "v_head_dim": 128,
@@ -75,10 +77,20 @@ def validate_attention_args(a) -> None:
 
 
 def config_class(args):
-    """megatron-core's config class for these flags (MLA has its own)."""
-    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+    """megatron-core's config class for MLA (None without it: the plain one)."""
+    if not args.multi_latent_attention:
+        return None
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    return MLATransformerConfig if args.multi_latent_attention else TransformerConfig
+    return MLATransformerConfig
+
+
+def yarn_fixed_settings() -> dict:
+    """What megatron-core fixes of MLA's YaRN (MLATransformerConfig's defaults; no flag sets them)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig as fixed
+
+    return {"original_max_position_embeddings": fixed.original_max_position_embeddings,
+            "beta_fast": float(fixed.beta_fast), "beta_slow": float(fixed.beta_slow)}
 
 
 def config_kwargs(args) -> dict:
@@ -124,6 +136,14 @@ def local_mla_core_attention():
     return LocalMLACoreAttention
 
 
+def layer_specs(specs, config, args):
+    """MLA layers whose core attention is still megatron-core's local one (``--attention-backend
+    local``; the backend's rewrite runs first, so sdpa has replaced it) get ``local_mla_core_attention``."""
+    if not config.multi_latent_attention:
+        return specs
+    return tuple(with_core_attention(spec, local_mla_core_attention()) for spec in specs)
+
+
 def attention_widths(args) -> Tuple[int, int]:
     """(query-key width, value width) of one layer's attention, summed over heads: what the attention
     scores and the weighted sum of values cost per token and per key (FLOPs)."""
@@ -144,3 +164,25 @@ def summary(args) -> str:
     if args.qk_layernorm:
         parts.append("qk-layernorm")
     return "; ".join(parts)
+
+
+def _qk_layernorm_alone(saved) -> List[str]:
+    both = saved_value(saved, "qk_layernorm", False) and not saved_value(saved, "multi_latent_attention", False)
+    return ["--qk-layernorm without --multi-latent-attention"] if both else []
+
+
+def _in_use(saved) -> List[str]:
+    return [flag for flag, key in (("--multi-latent-attention", "multi_latent_attention"),
+                                   ("--qk-layernorm", "qk_layernorm")) if saved_value(saved, key, False)]
+
+
+FEATURE = Feature(
+    name="multi-latent attention", title="multi-latent attention and qk-layernorm", add_arguments=add_mla_arguments,
+    validate=validate_attention_args, config_kwargs=config_kwargs, config_class=config_class,
+    layer_specs=layer_specs,  # after the attention backend's (models/features/__init__.py)
+    summary=summary, row="attention",  # the attention row, after the backend's line
+    # MLA is exported as DeepseekV3ForCausalLM (hf/config_mapping.py checks the rest of the model)
+    export_hf=Support(_qk_layernorm_alone, "no Hugging Face class this export writes computes it"),
+    convert=Support(_in_use, "no Megatron-DeepSpeed counterpart here (the fork's GPT layers have no multi-latent "
+                            "attention or qk-layernorm)"),
+)

@@ -1,5 +1,6 @@
 """Mixture of experts (MoE) and multi-token prediction (MTP): the flags (Megatron-LM's names), their
-checks, and what they set in megatron-core's ``TransformerConfig`` and layer specs.
+checks, and what they set in megatron-core's ``TransformerConfig`` (the layer specs follow it:
+``models.specs.base_layer_specs``).
 
 Experts are ordinary data-parallel parameters here (expert parallel size 1); megatron-core's MoE
 with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE runs
@@ -12,6 +13,7 @@ import ast
 from typing import List, Optional
 
 from megatron_ext.argtypes import choice_ci, nonneg_float, positive_float, positive_int
+from megatron_ext.models.feature import Feature, Support, saved_value
 
 # (global_aux_loss is left out: its router state needs a reset after every optimizer step.)
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
@@ -248,33 +250,6 @@ def config_kwargs(args) -> dict:
     return kwargs
 
 
-def layer_specs(config, normalization: str, use_transformer_engine: bool = False):
-    """``(decoder spec, MTP block spec or None)`` from megatron-core's local (non-TE) specs, or its
-    Transformer Engine specs (``--attention-backend te``; chosen in megatron_ext/attention). MoE
-    layers (per ``moe_layer_freq``), multi-latent attention and qk-layernorm come from the config
-    (``moe_mtp.config_kwargs``, ``mla.config_kwargs``).
-
-    Dense without MTP keeps the single layer spec (unchanged parameter names and init)."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_decoder_block_spec,
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-        get_gpt_mtp_block_spec,
-    )
-
-    te = use_transformer_engine
-    attention = dict(qk_layernorm=config.qk_layernorm, multi_latent_attention=config.multi_latent_attention)
-    if config.num_moe_experts is None:  # (Transformer Engine reads the norm type from the config)
-        spec = (get_gpt_layer_with_transformer_engine_spec(**attention) if te else
-                get_gpt_layer_local_spec(normalization=normalization, **attention))
-    else:  # per-layer MoE or dense MLP following config.moe_layer_freq
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=normalization)
-    mtp = None
-    if config.mtp_num_layers is not None:
-        mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te)
-    return spec, mtp
-
-
 def summary(args) -> str:
     """One line for the start-up table ('' for a dense model without MTP)."""
     parts = []
@@ -305,3 +280,21 @@ def idle_expert_parameters(model, args) -> int:
         return 0
     experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     return int(experts * (1 - args.moe_router_topk / args.num_experts))
+
+
+def _in_use(saved) -> List[str]:
+    experts, mtp = saved_value(saved, "num_experts", 1), saved_value(saved, "mtp_num_layers", 0)
+    return [flag for flag, used in ((f"--num-experts {experts}", experts > 1), (f"--mtp-num-layers {mtp}", mtp > 0))
+            if used]
+
+
+FEATURE = Feature(
+    name="mixture of experts and multi-token prediction", title="mixture of experts and multi-token prediction",
+    add_arguments=add_moe_mtp_arguments,
+    validate=validate_moe_mtp_args,  # (needs the final --ffn-hidden-size: run after the model shape)
+    config_kwargs=config_kwargs, summary=summary, row="MoE / MTP",
+    # export-hf: MoE as MixtralForCausalLM or DeepseekV3ForCausalLM where one computes it (hf/config_mapping.py
+    # names what does not fit); MTP layers are left out (a training aid: the next-token logits do not use them)
+    convert=Support(_in_use, "a mixture-of-experts / multi-token-prediction model has no Megatron-DeepSpeed "
+                             "counterpart here"),
+)

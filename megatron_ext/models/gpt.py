@@ -1,6 +1,6 @@
-"""The model: megatron-core ``GPTModel`` with the layer spec of the run's attention backend
-(``--attention-backend``, megatron_ext/attention: megatron-core's local spec with torch's fused
-attention, Transformer Engine's spec, or the local spec as is)."""
+"""The model: megatron-core ``GPTModel``, its ``TransformerConfig`` and layer specs with what each
+model feature contributes (megatron_ext/models/features: the attention backend, multi-latent
+attention, MoE/MTP)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_ext import attention, mla, moe_mtp
+from megatron_ext.models import features
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -55,10 +55,8 @@ def transformer_config(args, parametrization):
     if args.recompute_activations:
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=args.recompute_num_layers)
-    kwargs.update(mla.config_kwargs(args))  # --multi-latent-attention, --qk-layernorm (megatron_ext/mla.py)
-    kwargs.update(moe_mtp.config_kwargs(args))  # --num-experts, --mtp-num-layers, ... (megatron_ext/moe_mtp.py)
-    kwargs.update(attention.config_kwargs(args))  # Transformer Engine's kernel choice (megatron_ext/attention)
-    return mla.config_class(args)(**parametrization.configure_model(kwargs))
+    kwargs.update(features.config_kwargs(args))
+    return features.config_class(args)(**parametrization.configure_model(kwargs))
 
 
 def build_model(args, vocab_size: int, parametrization=None):
@@ -71,7 +69,7 @@ def build_model(args, vocab_size: int, parametrization=None):
     parametrization = parametrization or parametrization_for(args)
     config = transformer_config(args, parametrization)
     padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    spec, mtp_spec = attention.layer_specs(config, args)  # --attention-backend (megatron_ext/attention)
+    spec, mtp_spec = features.layer_specs(config, args)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
