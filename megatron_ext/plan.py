@@ -74,6 +74,11 @@ class RunPlan:
             ("world size", self.world_size),
             ("data-parallel size", self.data_parallel_size),
             ("tensor-parallel size", a.tensor_model_parallel_size),
+            *((("pipeline-parallel size", f"{a.pipeline_model_parallel_size} ({a.num_layers // a.pipeline_model_parallel_size}"
+                 " layers a stage)"),) if a.pipeline_model_parallel_size > 1 else ()),
+            *((("expert-parallel size", f"{a.expert_model_parallel_size} ({a.num_experts // a.expert_model_parallel_size}"
+                f" experts a rank, expert-data-parallel size {a.expert_data_parallel_size})"),)
+              if a.expert_model_parallel_size > 1 else ()),
             ("ZeRO stage", self.engine.zero_stage),
             ("precision", self.engine.precision),
             ("micro batch", a.micro_batch_size),
@@ -196,8 +201,7 @@ def _model_shape(a) -> None:
     if a.ds_sequence_parallel_size != 1:
         raise ArgumentsError(f"--ds-sequence-parallel-size {a.ds_sequence_parallel_size}: sequence parallelism "
                              "(DeepSpeed-Ulysses) is not supported yet; use 1")
-    if a.pipeline_model_parallel_size != 1:
-        raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
+    derivations.layers_per_stage(a.num_layers, a.pipeline_model_parallel_size)
     if a.num_attention_heads % tp:
         raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
                              f"{a.num_attention_heads}")
@@ -236,7 +240,10 @@ def _model_features(a) -> None:
 
 def _batch(a, world_size: int) -> None:
     a.world_size = world_size
-    a.data_parallel_size = derivations.data_parallel_size(world_size, a.tensor_model_parallel_size)
+    a.data_parallel_size = derivations.data_parallel_size(world_size, a.tensor_model_parallel_size,
+                                                          a.pipeline_model_parallel_size)
+    a.expert_data_parallel_size = derivations.expert_data_parallel_size(
+        a.data_parallel_size, a.expert_model_parallel_size, a.num_experts)
     a.global_batch_size, a.gradient_accumulation_steps = derivations.batch_sizes(
         a.micro_batch_size, a.global_batch_size, a.gradient_accumulation_steps, a.data_parallel_size)
 
@@ -312,13 +319,18 @@ def _deepspeed(a, check_files: bool, notes: List[str]) -> Tuple[Dict[str, Any], 
         config = build_deepspeed_config(argparse.Namespace(**{**vars(a), "deepspeed_config": None}))
     else:
         config = build_deepspeed_config(a)
-    engine = engine_settings(config, a.tensor_model_parallel_size)
+    engine = engine_settings(config, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                             a.expert_model_parallel_size)
     a.zero_stage = engine.zero_stage
     a.cpu_optimizer = engine.cpu_offload
     a.bf16, a.fp16 = engine.precision == "bf16", engine.precision == "fp16"  # the model's dtype follows
     a.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
     if engine.cpu_offload and engine.zero_stage == 0:
         raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
+    layout = derivations.layout_engine_problem(engine.pipeline_parallel, engine.expert_parallel, engine.zero_stage,
+                                               engine.precision, engine.cpu_offload)
+    if layout:
+        raise ArgumentsError(layout)
     why_not = fp32_gradient_accumulation(a, engine)
     if a.accumulate_allreduce_grads_in_fp32 and why_not not in (None, "fp32"):
         notes.append(f"--accumulate-allreduce-grads-in-fp32: not applied: {why_not}")

@@ -1,11 +1,26 @@
-"""DeepSpeed 0.19.8's ZeRO 1/2 step tests, once per param group, whether the global gradient norm
-is finite before clipping (``DeepSpeedZeroOptimizer.unscale_and_clip_grads``), with a Python
-``bool`` of a device tensor: one host synchronisation per param group per step. ``apply()`` puts
-in the same computation decided on the device (an invalid norm clips as an infinite one, as
-DeepSpeed does), so clipping costs no host round trip. Only for the DeepSpeed version read;
-another version keeps its own code. The overflow check that skips a step with inf/NaN gradients
-(fp16, and bf16 unless ``"bf16": {"check_grad_overflow": false}``) is a host decision and stays.
-With cpu_compat, the only modules that patch third-party code."""
+"""Where DeepSpeed 0.19.8 needs help; each patch only for the DeepSpeed version read (another
+version keeps its own code). With cpu_compat, the only modules that patch third-party code.
+
+* Clipping without host syncs: ZeRO 1/2's step tests, once per param group, whether the global
+  gradient norm is finite before clipping (``DeepSpeedZeroOptimizer.unscale_and_clip_grads``), with
+  a Python ``bool`` of a device tensor: one host synchronisation per param group per step. The same
+  computation decided on the device (an invalid norm clips as an infinite one, as DeepSpeed does).
+  The overflow check that skips a step with inf/NaN gradients (fp16, and bf16 unless
+  ``"bf16": {"check_grad_overflow": false}``) is a host decision and stays.
+* The ZeRO 1/2 norm across pipeline stages: ``scaled_global_norm`` all-reduces over the
+  model-parallel group (tensor x pipeline) once per param group. Stages hold different param
+  groups (the first has the embedding's, the last the final norm's and output's; DeepSpeed drops
+  empty groups, so they cannot be padded) and call that collective a different number of times:
+  the ranks hang. Each group's norm is still reduced over its data-parallel group; the stage's
+  squared total is all-reduced over the model-parallel group once.
+* Expert parallelism with megatron-core's MoE (``adopt_expert_groups``): DeepSpeed reduces expert
+  gradients over the expert-data-parallel group, and partitions expert param groups over it, only
+  when its engine decides at construction that the model has DeepSpeed MoE layers
+  (``isinstance(module, deepspeed.moe.layer.MoE)``), and it looks the groups up by name in its own
+  registry (``deepspeed.utils.groups``). Without that, ``deepspeed.initialize`` fails broadcasting
+  the model (``'Parameter' object has no attribute 'group_name'``), or expert gradients would be
+  averaged across ranks holding different experts.
+"""
 from __future__ import annotations
 
 import math
@@ -40,8 +55,24 @@ def _unscale_and_clip_grads(self, grad_groups_flat, total_norm):
             g.data.mul_(1.0 / combined_scale)
 
 
+def _scaled_global_norm_one_model_parallel_reduce(original):
+    def scaled_global_norm(self, norm_type=2):
+        # DeepSpeed's own computation with its model-parallel all-reduces switched off for this call
+        # (an instance attribute shadows the method), then one all-reduce of the squared total.
+        self._model_parallel_all_reduce = lambda tensor, op: None
+        try:
+            stage_norm = original(self, norm_type)  # inf when a group's norm was invalid
+        finally:
+            del self._model_parallel_all_reduce
+        squared = stage_norm.float().pow(2)
+        self._model_parallel_all_reduce(tensor=squared, op=torch.distributed.ReduceOp.SUM)
+        return squared.sqrt()
+
+    return scaled_global_norm
+
+
 def apply() -> bool:
-    """Install the device-side clipping test (idempotent). Returns whether it is installed."""
+    """Install the patches (idempotent). Returns whether they are installed."""
     global _applied
     if _applied:
         return True
@@ -52,5 +83,55 @@ def apply() -> bool:
         return False
     DeepSpeedZeroOptimizer.original_unscale_and_clip_grads = DeepSpeedZeroOptimizer.unscale_and_clip_grads
     DeepSpeedZeroOptimizer.unscale_and_clip_grads = _unscale_and_clip_grads
+    DeepSpeedZeroOptimizer.scaled_global_norm = _scaled_global_norm_one_model_parallel_reduce(
+        DeepSpeedZeroOptimizer.scaled_global_norm)
     _applied = True
     return True
+
+
+def expert_group_name(expert_parallel: int) -> str:
+    """DeepSpeed's name of the expert groups of an expert-parallel size (its ``ep_size_<N>``)."""
+    return f"ep_size_{expert_parallel}"
+
+
+def adopt_expert_groups(model, expert_parallel_group, expert_data_parallel_group, num_experts: int) -> str:
+    """Make DeepSpeed's engine treat ``model``'s expert parameters (those megatron-core marks
+    ``allreduce = False``) as its own MoE parameters, over megatron-core's expert-parallel and
+    expert-data-parallel groups; call before ``deepspeed.initialize``. Returns the group name the
+    expert parameters and param groups carry."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
+
+    expert_parallel = torch.distributed.get_world_size(expert_parallel_group)
+    name = expert_group_name(expert_parallel)
+
+    def register() -> None:
+        for registry, group in ((groups._EXPERT_PARALLEL_GROUP, expert_parallel_group),
+                                (groups._EXPERT_DATA_PARALLEL_GROUP, expert_data_parallel_group)):
+            registry[name] = group
+        groups._EXPERT_PARALLEL_GROUP_RANKS[name] = torch.distributed.get_process_group_ranks(expert_parallel_group)
+        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = torch.distributed.get_process_group_ranks(
+            expert_data_parallel_group)
+
+    class ExpertGroupsMarker(MoE):
+        """No weights and no forward: its presence makes the engine take its MoE paths. It holds no
+        local experts, so DeepSpeed's per-expert checkpoint files get nothing from it."""
+
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.ep_size, self.num_experts, self.num_local_experts = expert_parallel, num_experts, 0
+            self.expert_group_name = name
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+            register()
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("the expert-groups marker is not a layer")
+
+    register()
+    for p in model.parameters():
+        if getattr(p, "allreduce", True) is False:
+            p.group_name = name
+    model.deepspeed_expert_groups = ExpertGroupsMarker()
+    return name

@@ -9,6 +9,8 @@ import torch
 
 from megatron_ext.optimizers.common.hooks import (curvature_label_generator, gradient_clipping_disabled,
                                                   sampled_label_losses)
+from megatron_ext.models import parallel
+from megatron_ext.training import pipeline
 from megatron_ext.training.loss import model_inputs
 
 
@@ -35,6 +37,9 @@ def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, it
     optimizer.begin_curvature_pass(float(count.item()))
     try:
         with gradient_clipping_disabled(engine):
+            if pipeline.is_pipelined():
+                _pipelined_pass(engine, batches, device, seed, iteration)
+                return
             for micro, batch in enumerate(batches):
                 gen = curvature_label_generator(device, seed, iteration, micro * dp_size + dp_rank)
                 loss = sampled_label_loss(engine, batch, device, gen)
@@ -42,3 +47,24 @@ def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, it
                 engine.step()
     finally:
         optimizer.end_curvature_pass()
+
+
+def _pipelined_pass(engine, batches: List[dict], device, seed: int, iteration: int) -> None:
+    """The same pass through megatron-core's schedule (``training/pipeline.py``): the last stage
+    samples each micro-batch's labels (micro-batches reach it in order) and the schedule's mean over
+    the micro-batches is the accumulation's."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    reached = []
+
+    def loss(logits, batch):
+        gen = curvature_label_generator(device, seed, iteration, len(reached) * dp_size + dp_rank)
+        reached.append(batch)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+        value = (sampled_label_losses(logits, gen) * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        return value, {}
+
+    pipeline.schedule(engine, batches, lambda model, batch: model(**model_inputs(batch, device)), loss)
+    parallel.sum_replica_grads(engine.module)
+    engine.step()

@@ -102,6 +102,9 @@ def captured_logits(model):
     def keep(_module, _inputs, output):
         box["logits"] = output[0] if isinstance(output, tuple) else output
 
+    if not model.post_process:  # a pipeline stage before the last: no logits here
+        yield box
+        return
     handle = model.output_layer.register_forward_hook(keep)
     try:
         yield box
@@ -136,12 +139,15 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     """``{"lm_loss", "accuracy"}`` over the first ``iters`` (default ``--eval-iters``) global batches of ``dataset``.
 
     ``lm_loss`` is the mean of the micro-batch mean losses, averaged over data-parallel ranks;
-    ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank."""
+    ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank. Under
+    pipeline parallelism each global batch's micro-batches pass the stages in one forward-only
+    schedule and the last stage scores them."""
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data.gpt_data import make_loader
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training.loss import dp_mean, lm_loss
+    from megatron_ext.training import pipeline
+    from megatron_ext.training.loss import dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
 
     iters = args.eval_iters if iters is None else iters
     if dataset is None or iters == 0:
@@ -152,20 +158,41 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     vocab = getattr(args, "vocab_size_unpadded", None) or args.padded_vocab_size
     tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
           ps.get_tensor_model_parallel_group())
-    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
-    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
-        for batch in make_loader(dataset, args, consumed=0, total=iters * args.global_batch_size):
-            with captured_logits(engine.module) as out:
-                total += lm_loss(engine, batch, device)
+
+    def forward(model, batch):
+        """The per-token losses; on the last stage also counts the arg-max hits."""
+        with captured_logits(engine.module if model is engine else model) as out:
+            losses = lm_losses(model, batch, device)
+        if "logits" in out:  # (the last stage)
             predicted = vocab_parallel_argmax(out["logits"], vocab, *tp).transpose(0, 1)  # [s, b] -> [b, s]
             labels = batch["labels"].to(device, non_blocking=True)
             mask = batch["loss_mask"].to(device, non_blocking=True) > 0
             hits[0] += ((predicted == labels) & mask).sum()
             hits[1] += mask.sum()
-            count += 1
+        return losses
+
+    def loss(losses, batch):
+        value = masked_mean(losses, loss_mask_of(batch, device))
+        return value, {"lm loss": value.detach().clone()}
+
+    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
+    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
+        batches = make_loader(dataset, args, consumed=0, total=iters * args.global_batch_size)
+        if pipeline.is_pipelined():
+            group = []
+            for batch in batches:
+                group.append(batch)
+                count += 1
+                if len(group) == args.gradient_accumulation_steps:
+                    for kept in pipeline.schedule(engine, group, forward, loss, forward_only=True):
+                        total += kept["lm loss"]
+                    group = []
+        else:
+            for batch in batches:
+                total += loss(forward(engine, batch), batch)[0]
+                count += 1
     engine.train()
-    torch.distributed.all_reduce(hits, group=ps.get_data_parallel_group())
-    correct, positions = hits.tolist()
+    correct, positions = dp_sum(hits).tolist()
     return {"lm_loss": dp_mean(total / max(count, 1)),
             "accuracy": correct / positions if positions else float("nan")}
 
@@ -323,9 +350,12 @@ def encode_mc_example(tokenizer, example: MCExample, max_tokens: int) -> Encoded
 TokenLogProbs = Callable[[List[List[int]]], List[List[float]]]
 
 
-def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogProbs) -> List[Tuple[float, int]]:
-    """(sum of the ending's token log-probabilities, number of ending tokens) for each ending."""
+def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogProbs) -> Optional[List[Tuple[float, int]]]:
+    """(sum of the ending's token log-probabilities, number of ending tokens) for each ending (None
+    on a pipeline stage before the last, which has no log-probabilities)."""
     per_token = token_log_probs(example.sequences)
+    if per_token is None:
+        return None
     return [(math.fsum(lp[len(lp) - n:]), n) for lp, n in zip(per_token, example.ending_lengths)]
 
 
@@ -343,13 +373,25 @@ def model_token_log_probs(engine, device) -> TokenLogProbs:
     invisible to earlier positions). The model's per-token loss with labels is exactly
     -log p(label): its vocabulary-parallel cross entropy, correct under tensor parallelism."""
 
-    def run(sequences: List[List[int]]) -> List[List[float]]:
+    from megatron_ext.training import pipeline
+    from megatron_ext.training.loss import lm_losses
+
+    def run(sequences: List[List[int]]) -> Optional[List[List[float]]]:
         width = max(len(s) for s in sequences) - 1
         pad = sequences[0][0]  # any valid id: padded positions are never read
         rows = [s + [pad] * (width + 1 - len(s)) for s in sequences]
         ids = torch.tensor(rows, dtype=torch.long, device=device)
         positions = torch.arange(width, dtype=torch.long, device=device).expand(len(rows), width)
-        losses = engine(input_ids=ids[:, :-1], position_ids=positions, attention_mask=None, labels=ids[:, 1:])
+        batch = dict(tokens=ids[:, :-1], position_ids=positions, labels=ids[:, 1:],
+                     loss_mask=torch.ones(ids[:, 1:].shape, device=device))
+        if pipeline.is_pipelined():  # one micro-batch through the stages; the last has the losses
+            kept = pipeline.schedule(engine, [batch], lambda model, b: lm_losses(model, b, device),
+                                     lambda losses, b: (losses.sum(), {"losses": losses.detach()}), forward_only=True)
+            if not kept:
+                return None
+            losses = kept[0]["losses"]
+        else:
+            losses = lm_losses(engine, batch, device)
         losses = losses.double().cpu()
         return [(-losses[i, : len(s) - 1]).tolist() for i, s in enumerate(sequences)]
 
@@ -375,6 +417,7 @@ class MultipleChoiceEval:
         from megatron.core import parallel_state as ps
 
         from megatron_ext.optimizers.common import hooks as optimizer_hooks
+        from megatron_ext.training.loss import dp_sum
         from megatron_ext.training.metrics import print_rank0
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -387,12 +430,12 @@ class MultipleChoiceEval:
             for first in range(0, len(self.examples), size):
                 index = first + rank
                 example = self.examples[index if index < len(self.examples) else 0]
-                normalised, raw = choose(ending_log_likelihoods(example, token_log_probs))
-                if index < len(self.examples):
+                scores = ending_log_likelihoods(example, token_log_probs)
+                if scores is not None and index < len(self.examples):
+                    normalised, raw = choose(scores)
                     counts += torch.tensor([int(normalised == example.label), int(raw == example.label), 1], device=device)
         engine.train()
-        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
-        normalised, raw, n = counts.tolist()
+        normalised, raw, n = dp_sum(counts).tolist()
         record = dict(iteration=iteration, consumed_samples=consumed, mc_accuracy=normalised / n,
                       mc_accuracy_unnormalized=raw / n, mc_examples=n)
         print_rank0(f" multiple-choice eval at iteration {iteration} | mc accuracy: {normalised / n:.4f} "

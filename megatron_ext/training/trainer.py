@@ -21,8 +21,11 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
+from megatron_ext.models.parallel import splits_model
+from megatron_ext.training import pipeline
 from megatron_ext.training.curvature_pass import curvature_pass
 from megatron_ext.training.expert_bias import ExpertBiasUpdate
+from megatron_ext.training.grad_norm import GradNormKeeper, global_grad_norm
 from megatron_ext.training.loss import dp_mean, lm_loss
 from megatron_ext.training.metrics import MetricsWriter, format_log_line, print_rank0, startup_table
 from megatron_ext.training.moe_mtp_metrics import AuxiliaryLosses
@@ -72,7 +75,8 @@ class Session:
 
     device: Any
     model: Any
-    num_params: int
+    num_params: int  # the whole model's (every stage, shard and expert)
+    expert_params: int  # of them, the routed experts'
     optimizer: Any
     engine: Any
     datasets: tuple  # train, valid, test
@@ -84,25 +88,31 @@ def start_session(plan) -> Session:
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data.gpt_data import build_datasets
-    from megatron_ext.models.gpt import build_model, count_parameters
+    from megatron_ext.models.gpt import build_model
+    from megatron_ext.models.parallel import parameter_counts
     from megatron_ext.optimizers import build_optimizer
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.platform import accelerator, init_distributed
+    from megatron_ext.training.expert_parallel import wire_expert_parallel
     from megatron_ext.training.mpu import MegatronCoreMPU
 
     args = plan.args
     dist = init_distributed(args.distributed_backend)
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                     expert_model_parallel_size=args.expert_model_parallel_size)
     device = accelerator.device(dist.local_rank)
     set_seeds(args.seed)
     datasets = build_datasets(args, plan.tokenizer, plan.data_sources)
-    model = build_model(args, plan.tokenizer.vocab_size, plan.parametrization)
+    model = build_model(args, plan.tokenizer.vocab_size, plan.parametrization)  # this rank's stage and experts
+    wire_expert_parallel(model, args)  # --expert-model-parallel-size (training/expert_parallel.py)
     optimizer = build_optimizer(model, args, plan.parametrization)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config,
                                            mpu=MegatronCoreMPU)
     optimizer_hooks.engine_ready(optimizer, engine)  # optimizer hook protocol: optimizers/common/hooks.py
-    return Session(device, model, count_parameters(model), optimizer, engine, tuple(datasets))
+    total, experts = parameter_counts(model)
+    return Session(device, model, total, experts, optimizer, engine, tuple(datasets))
 
 
 def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
@@ -124,7 +134,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     corpus_eval = CorpusValidation.from_plan(plan)  # --eval-per-corpus (training/evaluation.py)
     auxiliary = AuxiliaryLosses(s.model, args)  # MoE aux / MTP losses and expert load (training/moe_mtp_metrics.py)
     expert_bias = ExpertBiasUpdate(s.model, args)  # --moe-router-enable-expert-bias (training/expert_bias.py)
-    active_params = s.num_params - moe_mtp.idle_expert_parameters(s.model, args)
+    active_params = s.num_params - moe_mtp.idle_expert_parameters(s.expert_params, args)
     scheduler = mode.scheduler(optimizer, plan)
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
@@ -161,9 +171,12 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     flops = flops_per_iteration(args, active_params)
     last_checkpoint, saved_at = start["path"], iteration
     loss_acc = torch.zeros((), device=device)
-    # DeepSpeed computes the gradient norm for clipping but keeps it only for ZeRO/bf16/fp16.
+    # DeepSpeed computes the gradient norm for clipping but keeps it only for ZeRO/bf16/fp16; where
+    # the model is split over ranks its own fp32 clipping norm is wrong (training/grad_norm.py).
     plain_fp32_engine = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+    norm_keeper = GradNormKeeper(engine) if plain_fp32_engine and splits_model() else None
     own_grad_norm = None
+    pipelined = pipeline.is_pipelined()
     window_start, window_iters, tokens_per_second = time.time(), 0, 0.0
     startup_complete()  # a SIGTERM from here on is the loop's (train.py: before, it ends the start-up)
     exit_signal, stop_signal = ExitSignalHandler.from_args(args, device), 0  # --exit-signal-handler
@@ -181,15 +194,21 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
             expert_bias.discard_counts()  # the only counted forward besides training's (evaluation: no grad)
-        iteration_loss = torch.zeros((), device=device)
-        for batch in batches:
-            loss = lm_loss(engine, batch, device)
-            auxiliary.attach(loss)
-            engine.backward(loss)
-            if plain_fp32_engine and logging_now and engine.is_gradient_accumulation_boundary():
-                own_grad_norm = _measure_grad_norm(engine)
-            engine.step()
-            iteration_loss += loss.detach()
+        if pipelined:  # megatron-core's schedule through the stages, then the engine's step
+            iteration_loss = pipeline.train_step(engine, batches, device)
+        else:
+            iteration_loss = torch.zeros((), device=device)
+            for batch in batches:
+                loss = lm_loss(engine, batch, device)
+                auxiliary.attach(loss)
+                engine.backward(loss)
+                if (plain_fp32_engine and norm_keeper is None and logging_now
+                        and engine.is_gradient_accumulation_boundary()):
+                    own_grad_norm = global_grad_norm(engine.module)
+                engine.step()
+                iteration_loss += loss.detach()
+        if norm_keeper is not None:
+            own_grad_norm = norm_keeper.last
         expert_bias.after_optimizer_step()  # once per optimizer step, after its last micro-batch
         loss_acc += iteration_loss
         iteration += 1
@@ -255,14 +274,6 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         exit_signal.restore()
     metrics.close()
     return TrainResult(iteration, consumed, train_losses, valid_losses, last_checkpoint, tokens_per_second)
-
-
-def _measure_grad_norm(engine) -> float:
-    """The TP-aware global gradient norm (max_norm=inf: measure only; DeepSpeed does the clipping).
-    An extra pass and all-reduce, so only on iterations that are logged."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    return float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
 
 
 def _save(engine, optimizer, args, iteration, consumed, scheduler) -> str:

@@ -2,9 +2,12 @@
 checks, and what they set in megatron-core's ``TransformerConfig`` (the layer specs follow it:
 ``models.specs.base_layer_specs``).
 
-Experts are ordinary data-parallel parameters here (expert parallel size 1); megatron-core's MoE
-with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE runs
-at tensor-parallel size 1. See docs/moe_mtp.md.
+At expert-parallel size 1 the experts are ordinary data-parallel parameters (megatron-core's
+all-gather dispatcher); with ``--expert-model-parallel-size`` each rank holds its share of every
+MoE layer's experts and tokens travel to them through megatron-core's all-to-all dispatcher (their
+gradients reduce over the expert-data-parallel group: training/expert_parallel.py). megatron-core's
+MoE with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE
+runs at tensor-parallel size 1. See docs/moe_mtp.md and docs/parallelism.md.
 """
 from __future__ import annotations
 
@@ -119,7 +122,8 @@ def add_moe_mtp_arguments(g) -> None:
                    help="group-limited routing: each token chooses its experts inside this many groups "
                         "(DeepSeek topk_group)")
     g.add_argument("--expert-model-parallel-size", type=positive_int, default=1,
-                   help="accepted for Megatron compatibility; only 1 (experts are data-parallel parameters)")
+                   help="expert parallelism: each MoE layer's experts are spread over this many data-parallel "
+                        "ranks (it divides --num-experts and the data-parallel size; docs/parallelism.md)")
     g.add_argument("--mtp-num-layers", "--num-mtp-predictor", dest="mtp_num_layers", type=positive_int,
                    default=None, help="multi-token prediction depth: extra layers each predicting one more "
                                       "future token (OpenSeek: num_mtp_predictor)")
@@ -131,9 +135,6 @@ def add_moe_mtp_arguments(g) -> None:
 
 def validate_moe_mtp_args(args) -> None:
     """Fill the MoE/MTP defaults and reject what cannot work: ValueError, one line naming the flag."""
-    if args.expert_model_parallel_size != 1:
-        raise ValueError(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is "
-                         "not supported; use 1 (experts are data-parallel parameters)")
     if args.mtp_num_layers is None and args.mtp_loss_scaling_factor is not None:
         raise ValueError("--mtp-loss-scaling-factor needs --mtp-num-layers")
     if args.mtp_num_layers is not None and args.mtp_loss_scaling_factor is None:
@@ -180,8 +181,8 @@ def _validate_deepseek_routing(args) -> None:
     """Shared experts, aux-loss-free expert bias and group-limited routing."""
     if args.moe_shared_expert_overlap:
         raise ValueError("--moe-shared-expert-overlap: it overlaps the shared expert with the all-to-all dispatcher's "
-                         "communication; this trainer uses the all-gather dispatcher (expert parallel 1) and runs the "
-                         "shared expert before the router: drop the flag")
+                         "communication on a side stream, which this trainer does not use (it runs the shared expert "
+                         "before the router): drop the flag")
     if args.moe_router_enable_expert_bias:
         if args.moe_router_score_function != "sigmoid":
             raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core "
@@ -244,7 +245,10 @@ def config_kwargs(args) -> dict:
             moe_router_bias_update_rate=args.moe_router_bias_update_rate or 1e-3,
             moe_router_num_groups=args.moe_router_num_groups,
             moe_router_group_topk=args.moe_router_group_topk,
-            moe_token_dispatcher_type="allgather",  # megatron-core's default; the others serve expert parallelism
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            # all-gather: megatron-core's default (every rank holds every expert); all-to-all sends each
+            # token to the ranks holding its experts
+            moe_token_dispatcher_type="alltoall" if args.expert_model_parallel_size > 1 else "allgather",
             moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine / grouped_gemm kernels
         )
     return kwargs
@@ -267,19 +271,21 @@ def summary(args) -> str:
             line += f", expert bias rate {args.moe_router_bias_update_rate:g}"
         if args.moe_router_num_groups:
             line += f", {args.moe_router_group_topk} of {args.moe_router_num_groups} groups"
+        if args.expert_model_parallel_size > 1:
+            line += f", expert parallel {args.expert_model_parallel_size}"
         parts.append(line + ")")
     if args.mtp_num_layers is not None:
         parts.append(f"MTP {args.mtp_num_layers} layer(s) (loss scale {args.mtp_loss_scaling_factor:g})")
     return "; ".join(parts)
 
 
-def idle_expert_parameters(model, args) -> int:
-    """Expert weights a token does not pass through (all but its top-k experts): left out of the
-    FLOPs per token, which count only the active parameters."""
+def idle_expert_parameters(expert_parameters: int, args) -> int:
+    """Of the model's ``expert_parameters`` (its routed experts' weights, all ranks), those a token
+    does not pass through (all but its top-k experts): left out of the FLOPs per token, which count
+    only the active parameters."""
     if args.num_experts is None:
         return 0
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
-    return int(experts * (1 - args.moe_router_topk / args.num_experts))
+    return int(expert_parameters * (1 - args.moe_router_topk / args.num_experts))
 
 
 def _in_use(saved) -> List[str]:

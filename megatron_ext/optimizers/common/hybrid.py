@@ -57,12 +57,16 @@ def _owners_of_shapes(shapes, world: int) -> List[int]:
     return assign_owners([matrix_cost(s) for s in shapes], world)
 
 
-def _data_parallel_group():
+def _data_parallel_group(param_group):
+    """The ranks holding the same weights as this rank for ``param_group``: the data-parallel group,
+    or for experts spread over expert-parallel ranks (``moe`` groups) the expert-data-parallel one."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
         return None, 0, 1
-    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+    group = None
+    if ps.model_parallel_is_initialized():
+        group = ps.get_expert_data_parallel_group() if param_group.get("moe") else ps.get_data_parallel_group()
     return group, dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
@@ -136,7 +140,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         owner_of = {id(p): o for p, o in zip(group["params"], owners)}
         inputs = [self.elementwise(p, group, self.state[p]) for p in params]
         matrices = [self.state[p].setdefault("matrix", {}) if self.keeps_matrix_state else None for p in params]
-        dp_group, dp_rank, dp_world = _data_parallel_group()
+        dp_group, dp_rank, dp_world = _data_parallel_group(group)
         mine = self._my_matrices([p.shape for p in params], dp_rank, dp_world)
         updates = self.matrix_updates([inputs[k] for k in mine], [owner_of.get(id(params[k]), params[k]) for k in mine],
                                       group, [matrices[k] for k in mine])

@@ -133,7 +133,7 @@ class Parametrization:
         """Finish the built model: the output layer's own init and the forward multipliers."""
         from megatron_ext.parametrizations.common.apply import attach_multipliers, init_output_layer
 
-        if self.args.untie_embeddings_and_output_weights:
+        if self.args.untie_embeddings_and_output_weights and model.post_process:  # the last pipeline stage's
             stds = self.init_stds()
             if not math.isclose(stds["output_layer"], stds["hidden"], rel_tol=1e-12):
                 init_output_layer(model, stds["output_layer"])
