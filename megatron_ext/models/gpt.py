@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.models import features, parallel
+from megatron_ext.models.specs import mtp_layers_with_groups
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -76,6 +77,8 @@ def build_model(args, vocab_size: int, parametrization=None):
 
     def build(config, pre_process: bool, post_process: bool, pg_collection):
         spec, mtp_spec = features.layer_specs(config, args)
+        if pg_collection is not None and mtp_spec is not None:
+            mtp_spec = mtp_layers_with_groups(mtp_spec, pg_collection)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

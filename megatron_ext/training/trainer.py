@@ -98,10 +98,14 @@ def start_session(plan) -> Session:
 
     args = plan.args
     dist = init_distributed(args.distributed_backend)
+    layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+    if ps.model_parallel_is_initialized() and layout != (ps.get_tensor_model_parallel_world_size(),
+                                                         ps.get_pipeline_model_parallel_world_size(),
+                                                         ps.get_expert_model_parallel_world_size()):
+        ps.destroy_model_parallel()  # an earlier run in this process had another layout
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                                     expert_model_parallel_size=args.expert_model_parallel_size)
+        ps.initialize_model_parallel(tensor_model_parallel_size=layout[0], pipeline_model_parallel_size=layout[1],
+                                     expert_model_parallel_size=layout[2])
     device = accelerator.device(dist.local_rank)
     set_seeds(args.seed)
     datasets = build_datasets(args, plan.tokenizer, plan.data_sources)
