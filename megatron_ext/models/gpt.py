@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from megatron_ext.models import features, parallel
 from megatron_ext.models.specs import mtp_layers_with_groups
+from megatron_ext.platform import cpu_compat
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -79,29 +80,25 @@ def build_model(args, vocab_size: int, parametrization=None):
         spec, mtp_spec = features.layer_specs(config, args)
         if pg_collection is not None and mtp_spec is not None:
             mtp_spec = mtp_layers_with_groups(mtp_spec, pg_collection)
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            mtp_block_spec=mtp_spec,
-            vocab_size=padded,
-            max_sequence_length=args.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=True,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            position_embedding_type=args.position_embedding_type,
-            rotary_base=int(args.rope_theta),
-            rope_scaling=getattr(args, "use_rope_scaling", False),  # absent from checkpoints saved before the flag
-            rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
-            pg_collection=pg_collection,
-        )
+        with cpu_compat.cuda_moves_stay_on_host():  # (a tied embedding's first sync at pipeline parallel > 1)
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                mtp_block_spec=mtp_spec,
+                vocab_size=padded,
+                max_sequence_length=args.max_position_embeddings,
+                pre_process=pre_process,
+                post_process=post_process,
+                parallel_output=True,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_base=int(args.rope_theta),
+                rope_scaling=getattr(args, "use_rope_scaling", False),  # absent from checkpoints saved before the flag
+                rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+                pg_collection=pg_collection,
+            )
         parametrization.attach(model)
         return model
 
     return parallel.build_stage(build, transformer_config(args, parametrization))
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Total parameters of the full model (summed over tensor-parallel shards, pipeline stages and
-    expert-parallel ranks)."""
-    return parallel.parameter_counts(model)[0]

@@ -68,7 +68,6 @@ def apply() -> bool:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     _pipeline_schedules_on_host()
-    _tied_embedding_sync_on_host()
     _alltoall_dispatcher_on_host()
     _applied = True
     return True
@@ -94,23 +93,21 @@ def _pipeline_schedules_on_host() -> None:
     schedules.torch = _torch_with(zeros=zeros)
 
 
-def _tied_embedding_sync_on_host() -> None:
-    """Pipeline parallelism with tied embeddings: building the last stage moves its copy of the word
-    embedding with ``weight.data.cuda()`` before summing it with the first stage's
-    (``LanguageModule.setup_embeddings_and_output_layer``); on the host it stays where it is."""
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
-    setup = LanguageModule.setup_embeddings_and_output_layer
-
-    def setup_embeddings_and_output_layer(self):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
-        try:
-            return setup(self)
-        finally:
-            torch.Tensor.cuda = original
-
-    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+@contextlib.contextmanager
+def cuda_moves_stay_on_host():
+    """While building a model: ``Tensor.cuda()`` leaves a tensor where it is when CUDA is absent.
+    Pipeline parallelism with a tied embedding: megatron-core's last stage moves its copy of the
+    word embedding with ``weight.data.cuda()`` before summing it with the first stage's
+    (``LanguageModule.setup_embeddings_and_output_layer``), an AssertionError on a CUDA-less torch."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
 
 
 class _HostStream:
