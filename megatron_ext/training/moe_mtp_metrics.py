@@ -30,10 +30,15 @@ class AuxiliaryLosses:
         from megatron.core.transformer.moe.router import TopKRouter
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
         # megatron-core keeps these trackers in module globals, sized by the first model that
         # logged into them: a second run in the same process (a sweep, a notebook) starts them anew.
+        # So does the MoE loss scale, which it copies into the tensor it kept first (a scalar here,
+        # shape [1] from megatron-core's pipeline schedule).
         get_moe_layer_wise_logging_tracker().clear()
         MTPLossLoggingHelper.tracker.clear()
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self.moe = args.num_experts is not None
         self.mtp = args.mtp_num_layers is not None
         self.routers: List[str] = []
