@@ -120,10 +120,10 @@ PLUGINS += [["--optimizer", "sophiag", "--sophiag-hessian-interval", "1"],
 @pytest.mark.slow
 def test_every_plugin_trains_under_pipeline_and_expert_parallelism(tmp_path):
     """Each optimizer, parametrization and a schedule at PP 2 x EP 2 (ZeRO 1), and the LR finder."""
-    runs = [MOE[:MOE.index("--train-iters")] + ["--train-iters", "2"] + MOE[MOE.index("--train-iters") + 2:]
-            + ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--zero-stage", "1",
-               "--metrics-file", tmp_path / f"{i}.jsonl"] + extra for i, extra in enumerate(PLUGINS)]
-    runs.append(runs[0][:-len(PLUGINS[0])] + ["--lr-finder", "--lr-finder-iters", "3", "--save", tmp_path / "lrf"])
+    layout = (MOE[:MOE.index("--train-iters")] + ["--train-iters", "2"] + MOE[MOE.index("--train-iters") + 2:]
+              + ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--zero-stage", "1"])
+    runs = [layout + ["--metrics-file", tmp_path / f"{i}.jsonl"] + extra for i, extra in enumerate(PLUGINS)]
+    runs.append(layout + ["--lr-finder", "--lr-finder-iters", "3", "--save", tmp_path / "lrf"])
     run_layouts(runs, 4, tmp_path)
     for i, extra in enumerate(PLUGINS):
         train = read_metrics(tmp_path / f"{i}.jsonl")

@@ -11,14 +11,25 @@ from megatron_ext.optimizers.common.hooks import (curvature_label_generator, gra
                                                   sampled_label_losses)
 from megatron_ext.models import parallel
 from megatron_ext.training import pipeline
-from megatron_ext.training.loss import model_inputs
+from megatron_ext.training.loss import captured_logits, lm_losses
 
 
-def sampled_label_loss(engine, batch, device, generator: torch.Generator) -> torch.Tensor:
-    """Mean cross entropy of the model's logits against labels sampled from its own softmax, over
-    the unmasked positions of a micro-batch (the loss of the Gauss-Newton-Bartlett estimator)."""
+def logits_forward(model, module, batch, device, kept: list) -> torch.Tensor:
+    """The model's forward with its labels (megatron-core's MTP needs them), keeping the main logits
+    (``[s, b, v/tp]``; on the last pipeline stage) in ``kept``; returns the forward's output."""
+    with captured_logits(module) as out:
+        output = lm_losses(model, batch, device)
+    if "logits" in out:
+        kept.append(out["logits"])
+    return output
+
+
+def sampled_label_loss(logits: torch.Tensor, batch, device, generator: torch.Generator) -> torch.Tensor:
+    """Mean cross entropy of the model's logits (``[s, b, v/tp]``) against labels sampled from its
+    own softmax, over the unmasked positions of a micro-batch (the loss of the Gauss-Newton-Bartlett
+    estimator)."""
     loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-    losses = sampled_label_losses(engine(**model_inputs(batch, device)), generator)
+    losses = sampled_label_losses(logits.transpose(0, 1), generator)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
@@ -42,8 +53,9 @@ def curvature_pass(engine, optimizer, batches: List[dict], device, seed: int, it
                 return
             for micro, batch in enumerate(batches):
                 gen = curvature_label_generator(device, seed, iteration, micro * dp_size + dp_rank)
-                loss = sampled_label_loss(engine, batch, device, gen)
-                engine.backward(loss)
+                kept = []
+                logits_forward(engine, engine.module, batch, device, kept)
+                engine.backward(sampled_label_loss(kept[0], batch, device, gen))
                 engine.step()
     finally:
         optimizer.end_curvature_pass()
@@ -56,15 +68,13 @@ def _pipelined_pass(engine, batches: List[dict], device, seed: int, iteration: i
     from megatron.core import parallel_state as ps
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    reached = []
+    kept, reached = [], []
 
-    def loss(logits, batch):
+    def loss(_output, batch):
         gen = curvature_label_generator(device, seed, iteration, len(reached) * dp_size + dp_rank)
         reached.append(batch)
-        loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
-        value = (sampled_label_losses(logits, gen) * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-        return value, {}
+        return sampled_label_loss(kept.pop(0), batch, device, gen), {}
 
-    pipeline.schedule(engine, batches, lambda model, batch: model(**model_inputs(batch, device)), loss)
+    pipeline.schedule(engine, batches, lambda model, batch: logits_forward(model, model, batch, device, kept), loss)
     parallel.sum_replica_grads(engine.module)
     engine.step()

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -90,28 +89,6 @@ def mc_examples_for(args, tokenizer) -> Optional[tuple]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def captured_logits(model):
-    """Keep the logits of the model's output layer (this rank's vocabulary shard, [s, b, v/tp]).
-
-    A hook, not a forward without labels: the loss stays the model's own (bit-identical to training's
-    ``lm_loss``), and megatron-core 0.16.1's GPTModel with MTP needs labels. Under MTP the output
-    layer also runs on each MTP depth first; the main logits are its last call."""
-    box = {}
-
-    def keep(_module, _inputs, output):
-        box["logits"] = output[0] if isinstance(output, tuple) else output
-
-    if not model.post_process:  # a pipeline stage before the last: no logits here
-        yield box
-        return
-    handle = model.output_layer.register_forward_hook(keep)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int, tp_rank: int = 0, tp_size: int = 1,
                           group=None) -> torch.Tensor:
     """Arg-max over the full vocabulary of logits split across tensor-parallel ranks (each rank holds
@@ -147,7 +124,7 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     from megatron_ext.data.gpt_data import make_loader
     from megatron_ext.optimizers.common import hooks as optimizer_hooks
     from megatron_ext.training import pipeline
-    from megatron_ext.training.loss import dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
+    from megatron_ext.training.loss import captured_logits, dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
 
     iters = args.eval_iters if iters is None else iters
     if dataset is None or iters == 0:

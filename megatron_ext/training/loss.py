@@ -2,6 +2,8 @@
 finder all compute the same way."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -34,6 +36,28 @@ def lm_losses(model, batch, device) -> torch.Tensor:
 def lm_loss(engine, batch, device) -> torch.Tensor:
     """Mean next-token cross entropy over the unmasked positions of a micro-batch."""
     return masked_mean(lm_losses(engine, batch, device), loss_mask_of(batch, device))
+
+
+@contextlib.contextmanager
+def captured_logits(model):
+    """Keep the logits of the model's output layer (this rank's vocabulary shard, [s, b, v/tp]).
+
+    A hook, not a forward without labels: the loss stays the model's own (bit-identical to training's
+    ``lm_loss``), and megatron-core 0.16.1's GPTModel with MTP needs labels. Under MTP the output
+    layer also runs on each MTP depth first; the main logits are its last call."""
+    box = {}
+
+    def keep(_module, _inputs, output):
+        box["logits"] = output[0] if isinstance(output, tuple) else output
+
+    if not model.post_process:  # a pipeline stage before the last: no logits here
+        yield box
+        return
+    handle = model.output_layer.register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def dp_sum(value: torch.Tensor) -> torch.Tensor:
