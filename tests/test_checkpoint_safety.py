@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, _env, free_port, run_trainer
-from megatron_ext.training.checkpoint_files import TRACKER_FILE
-from megatron_ext.training.checkpoint_files import read_latest as latest_tag
+from megatron_ext.checkpoint_layout import TRACKER_FILE
+from megatron_ext.checkpoint_layout import read_latest as latest_tag
 from megatron_ext.training.checkpointing import prune_checkpoints, publish_checkpoint
 
 MOCK = ["--mock-data"]

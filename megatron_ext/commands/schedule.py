@@ -74,7 +74,7 @@ class _Groups:
 def load_checkpoint_schedule_state(load_dir: str) -> Optional[tuple]:
     """(scheduler state as ``load_checkpoint`` passes it, client state) of the checkpoint ``--load
     load_dir`` resumes from; None if there is none."""
-    from megatron_ext.training.checkpoint_files import client_state, read_latest
+    from megatron_ext.checkpoint_layout import client_state, read_latest
 
     tag = read_latest(load_dir)
     if tag is None:

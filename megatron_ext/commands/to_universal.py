@@ -50,7 +50,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str = "ds_to_universal.py") -> int:
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, find_checkpoint
+    from megatron_ext.checkpoint_layout import CheckpointFileError, find_checkpoint
     from megatron_ext.training.universal import ConversionError, ConverterOptions, convert, describe
 
     parser = build_parser(prog)
