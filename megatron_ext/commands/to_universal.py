@@ -24,7 +24,7 @@ def run_argv(argv) -> int:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
-        description="Convert a megatron_ext (DeepSpeed ZeRO 1/2) checkpoint to DeepSpeed's universal format, "
+        description="Convert a megatron_ext (DeepSpeed ZeRO 1, 2 or 3) checkpoint to DeepSpeed's universal format, "
                     "which loads at any data-parallel and tensor-parallel size (--universal-checkpoint). "
                     "Details: docs/checkpoints.md.")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, no usage
