@@ -268,7 +268,7 @@ def _resume_own_checkpoint(a, notes: List[str]) -> None:
     ``--universal-checkpoint``) re-queued with the same command would start over from PRETRAINED
     every time: when --save already holds a checkpoint this run wrote (its saved --load is this
     --load), the run resumes from it instead, and says so. ``--restart-from-load`` starts over."""
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, client_state, read_latest
+    from megatron_ext.checkpoint_layout import CheckpointFileError, client_state, read_latest
 
     if not (a.load and a.save and (a.finetune or a.universal_checkpoint) and not a.restart_from_load):
         return

@@ -30,7 +30,7 @@ def run(argv=None) -> int:
     plan = parse_plan(argv)
     from megatron_ext.data.data_checks import DataFileError
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
-    from megatron_ext.training.checkpoint_files import CheckpointFileError
+    from megatron_ext.checkpoint_layout import CheckpointFileError
     from megatron_ext.training.checkpoint_loading import CheckpointLoadError
     from megatron_ext.training.trainer import pretrain
 

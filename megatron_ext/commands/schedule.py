@@ -74,7 +74,7 @@ class _Groups:
 def load_checkpoint_schedule_state(load_dir: str) -> Optional[tuple]:
     """(scheduler state as ``load_checkpoint`` passes it, client state) of the checkpoint ``--load
     load_dir`` resumes from; None if there is none."""
-    from megatron_ext.training.checkpoint_files import client_state, read_latest
+    from megatron_ext.checkpoint_layout import client_state, read_latest
 
     tag = read_latest(load_dir)
     if tag is None:
@@ -114,6 +114,7 @@ def rows_for(args, scheduler, steps: List[int]):
 
 def run_argv(argv) -> int:
     from megatron_ext.arguments import normalise_argv
+    from megatron_ext.checkpoint_layout import CheckpointFileError
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     own = _own_parser()
@@ -133,7 +134,7 @@ def run_argv(argv) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter: stdout is the table
             args, scheduler = build_scheduler(rest, opts.world_size)
-    except ScheduleResumeError as e:
+    except (ScheduleResumeError, CheckpointFileError) as e:  # CheckpointFileError: --load's checkpoint is damaged
         own.error(str(e))
     total = args.train_iters
     if steps is None and opts.every is not None:

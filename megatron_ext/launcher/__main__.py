@@ -10,13 +10,11 @@ import os
 import shlex
 import sys
 
+from megatron_ext.fileio import write_text_atomically
+
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_text_atomically(path, text, mode)
 
 
 def main(argv=None) -> int:

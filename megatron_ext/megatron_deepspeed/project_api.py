@@ -220,11 +220,14 @@ def universal_conversion_error():
 
 
 def checkpoint_files():
-    """The module that knows our checkpoint directory layout and reads its files: load_states,
-    model_states_files, read_latest, LATEST_UNIVERSAL, find_checkpoint, CheckpointFileError."""
-    from megatron_ext.training import checkpoint_files
+    """The module that knows the checkpoint directory layout (DeepSpeed's file names at every ZeRO
+    stage, the universal folders) and reads its files: load_states, model_states_files,
+    client_state_file, optim_states_files, layer_states_files, expert_states_files, is_zero3,
+    universal_tag_for, universal_parameters(_dir), universal_optimizer_state_file, read_latest,
+    LATEST_UNIVERSAL, find_checkpoint, CheckpointFileError."""
+    from megatron_ext import checkpoint_layout
 
-    return checkpoint_files
+    return checkpoint_layout
 
 
 def checkpoint_io():
@@ -300,6 +303,14 @@ def write_text_atomically(path: str, text: str) -> None:
     from megatron_ext.fileio import write_text_atomically as write
 
     write(path, text)
+
+
+def staged_folder(final: str, prefix: str):
+    """A context manager: build the folder ``final`` in a hidden sibling, synced and renamed into
+    place when the block ends (megatron_ext.fileio.staged_folder)."""
+    from megatron_ext.fileio import staged_folder as staged
+
+    return staged(final, prefix)
 
 
 # -- argument types (for flags the integration defines itself) -----------------------------------
