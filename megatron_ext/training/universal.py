@@ -154,7 +154,7 @@ def _param_names(client: Dict[str, Any]) -> List[str]:
 
 
 # -- staging ----------------------------------------------------------------------------------
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed
@@ -174,7 +174,7 @@ def _stage_model_states(src: str, dst: str) -> None:
     torch.save(state, dst)
 
 
-def _stage_optim_states(src: str, dst: str, record: Dict[str, Any],
+def stage_optim_states(src: str, dst: str, record: Dict[str, Any],
                         group_names: Optional[List[List[str]]] = None) -> None:
     """Link the partition file, or write a copy with zero placeholders for missing Adam moments;
     ``record`` collects the placeholders (to delete from the output) and the states not carried.
@@ -203,7 +203,7 @@ def _stage_optim_states(src: str, dst: str, record: Dict[str, Any],
     if changed:
         torch.save(state, dst)
     else:
-        _link_or_copy(src, dst)
+        link_or_copy(src, dst)
 
 
 def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
@@ -220,9 +220,9 @@ def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
         if src in models:
             _stage_model_states(src, dst)
         elif src in optims:
-            _stage_optim_states(src, dst, record, zero3_names.get(layout.tp_rank_of(src)))
+            stage_optim_states(src, dst, record, zero3_names.get(layout.tp_rank_of(src)))
         else:
-            _link_or_copy(src, dst)
+            link_or_copy(src, dst)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ class ConverterOptions:
     strict: bool = True  # --no_strict: tolerate parameter patterns that match nothing
 
 
-def _run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log, bars=None) -> None:
+def run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log, bars=None) -> None:
     """DeepSpeed's converter with its prints in ``log`` and its progress bars (stderr) in ``bars``
     (default ``log``)."""
     from deepspeed.checkpoint import ds_to_universal
@@ -290,18 +290,18 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
         say("extracting and merging with DeepSpeed's ds_to_universal")
         try:
             if facts["zero3"]:  # its extracted fragments are merged again (_complete_zero3_output)
-                _run_converter(staged_in, staged_out, dataclasses.replace(options, keep_temp_folder=True), log,
+                run_converter(staged_in, staged_out, dataclasses.replace(options, keep_temp_folder=True), log,
                                sys.stderr if progress else None)
                 _complete_zero3_output(staged_in, staged_out, options.keep_temp_folder)
             else:
-                _run_converter(staged_in, staged_out, options, log, sys.stderr if progress else None)
+                run_converter(staged_in, staged_out, options, log, sys.stderr if progress else None)
         except Exception as e:  # noqa: BLE001 - the converter's own failure, reported in one line
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             hint = "" if verbose else " (run again with --verbose for the converter's output)"
             raise ConversionError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {type(e).__name__}: "
                                   f"{detail}{hint}") from None
-        _drop_placeholders(staged_out, record)
-        params, carried = _listing(staged_out)
+        drop_placeholders(staged_out, record)
+        params, carried = converted_listing(staged_out)
         summary = {
             "source": tag_dir, "output": output_dir,
             "iteration": facts["iteration"], "consumed_samples": facts["consumed_samples"], "tokens": facts["tokens"],
@@ -376,7 +376,7 @@ def _complete_zero3_output(staged_in: str, out: str, keep_temp_folder: bool) -> 
             os.unlink(path)
 
 
-def _drop_placeholders(out: str, record) -> None:
+def drop_placeholders(out: str, record) -> None:
     """Remove the zero-filled optimizer moments staged for DeepSpeed's converter (not carried)."""
     for name, key in record["placeholders"]:
         placeholder = layout.universal_state_file(out, name, key)
@@ -384,7 +384,7 @@ def _drop_placeholders(out: str, record) -> None:
             os.unlink(placeholder)
 
 
-def _listing(out: str):
+def converted_listing(out: str):
     """(the parameter folders of a converted checkpoint, the states carried for them)."""
     zero = layout.universal_parameters_dir(out)
     params = layout.universal_parameters(out)
