@@ -401,6 +401,11 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
         args.load = given_load or args.save
         plan = _plan(args, world, check_files, f)
+    from megatron_ext.planning import launch_problem
+
+    problem = launch_problem(plan)  # the memory plan: refuse what cannot fit (--allow-oversubscribe runs it)
+    if problem is not None:
+        raise LaunchError(f.say_in_variables(problem))
     run_dir = os.path.abspath(args.save)
     args.load = os.path.abspath(args.load)
     note("SAVE", run_dir, "--save" if "--save" in _normalised(extra_args) else save_src or "default (descriptive name)")

@@ -229,11 +229,14 @@ def check_base_flags(flags: List[str]) -> None:
 
 
 def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[str]:
-    """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start)."""
+    """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start),
+    a variant whose memory plan (``megatron-ext plan --json``'s record) does not fit included."""
     from megatron_ext.plan import plan_or_problem
+    from megatron_ext.planning import plan_record
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return plan_or_problem(parser, argv, world_size)[1]
+        plan, problem = plan_or_problem(parser, argv, world_size)
+        return problem if plan is None else plan_record(plan)["refusal"]
 
 
 class _ReadRecorder(dict):
