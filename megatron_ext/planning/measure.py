@@ -24,17 +24,22 @@ from typing import Dict, List, Optional
 
 
 def _allocation_peak(profiler) -> int:
-    """The highest running total of the CPU allocator while ``profiler`` recorded (bytes above
-    what was allocated when it started)."""
+    """The highest running total of the CPU allocator while ``profiler`` recorded, above the total
+    when it started. (The allocator's running total is kept across recordings: memory allocated
+    while an earlier recording ran and freed after it stays counted, hence the baseline.)"""
     from torch._C._profiler import _EventType
 
-    peak, stack = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+    if not events:
+        return 0
+    events.sort()
+    _, first_size, first_total = events[0]
+    return max(total for _, _, total in events) - (first_total - first_size)
 
 
 @contextlib.contextmanager
@@ -68,7 +73,10 @@ def measure(argv: List[str], world_size: Optional[int] = None) -> dict:
     from megatron_ext.plan import parse_plan
     from megatron_ext.training.trainer import pretrain
 
+    import gc
+
     plan = parse_plan(list(argv), world_size)
+    gc.collect()  # an earlier run's tensors freed while recording would lower the count
     with contextlib.redirect_stdout(sys.stderr), peak_recorder() as result:
         pretrain(plan)
     import torch

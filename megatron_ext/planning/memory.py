@@ -75,6 +75,7 @@ class MemoryPlan:
     host_bytes: float  # ZeRO-Offload: on the host, per rank
     parameters: int  # all parameters of the model
     rank_parameters: int  # on this rank (its TP/PP/EP shard)
+    in_flight: int = 1  # micro-batches whose activations this stage holds at once (1F1B: PP - stage)
     notes: Tuple[str, ...] = ()
 
     @property
@@ -92,13 +93,14 @@ class MemoryPlan:
 # DeepSpeed 0.19.8's defaults (deepspeed/runtime/zero/config.py)
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
                  "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
-                 "contiguous_gradients": True}
+                 "stage3_max_reuse_distance": 1e9, "contiguous_gradients": True}
 
 
 def _zero(setup: Setup, key: str):
     aliases = {"stage3_prefetch_bucket_size": "prefetch_bucket_size",
                "stage3_param_persistence_threshold": "param_persistence_threshold",
-               "stage3_max_live_parameters": "max_live_parameters"}
+               "stage3_max_live_parameters": "max_live_parameters",
+               "stage3_max_reuse_distance": "max_reuse_distance"}
     z = setup.zero_config or {}
     for name in (key, aliases.get(key)):
         if name and name in z and z[name] != "auto":
@@ -326,17 +328,21 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     bucket_term = Term("buffers", "DeepSpeed reduce bucket", buckets, bucket_formula or "none")
     persistent_buckets = z in (2, 3)  # ZeRO 1 frees its bucket after each backward
 
-    # ZeRO 3: the weights gathered while a layer runs (a layer, and the prefetch bucket)
+    # ZeRO 3: the weights gathered whole. A gathered weight is kept until its reuse when that comes
+    # within stage3_max_reuse_distance fetched elements (backward reuses the last layers first: with
+    # the default 1e9 a model of fewer weights per rank stays gathered from forward to backward),
+    # plus the layer running, the prefetch bucket, the persistent small weights and one buffer of
+    # the largest weight.
     gathered = 0.0
     if z == 3:
         prefetch = int(_zero(setup, "stage3_prefetch_bucket_size"))
-        live = int(_zero(setup, "stage3_max_live_parameters"))
-        # plus a buffer of the largest parameter it keeps for gathering
-        gathered_n = min(live, sh.largest_layer + prefetch) + sh.persistent + sh.largest_param
-        gathered = gathered_n * p
+        reuse = int(_zero(setup, "stage3_max_reuse_distance"))
+        kept = min(phi, reuse // 2)  # layer i is reused after 2 x (the layers after it) are fetched
+        gathered_n = kept + sh.largest_layer + prefetch + sh.persistent + sh.largest_param
+        gathered = min(gathered_n, phi + sh.largest_param) * p
     gathered_term = Term("gathered", "ZeRO 3 gathered weights", gathered,
-                         f"largest layer {sh.largest_layer:,} + prefetch bucket + persistent + largest parameter, "
-                         f"x {p} B")
+                         f"min(weights here, stage3_max_reuse_distance / 2) + largest layer {sh.largest_layer:,} + "
+                         f"prefetch + persistent + largest weight, x {p} B")
 
     # -- activations ---------------------------------------------------------------------------
     in_flight = min(lay.pp - stage, setup.accumulation)
@@ -358,6 +364,16 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     else:
         start = tokens * a.hidden_size * p
     chunk = _recompute_chunk(setup, stage)
+
+    # the end of backward's transient: a recomputed chunk, or at ZeRO 0 the flat buffer DeepSpeed's
+    # engine all-reduces the gradients through (its MEMORY_OPT_ALLREDUCE_SIZE, 5e8 elements), even alone
+    allreduce = min(phi, 500_000_000) * grad_bytes if z == 0 and not setup.cpu_offload else 0.0
+    if allreduce > chunk + start:
+        end_transient = Term("transient", "gradient all-reduce buffer", allreduce,
+                             f"min({phi:,}, 5e8) x {grad_bytes} B (DeepSpeed flattens the gradients to reduce them)")
+    else:
+        end_transient = Term("transient", "recomputed chunk" if chunk else "layer gradients", chunk + start,
+                             "one chunk's activations rebuilt" if chunk else "the last layer's gradients")
 
     # -- the step -------------------------------------------------------------------------------
     from megatron_ext.optimizers.common.state_memory import StepContext
@@ -416,9 +432,7 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
         "end of backward": resident + [end_grads, fb_buckets, gathered_term,
                                        Term("activations", f"activations of the other {in_flight - 1} micro-batch(es)",
                                             per_mb * (in_flight - 1), f"{_fmt(per_mb)} x {in_flight - 1}"),
-                                       Term("transient", "recomputed chunk" if chunk else "layer gradients",
-                                            chunk + start, "one chunk's activations rebuilt" if chunk else
-                                            "the last layer's gradients")],
+                                       end_transient],
         "optimizer step": resident + [grads, bucket_term if persistent_buckets else
                                       Term("buffers", bucket_term.label, 0.0, "none"), workspace],
     }
@@ -435,7 +449,7 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     terms = tuple(t for t in phases[peak] if t.bytes > 0)
     return MemoryPlan(stage=stage, phase=peak, terms=terms, phases=tuple(totals.items()), host_bytes=host,
                       parameters=sum(t.numel for t in F.parameters(a, setup.vocab)), rank_parameters=phi,
-                      notes=tuple(notes))
+                      in_flight=in_flight, notes=tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------
