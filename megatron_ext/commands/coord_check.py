@@ -57,14 +57,10 @@ def _own_parser() -> argparse.ArgumentParser:
 def run_argv(argv) -> int:
     import warnings
 
-    from megatron_ext.arguments import normalise_argv
+    from megatron_ext.commands import parse_own_options
 
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")
-    opts, rest = own.parse_known_args(normalise_argv(list(argv)))
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv)
     from megatron_ext.parametrizations import PARAMETRIZATIONS
 
     names = [n.strip() for n in opts.parametrizations.split(",") if n.strip()]

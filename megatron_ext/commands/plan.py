@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from megatron_ext.argtypes import positive_float, positive_int
+from megatron_ext.argtypes import positive_int
+from megatron_ext.commands import parse_own_options
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 PROG = "megatron-ext plan"
@@ -31,17 +32,18 @@ LAYOUT_DESTS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_siz
 SEARCH_FIXED = {"zero_stage": "zero", "micro_batch_size": "micro_batch", "recompute_activations": "recompute"}
 
 
+HELP = "memory per device and time of a run, or a search of the layouts that fit (fit before you queue)"
+
+
 def add_parser(sub):
-    sub.add_parser("plan", help="memory per device and time of a run, or a search of the layouts that fit "
-                                "(fit before you queue)", add_help=False)
+    sub.add_parser("plan", help=HELP, add_help=False)
 
 
 def _own_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False, add_help=False,
-        description="The memory per device and the time of a run with these training flags, or (--devices N) the "
-                    "layouts that fit N devices. Every training flag is accepted; these are extra "
-                    "(docs/memory_plan.md):")
+    description = ("The memory per device and the time of a run with these training flags, or (--devices N) the "
+                   "layouts that fit N devices. Every training flag is accepted; these are extra "
+                   "(docs/memory_plan.md):")
+    p = argparse.ArgumentParser(prog=PROG, description=description, allow_abbrev=False, add_help=False)
     p.add_argument("-h", "--help", action="store_true", help="show this help")
     p.add_argument("--model", metavar="PRESET", help="a train_alcf.sh MODEL_ARCH preset (7B, 70B, openseek-small...); "
                                                      "model flags given too win")
@@ -216,14 +218,8 @@ def _launcher_plan(opts, rest):
 
 
 def run_argv(argv) -> int:
-    from megatron_ext.arguments import normalise_argv
-
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{PROG}: error: {message}\n")  # one line, no usage
-    opts, rest = own.parse_known_args(normalise_argv(list(argv)))
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv)
     if opts.devices and opts.world_size:
         own.error("give --world-size N (one layout) or --devices N (a search), not both")
     if opts.launcher and (opts.devices or opts.world_size or opts.model):

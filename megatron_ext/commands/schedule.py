@@ -113,15 +113,11 @@ def rows_for(args, scheduler, steps: List[int]):
 
 
 def run_argv(argv) -> int:
-    from megatron_ext.arguments import normalise_argv
+    from megatron_ext.commands import parse_own_options
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{own.prog}: error: {message}\n")  # one line, no usage
-    opts, rest = own.parse_known_args(normalise_argv(list(argv)))
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv)
     if opts.steps is not None and opts.every is not None:
         own.error("give --steps or --every, not both")
     steps = _steps(opts.steps, own) if opts.steps is not None else None

@@ -22,7 +22,7 @@ import sys
 import time
 
 from megatron_ext.argtypes import finite_float, positive_int
-from megatron_ext.commands import split_at_double_dash
+from megatron_ext.commands import parse_own_options, split_at_double_dash
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 PROG = "megatron-ext sweep"
@@ -216,11 +216,7 @@ def run_argv(argv) -> int:
 
     argv, training_flags = split_at_double_dash(argv)
     own = _own_parser()
-    own.error = lambda message: own.exit(2, f"{PROG}: error: {message}\n")  # one line, no usage
-    opts, rest = own.parse_known_args(argv)
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv, normalise=False)
 
     def fail(message: str) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -3,8 +3,9 @@
 A training step goes through moments that hold different things; the estimate computes the
 bytes held at each and reports the largest (docs/memory_plan.md has every formula):
 
-* start-up: DeepSpeed flattens the weights into one buffer per param group (the old and the flat
-  copy exist together) and makes the fp32 master partition;
+* start-up, under ZeRO 0 with bf16/fp16: DeepSpeed initialises the optimizer states with one step
+  on fp32 zero gradients (ZeRO 1/2 also flatten the weights at start-up, but on the host when the
+  device lacks the room, so that moment never decides whether a run fits);
 * start of backward: weights, master weights, optimizer states, buffers, the activations of every
   micro-batch in flight and the first gradients (the logits' and the output layer's);
 * end of backward: the gradients whole (ZeRO 0) or their partition and the reduce buckets, the
@@ -279,6 +280,9 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     elif bf16_optimizer:
         grads = Term("gradients", "gradients (fp32, whole)", phi * 4,
                      f"{phi:,} x 4 B (DeepSpeed's bf16 optimizer keeps fp32 gradients of every weight)")
+    elif z == 2 and D > 1:  # its partition buffer holds whole the weights that straddle its edges
+        grads = Term("gradients", "gradient partition", (phi_part + sh.largest_param) * grad_bytes,
+                     f"({phi:,} / {D} ranks + a straddling weight {sh.largest_param:,}) x {grad_bytes} B")
     else:
         grads = Term("gradients", "gradient partition", phi_part * grad_bytes,
                      f"{phi:,} / {D} ranks x {grad_bytes} B")
@@ -419,6 +423,11 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
         held_grads = whole_grads
         end_grads = Term("gradients", "gradients (whole) and their partition", whole_grads.bytes + grads.bytes,
                          whole_grads.formula + " + " + grads.formula)
+    elif z == 2 and accumulating and not setup.cpu_offload:
+        # each backward releases the partition buffer while the weights' .grad still view it: the
+        # next micro-batch's buffer comes next to it
+        held_grads = end_grads = Term("gradients", "gradient partition buffers (two while accumulating)",
+                                      2 * grads.bytes, "2 x " + grads.formula)
     else:
         held_grads = grads if accumulating or z == 3 or bf16_optimizer else \
             Term("gradients", grads.label, 0.0, "none yet (allocated in backward)")
@@ -436,12 +445,9 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
         "optimizer step": resident + [grads, bucket_term if persistent_buckets else
                                       Term("buffers", bucket_term.label, 0.0, "none"), workspace],
     }
-    if z in (1, 2) or bf16_optimizer:  # one param group at a time; on the host when the device lacks room
-        whole_group = max((sum(n for (r, _), n in sh.by_role.items() if r == role) for role in group_sizes), default=0)
-        phases["start-up"] = [weights, Term("transient", "flat copy of the largest param group", whole_group * p,
-                                            f"{int(whole_group):,} x {p} B (DeepSpeed flattens each param group)"),
-                              master]
-    elif z == 0 and low:  # FP16_UnfusedOptimizer initialises the states with one step on zero gradients
+    # (ZeRO 1/2 flatten each param group at start-up, the old and the flat copy together, but on the
+    # host when the device lacks the room: that moment never decides whether a run fits)
+    if z == 0 and low:  # FP16_UnfusedOptimizer initialises the states with one step on zero gradients
         phases["start-up"] = [weights, master, states, Term("gradients", "fp32 zero gradients", phi * 4,
                                                             f"{phi:,} x 4 B"), workspace]
     totals = {name: sum(t.bytes for t in ts) for name, ts in phases.items()}
