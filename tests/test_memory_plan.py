@@ -166,7 +166,7 @@ def test_the_parameter_inventory_is_the_models(case, mcore):
     plan = parse_plan(INVENTORY_CASES[case] + ["--seq-length", "64", "--mock-data", "--train-iters", "1"], 1)
     model = build_model(plan.args, 1000)
     real = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    planned = {p.name: p.shape for p in features.parameters(plan.args, 1024)}
+    planned = {name: p.shape for p in features.parameters(plan.args, 1024) for name in p.names()}
     assert planned == real
 
 
@@ -187,8 +187,8 @@ def test_plan_prints_every_term_with_its_formula_and_the_time():
                     "--zero-stage", "2", "--train-iters", "1000")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for needed in ("memory per device (est.)", "weights", "fp32 master weights", "optimizer states",
-                   "activations", "step time (est.)", "tokens per second (est.)",
+    for needed in ("memory/device (est.)", "weights", "fp32 master weights", "optimizer states",
+                   "activations", "step time (est.)", "tokens/s (est.)",
                    "node-hours", "formulas:", "TP2 x PP1 x EP1 x SP1 x DP4"):
         assert needed in out, needed
     assert "989 TFLOPS" in out and "40%" in out
@@ -278,7 +278,7 @@ def test_the_trainer_refuses_a_run_that_cannot_fit_and_runs_it_when_allowed(tmp_
     assert lines[0].startswith("megatron_ext.train: error: the estimated peak memory")
     assert "the largest term is" in lines[0] and "try" in lines[0]
     proc = run_trainer(argv + ["--allow-oversubscribe"])
-    assert "memory per device (est.)" in proc.stdout and "DOES NOT FIT" in proc.stdout
+    assert "memory/device (est.)" in proc.stdout and "DOES NOT FIT" in proc.stdout
     assert "iteration=       1/       1" in proc.stdout
 
 
@@ -293,16 +293,20 @@ def test_the_refusal_names_the_fix_for_the_largest_term():
     assert record["memory"]["largest"] == "activations" and "--recompute-activations" in record["refusal"]
 
 
-def test_dry_run_shows_the_plan_and_the_launcher_refuses_what_cannot_fit():
-    from megatron_ext.launcher.resolve import LaunchError, resolve, settings_table
+def test_dry_run_shows_the_plan_and_the_launcher_refuses_what_cannot_fit(tmp_path):
+    from test_launcher import launch
 
-    env = {"MODEL_ARCH": "tiny", "TRAIN_ITERS": "10"}
-    launch = resolve(env, [], REPO, accelerator=("cpu", 1), check_files=False)
-    table = settings_table(launch)
-    assert "memory per device (est.)" in table and "optimizer states" in table
-    with pytest.raises(LaunchError) as e:
-        resolve({**env, "ZERO_STAGE": "0"}, ["--device-memory", "0.001"], REPO, accelerator=("cpu", 1), check_files=False)
-    assert "exceeds the device's" in str(e.value) and "\n" not in str(e.value)
+    env = {"MODEL_ARCH": "tiny", "TRAIN_ITERS": "10", "ZERO_STAGE": "0", "SAVE": str(tmp_path / "run")}
+    proc = launch(env)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory/device (est.)" in proc.stdout and "optimizer states" in proc.stdout and "(fits)" in proc.stdout
+    proc = launch(env, extra=["--device-memory", "0.001"])  # DRY_RUN shows what the launch would refuse
+    assert proc.returncode == 0 and "DOES NOT FIT" in proc.stdout and "the launch would be refused" in proc.stdout
+    proc = launch(env, extra=["--device-memory", "0.001"], dry_run=False)
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("train_alcf.sh: error: the estimated peak memory")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_plan_reads_a_launchers_variables(monkeypatch):

@@ -210,7 +210,7 @@ def _launcher_plan(opts, rest):
     repo = os.environ.get("MEGATRON_EXT_ROOT") or os.getcwd()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            launch = resolve(os.environ, list(rest) + ["--allow-oversubscribe"], repo,
+            launch = resolve(os.environ, list(rest), repo,
                              accelerator=(device.kind, opts.devices_per_node or device.per_node), check_files=False)
     except LaunchError as e:
         raise PlanInputError(f"train_alcf.sh: {e}") from None

@@ -32,13 +32,29 @@ class ParamTensor:
     layer: Optional[int] = None  # decoder layer (None: embedding, final norm, output layer, MTP)
     expert: bool = False  # a routed expert's weight (split over expert parallelism)
     place: str = "layer"  # embedding | layer | output | mtp: which pipeline stage holds it
+    count: int = 1  # identical tensors it stands for (the routed experts of a layer: local_experts.0..E-1)
 
     @property
     def numel(self) -> int:
+        """Elements of one of the tensors."""
         n = 1
         for d in self.shape:
             n *= d
         return n
+
+    def names(self) -> List[str]:
+        if self.count == 1:
+            return [self.name]
+        return [self.name.replace(".local_experts.0.", f".local_experts.{e}.") for e in range(self.count)]
+
+
+# The flags the parameters depend on (what makes two plans the same model).
+MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads",
+                "kv_channels", "swiglu", "normalization", "add_bias_linear", "position_embedding_type",
+                "max_position_embeddings", "untie_embeddings_and_output_weights", "multi_latent_attention",
+                "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "qk_layernorm",
+                "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq",
+                "moe_first_k_dense", "mtp_num_layers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,10 +79,10 @@ def _norm(prefix: str, width: int, a, layer, place="layer") -> List[ParamTensor]
 
 
 def _linear(prefix: str, rows: int, cols: int, tp_dim: int, a, layer, expert=False, place="layer",
-            bias=True) -> List[ParamTensor]:
-    out = [ParamTensor(f"{prefix}.weight", (rows, cols), tp_dim, layer, expert, place)]
+            bias=True, count=1) -> List[ParamTensor]:
+    out = [ParamTensor(f"{prefix}.weight", (rows, cols), tp_dim, layer, expert, place, count)]
     if bias and a.add_bias_linear:  # a row-parallel layer's bias is added after the reduce: replicated
-        out.append(ParamTensor(f"{prefix}.bias", (rows,), 0 if tp_dim == 0 else None, layer, expert, place))
+        out.append(ParamTensor(f"{prefix}.bias", (rows,), 0 if tp_dim == 0 else None, layer, expert, place, count))
     return out
 
 
@@ -104,10 +120,10 @@ def attention_parameters(a, prefix: str, layer, place="layer") -> List[ParamTens
     return out
 
 
-def _mlp(prefix: str, width: int, a, layer, expert=False, place="layer") -> List[ParamTensor]:
+def _mlp(prefix: str, width: int, a, layer, expert=False, place="layer", count=1) -> List[ParamTensor]:
     fc1 = 2 * width if a.swiglu else width
-    return (_linear(f"{prefix}.linear_fc1", fc1, a.hidden_size, 0, a, layer, expert, place)
-            + _linear(f"{prefix}.linear_fc2", a.hidden_size, width, 1, a, layer, expert, place))
+    return (_linear(f"{prefix}.linear_fc1", fc1, a.hidden_size, 0, a, layer, expert, place, count=count)
+            + _linear(f"{prefix}.linear_fc2", a.hidden_size, width, 1, a, layer, expert, place, count=count))
 
 
 def mlp_parameters(a, prefix: str, layer, moe: bool, place="layer") -> List[ParamTensor]:
@@ -117,9 +133,9 @@ def mlp_parameters(a, prefix: str, layer, moe: bool, place="layer") -> List[Para
     if not moe:
         return out + _mlp(f"{prefix}.mlp", a.ffn_hidden_size, a, layer, place=place)
     out.append(ParamTensor(f"{prefix}.mlp.router.weight", (a.num_experts, a.hidden_size), None, layer, place=place))
-    for e in range(a.num_experts):
-        out += _mlp(f"{prefix}.mlp.experts.local_experts.{e}", a.moe_ffn_hidden_size, a, layer, expert=True,
-                    place=place)
+    # the routed experts: one entry standing for local_experts.0 .. E-1 (identical shapes)
+    out += _mlp(f"{prefix}.mlp.experts.local_experts.0", a.moe_ffn_hidden_size, a, layer, expert=True, place=place,
+                count=a.num_experts)
     if a.moe_shared_expert_intermediate_size:
         out += _mlp(f"{prefix}.mlp.shared_experts", a.moe_shared_expert_intermediate_size, a, layer, place=place)
     return out
@@ -156,7 +172,8 @@ def mtp_parameters(a) -> List[ParamTensor]:
 
 
 def parameters(a, vocab: int) -> List[ParamTensor]:
-    """Every parameter of the model (full shapes), as megatron-core names them."""
+    """Every parameter of the model (full shapes), as megatron-core names them (the routed experts
+    of a layer as one entry with ``count``: ``ParamTensor.names`` lists them)."""
     out = embedding_parameters(a, vocab)
     for i, moe in enumerate(moe_pattern(a)):
         prefix = f"decoder.layers.{i}"

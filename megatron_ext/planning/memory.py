@@ -149,23 +149,35 @@ def _stage_of(p: F.ParamTensor, layers_per_stage: int, pp: int, tied: bool) -> L
     return [p.layer // layers_per_stage]
 
 
-def shard(setup: Setup, stage: int) -> _Shard:
+def _inventory(args, vocab: int) -> List[Tuple[F.ParamTensor, str]]:
+    """(parameter, its role) of the model, computed once per model shape (a search estimates
+    thousands of layouts of one model)."""
     from megatron_ext.optimizers.common.param_groups import param_role
 
     import torch
 
+    key = (vocab,) + tuple((k, repr(getattr(args, k, None))) for k in F.MODEL_FIELDS)
+    if key not in _INVENTORIES:
+        _INVENTORIES[key] = [(p, param_role(p.name, torch.empty(p.shape, device="meta")))
+                             for p in F.parameters(args, vocab)]
+    return _INVENTORIES[key]
+
+
+_INVENTORIES: Dict[tuple, List[Tuple[F.ParamTensor, str]]] = {}
+
+
+def shard(setup: Setup, stage: int) -> _Shard:
     a, lay = setup.args, setup.layout
     out = _Shard()
     per_stage = a.num_layers // lay.pp
     threshold = _zero(setup, "stage3_param_persistence_threshold")
     layer_sizes: Dict[int, int] = defaultdict(int)
-    for p in F.parameters(a, setup.vocab):
+    for p, role in _inventory(a, setup.vocab):
         if stage not in _stage_of(p, per_stage, lay.pp, not a.untie_embeddings_and_output_weights):
             continue
         # a rank holds 1/TP of a split tensor and 1/EP of the experts (whole experts each)
         n = p.numel // (lay.tp if p.tp_dim is not None else 1)
-        share = 1 / lay.ep if p.expert else 1
-        role = param_role(p.name, torch.empty(p.shape, device="meta"))
+        share = p.count / lay.ep if p.expert else p.count
         if p.expert:
             out.expert += n * share
         else:
@@ -173,7 +185,7 @@ def shard(setup: Setup, stage: int) -> _Shard:
         out.by_role[(role, p.expert)] += n * share
         out.largest_param = max(out.largest_param, n)
         if p.numel < threshold:
-            out.persistent += n
+            out.persistent += n * share
         if p.layer is not None:
             layer_sizes[p.layer] += n * share
         if role == "hidden" and len(p.shape) == 2:
@@ -423,9 +435,9 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
         held_grads = whole_grads
         end_grads = Term("gradients", "gradients (whole) and their partition", whole_grads.bytes + grads.bytes,
                          whole_grads.formula + " + " + grads.formula)
-    elif z == 2 and accumulating and not setup.cpu_offload:
+    elif z == 2 and accumulating and D > 1 and not setup.cpu_offload:
         # each backward releases the partition buffer while the weights' .grad still view it: the
-        # next micro-batch's buffer comes next to it
+        # next micro-batch's buffer comes next to it (measured with 2 ranks; one rank keeps one)
         held_grads = end_grads = Term("gradients", "gradient partition buffers (two while accumulating)",
                                       2 * grads.bytes, "2 x " + grads.formula)
     else:
@@ -454,7 +466,7 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     peak = max(totals, key=totals.get)
     terms = tuple(t for t in phases[peak] if t.bytes > 0)
     return MemoryPlan(stage=stage, phase=peak, terms=terms, phases=tuple(totals.items()), host_bytes=host,
-                      parameters=sum(t.numel for t in F.parameters(a, setup.vocab)), rank_parameters=phi,
+                      parameters=sum(t.numel * t.count for t, _ in _inventory(a, setup.vocab)), rank_parameters=phi,
                       in_flight=in_flight, notes=tuple(notes))
 
 

@@ -74,9 +74,9 @@ def refusal(a: Assessment) -> str:
 def rows(a: Assessment) -> List[Tuple[str, Any]]:
     m, t = a.memory, a.time
     verdict = "fits" if a.fits else ("DOES NOT FIT" if a.exceeds else f"tight (under {HEADROOM:.0%} free)")
-    out = [("memory per device (est.)", f"{_fmt(m.total)} of {_fmt(a.device_memory)} ({verdict}); peak at "
+    out = [("memory/device (est.)", f"{_fmt(m.total)} of {_fmt(a.device_memory)} ({verdict}); peak at "
                                         f"{m.phase}" + (f", pipeline stage {m.stage}" if a.setup.layout.pp > 1 else ""))]
-    for term in m.terms:
+    for term in m.terms:  # (keys no wider than the start-up block's own: its layout stays)
         out.append((f"  {term.key}", f"{_fmt(term.bytes)}  {term.label}"))
     if m.host_bytes:
         out.append(("  host (offload)", _fmt(m.host_bytes)))
@@ -90,7 +90,7 @@ def time_rows(t: StepTime, device: Device) -> List[Tuple[str, Any]]:
     factors = f", {t.factors}" if t.factors else ""
     rows = [("step time (est.)", f"{t.seconds:.3g} s ({t.flops / 1e12:,.1f} TFLOPs at {t.utilisation:.0%} of "
                                  f"{t.peak_tflops:g} TFLOPS{factors})"),
-            ("tokens per second (est.)", f"{t.tokens_per_second:,.0f} ({t.tokens_per_day / 1e9:,.2f}B per day)")]
+            ("tokens/s (est.)", f"{t.tokens_per_second:,.0f} ({t.tokens_per_day / 1e9:,.2f}B per day)")]
     if t.run_hours is not None:
         rows.append(("whole run (est.)", f"{t.run_hours:,.1f} h on {t.nodes:g} node(s) = {t.node_hours:,.0f} node-hours "
                                          f"({t.train_iters:,} iterations)"))

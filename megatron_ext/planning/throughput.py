@@ -49,8 +49,8 @@ def active_parameters(args, vocab: int) -> int:
     """Parameters a token passes through: all but the routed experts it is not sent to."""
     total, experts = 0, 0
     for p in F.parameters(args, vocab):
-        total += p.numel
-        experts += p.numel if p.expert else 0
+        total += p.numel * p.count
+        experts += p.numel * p.count if p.expert else 0
     if not experts:
         return total
     return int(total - experts * (1 - args.moe_router_topk / args.num_experts))

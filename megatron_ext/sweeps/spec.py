@@ -369,6 +369,8 @@ def build_specs(settings: Settings, variants: List[Dict[str, str]]) -> List[dict
                 launch, read = resolve_launch({**os.environ, **env}, argv, repo)
             except SweepError as e:
                 raise SweepError(f"{label}: {e}") from None
+            if launch.refusal:  # its memory plan does not fit the device
+                raise SweepError(f"{label}: {launch.refusal}")
             for var in env:
                 if var in values and var not in read:
                     raise SweepError(f"key {var!r} is not a variable train_alcf.sh reads{close_hint(var, read)}")
