@@ -32,6 +32,10 @@ class Check:
     name: str
     flags: Tuple[str, ...]
     ranks: int = 1
+    # False: its peak moves from run to run by more than the tolerance allows a check (on gloo,
+    # when the asynchronous collectives complete decides when ZeRO 2/3 free buffers); the
+    # benchmark shows it, the test does not assert it
+    repeatable: bool = True
 
     def argv(self, ds_config: str) -> List[str]:
         return MODEL + ["--deepspeed-config", ds_config] + list(self.flags)
@@ -52,8 +56,8 @@ CHECKS = (
                                         "--micro-batch-size", "8", "--seq-length", "256")),
     # several ranks (torchrun on gloo)
     Check("zero1-dp2", ("--zero-stage", "1"), ranks=2),
-    Check("zero2-dp2-accumulation", ("--zero-stage", "2", "--global-batch-size", "8"), ranks=2),
-    Check("zero3-dp2", ("--zero-stage", "3"), ranks=2),
+    Check("zero2-dp2-accumulation", ("--zero-stage", "2", "--global-batch-size", "8"), ranks=2, repeatable=False),
+    Check("zero3-dp2", ("--zero-stage", "3"), ranks=2, repeatable=False),
     Check("tp2-zero1", ("--zero-stage", "1", "--tensor-model-parallel-size", "2"), ranks=2),
 )
 
