@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import os
 import subprocess
 import sys
 

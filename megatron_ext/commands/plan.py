@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from megatron_ext.argtypes import positive_int
 from megatron_ext.commands import parse_own_options

@@ -74,8 +74,21 @@ RUNNABLE = {
 }
 
 
+# DeepSpeed's rule: its pipeline engine runs ZeRO 0 and 1 only (whichever runner uses it).
+PIPELINE_ZERO_STAGES = (0, 1)
+
+
+def deepspeed_problem(layout: Layout, zero_stage: int) -> Optional[str]:
+    if layout.pp > 1 and zero_stage not in PIPELINE_ZERO_STAGES:
+        return f"DeepSpeed's pipeline engine runs ZeRO 0/1 only, not {zero_stage} with PP {layout.pp}"
+    return None
+
+
 def runnable(layout: Layout, zero_stage: int, moe: bool = False) -> Tuple[Optional[str], Optional[str]]:
     """``(runner name, None)`` for the first runner that runs it, or ``(None, why not)``."""
+    problem = deepspeed_problem(layout, zero_stage)
+    if problem:
+        return None, problem
     reasons = []
     for key, runner in RUNNABLE.items():
         problem = runner.problem(layout, zero_stage, moe)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ext.planning import features as F
 from megatron_ext.planning.layout import Layout
