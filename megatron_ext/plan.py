@@ -95,7 +95,9 @@ class RunPlan:
             rows.append(("document boundaries", ", ".join(documents)))
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
-        return rows
+        from megatron_ext.planning import plan_rows
+
+        return rows + plan_rows(self)  # memory per device by term, step time, run length (docs/memory_plan.md)
 
     def _optimizer_line(self) -> str:
         plugin = self.plugins.get("optimizer")

@@ -92,11 +92,13 @@ LAYERS = [
     ("model", ["megatron_ext.models"]),
     ("data", ["megatron_ext.data"]),
     ("training", ["megatron_ext.training"]),
+    ("memory plan", ["megatron_ext.planning"]),
     ("flags and plan", ["megatron_ext.arguments", "megatron_ext.flag_spelling", "megatron_ext.plan",
                         "megatron_ext.experiment_config"]),
     ("integrations", ["megatron_ext.hf", "megatron_ext.megatron_deepspeed", "megatron_ext.launcher",
                       "megatron_ext.sweeps"]),
-    ("entry points", ["megatron_ext.commands", "megatron_ext.cli", "megatron_ext.train", "megatron_ext"]),
+    ("entry points", ["megatron_ext.commands", "megatron_ext.cli", "megatron_ext.train", "megatron_ext",
+                      "megatron_ext.planning.measure"]),
 ]
 
 

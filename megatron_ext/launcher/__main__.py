@@ -42,6 +42,9 @@ def main(argv=None) -> int:
             print("DeepSpeed config (generated):\n" + json.dumps(launch.ds_config, indent=2))
         print("DRY_RUN=1: nothing was started or written.")
         return 0
+    if launch.refusal:  # the memory plan: it cannot fit (docs/memory_plan.md)
+        print(f"train_alcf.sh: error: {launch.refusal}", file=sys.stderr)
+        return 2
 
     if not launch.files_checked:  # the demo corpus is built on first use, then planned with its files
         from megatron_ext.launcher.demo import prepare
@@ -51,6 +54,9 @@ def main(argv=None) -> int:
             launch = resolve(os.environ, argv, repo, check_files=True)
         except LaunchError as e:
             print(f"train_alcf.sh: error: {e}", file=sys.stderr)
+            return 2
+        if launch.refusal:  # planned again with the demo's own tokenizer
+            print(f"train_alcf.sh: error: {launch.refusal}", file=sys.stderr)
             return 2
 
     os.makedirs(launch.run_dir, exist_ok=True)
