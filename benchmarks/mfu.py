@@ -30,23 +30,6 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Peak dense (no sparsity) bf16 matrix FLOP/s per device torch sees, vendor figures, in TFLOP/s.
-# Matched case-insensitively against the device name, first match wins (so "h100 nvl" before "h100").
-PEAK_BF16_TFLOPS = [
-    ("h200", 989.0),  # H200 SXM
-    ("gh200", 989.0),
-    ("h100 nvl", 835.0),
-    ("h100 pcie", 756.0),
-    ("h100", 989.0),  # H100 SXM
-    ("a100", 312.0),  # A100 SXM/PCIe (Polaris)
-    ("mi300x", 1307.4),
-    ("mi300a", 980.6),
-    ("mi250x", 191.5),  # per GCD (torch sees each of the two dies as a device)
-    ("mi250", 181.0),  # per GCD
-    ("max 1550", 419.4),  # Intel Data Center GPU Max 1550 (Aurora PVC), per stack (FLAT mode device)
-    ("max 1100", 352.0),
-]
-
 PRESETS = ("125M", "350M", "2B")
 MAX_MICRO_BATCH = {"tiny": 4, "125M": 32, "350M": 16, "2B": 8}
 VOCAB = 32000
@@ -63,10 +46,11 @@ def device_name() -> str:
 
 
 def peak_tflops(name: str):
-    for key, value in PEAK_BF16_TFLOPS:
-        if key in name.lower():
-            return value
-    return None
+    """Peak dense bf16 TFLOP/s of the device torch names (the memory plan's table), or None."""
+    from megatron_ext.planning.devices import for_model
+
+    device = for_model(name)
+    return device.peak_tflops if device is not None else None
 
 
 def available_backends():

@@ -155,6 +155,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     from megatron_ext.schedules import SCHEDULES
     from megatron_ext.models import features
     from megatron_ext.models.llama_moe_names import add_llama_moe_names
+    from megatron_ext.planning.arguments import add_plan_arguments
     from megatron_ext.schedules.common.scheduler import add_schedule_arguments
     from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
     from megatron_ext.training.lr_finder import add_lr_finder_arguments
@@ -317,6 +318,7 @@ def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
         g.add_argument(flag, dest=_no_op_dest(flag), help=meaning, **kwargs, **action)
 
     add_lr_finder_arguments(p.add_argument_group("LR finder"))
+    add_plan_arguments(p.add_argument_group("memory and time plan (docs/memory_plan.md)"))
 
     for family in (OPTIMIZERS, SCHEDULES, PARAMETRIZATIONS):
         family.add_arguments(p)

@@ -100,7 +100,9 @@ class RunPlan:
             rows.append(("document boundaries", ", ".join(documents)))
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
-        return rows
+        from megatron_ext.planning import plan_rows
+
+        return rows + plan_rows(self)  # memory per device by term, step time, run length (docs/memory_plan.md)
 
     def _optimizer_line(self) -> str:
         plugin = self.plugins.get("optimizer")
@@ -275,7 +277,7 @@ def _resume_own_checkpoint(a, notes: List[str]) -> None:
     ``--universal-checkpoint``) re-queued with the same command would start over from PRETRAINED
     every time: when --save already holds a checkpoint this run wrote (its saved --load is this
     --load), the run resumes from it instead, and says so. ``--restart-from-load`` starts over."""
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, client_state, read_latest
+    from megatron_ext.checkpoint_layout import CheckpointFileError, client_state, read_latest
 
     if not (a.load and a.save and (a.finetune or a.universal_checkpoint) and not a.restart_from_load):
         return

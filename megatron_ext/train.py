@@ -28,9 +28,16 @@ def run(argv=None) -> int:
     from megatron_ext.plan import parse_plan
 
     plan = parse_plan(argv)
+    from megatron_ext.planning import launch_problem
+
+    problem = launch_problem(plan)  # a run whose memory estimate exceeds the device: one line, before any work
+    if problem is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron_ext.train: error: {problem}", file=sys.stderr, flush=True)
+        return 2
     from megatron_ext.data.data_checks import DataFileError
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
-    from megatron_ext.training.checkpoint_files import CheckpointFileError
+    from megatron_ext.checkpoint_layout import CheckpointFileError
     from megatron_ext.training.checkpoint_loading import CheckpointLoadError
     from megatron_ext.training.trainer import pretrain
 

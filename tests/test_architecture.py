@@ -86,16 +86,19 @@ def _cycles(edges):
 # imports included). A name is a module or a package (its modules too).
 LAYERS = [
     ("base", ["megatron_ext.argtypes", "megatron_ext.fileio", "megatron_ext.optional", "megatron_ext.derivations",
-              "megatron_ext.registry", "megatron_ext.plotting", "megatron_ext.platform"]),
+              "megatron_ext.checkpoint_layout", "megatron_ext.registry", "megatron_ext.plotting",
+              "megatron_ext.platform"]),
     ("plug-in families", ["megatron_ext.schedules", "megatron_ext.optimizers", "megatron_ext.parametrizations"]),
     ("model", ["megatron_ext.models"]),
     ("data", ["megatron_ext.data"]),
     ("training", ["megatron_ext.training"]),
+    ("memory plan", ["megatron_ext.planning"]),
     ("flags and plan", ["megatron_ext.arguments", "megatron_ext.flag_spelling", "megatron_ext.plan",
                         "megatron_ext.experiment_config"]),
     ("integrations", ["megatron_ext.hf", "megatron_ext.megatron_deepspeed", "megatron_ext.launcher",
                       "megatron_ext.sweeps"]),
-    ("entry points", ["megatron_ext.commands", "megatron_ext.cli", "megatron_ext.train", "megatron_ext"]),
+    ("entry points", ["megatron_ext.commands", "megatron_ext.cli", "megatron_ext.train", "megatron_ext",
+                      "megatron_ext.planning.measure"]),
 ]
 
 

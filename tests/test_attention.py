@@ -192,7 +192,7 @@ def test_a_transformer_engine_checkpoint_is_refused_in_one_line_where_its_names_
     """Transformer Engine's spec names the norms after the fused linear that holds them: a te
     checkpoint does not fit an sdpa/local model, export-hf's or the fork's mapping. No TE here, so
     the checkpoint is a real sdpa one whose saved flags say te (what a CUDA machine would write)."""
-    from megatron_ext.training.checkpoint_files import model_states_files
+    from megatron_ext.checkpoint_layout import model_states_files
 
     ck = tmp_path / "ck"
     run_trainer(GQA + ["--train-iters", "2", "--save", str(ck), "--save-interval", "2"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, _env, free_port, run_trainer
-from megatron_ext.training.checkpoint_files import TRACKER_FILE
-from megatron_ext.training.checkpoint_files import read_latest as latest_tag
+from megatron_ext.checkpoint_layout import TRACKER_FILE
+from megatron_ext.checkpoint_layout import read_latest as latest_tag
 from megatron_ext.training.checkpointing import prune_checkpoints, publish_checkpoint
 
 MOCK = ["--mock-data"]
@@ -79,13 +79,16 @@ def steps(folder):
     return sorted(int(n[len("global_step"):]) for n in os.listdir(folder) if re.fullmatch(r"global_step\d+", n))
 
 
-def checkpoint_files(dp=1):
-    """The files of a ZeRO-1 checkpoint written by `dp` data-parallel ranks."""
-    return ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp)]
+def checkpoint_files(dp=1, stage=1):
+    """The files of a ZeRO-1 (or ZeRO-3) checkpoint written by `dp` data-parallel ranks."""
+    optim = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp)]
+    if stage == 3:
+        return [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(dp)] + optim
+    return ["mp_rank_00_model_states.pt"] + optim
 
 
-def assert_complete(folder, tag, dp=1):
-    files = checkpoint_files(dp)
+def assert_complete(folder, tag, dp=1, stage=1):
+    files = checkpoint_files(dp, stage)
     assert sorted(os.listdir(os.path.join(folder, tag))) == sorted(files)
     for name in files:
         torch.load(os.path.join(folder, tag, name), map_location="cpu", weights_only=False)
@@ -160,15 +163,16 @@ def test_keep_last_needs_save():
     assert proc.returncode == 2 and "--keep-last needs --save DIR" in proc.stderr
 
 
-def at_rest(folder, keep):
+def at_rest(folder, keep, stage=1):
     """Between saves: nothing hidden, `latest` names the newest checkpoint and it is complete, at
     most `keep` checkpoints. Anything else means a save (or its pruning) is in progress."""
     tag, found = latest_tag(folder), steps(folder)
     return (not hidden(folder) and tag is not None and found[-1:] == [int(tag[len("global_step"):])]
-            and len(found) <= keep and sorted(os.listdir(os.path.join(folder, tag))) == sorted(checkpoint_files()))
+            and len(found) <= keep
+            and sorted(os.listdir(os.path.join(folder, tag))) == sorted(checkpoint_files(stage=stage)))
 
 
-def freeze_inside_a_save(proc, folder, keep, rng, timeout=60):
+def freeze_inside_a_save(proc, folder, keep, rng, stage=1, timeout=60):
     """Stop the process (SIGSTOP) at random instants until it is caught inside a save; it stays
     stopped, so the kill that follows lands exactly there."""
     deadline, ps = time.time() + timeout, psutil.Process(proc.pid)
@@ -177,23 +181,25 @@ def freeze_inside_a_save(proc, folder, keep, rng, timeout=60):
         proc.send_signal(signal.SIGSTOP)
         while ps.status() != psutil.STATUS_STOPPED:
             time.sleep(0.0002)
-        if not at_rest(folder, keep):
+        if not at_rest(folder, keep, stage):
             return
         proc.send_signal(signal.SIGCONT)
     raise AssertionError(f"never caught inside a save in {timeout} s")
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, start_trainer):
-    """Eight SIGKILLs, each of a run that resumed from what the previous kill left (so every trial
-    is also a real resume of that `latest`): four caught inside a save, four at random instants."""
+@pytest.mark.parametrize("stage,trials", [(1, 8), (3, 2)], ids=["zero1", "zero3"])
+def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_latest(stage, trials, tmp_path, start_trainer):
+    """SIGKILLs (eight at ZeRO 1, two at ZeRO 3), each of a run that resumed from what the previous
+    kill left (so every trial is also a real resume of that `latest`): half caught inside a save,
+    half at random instants."""
     ck = str(tmp_path / "ck")
     keep = 2
     flags = TINY + MOCK + LONG + ["--save", ck, "--load", ck, "--save-interval", "1",
-                                  "--keep-last", str(keep), "--eval-iters", "0"]
+                                  "--keep-last", str(keep), "--eval-iters", "0", "--zero-stage", str(stage)]
     rng = random.Random(8)
     inside, latest_steps = 0, []
-    for trial in range(8):
+    for trial in range(trials):
         before = int(latest_tag(ck)[len("global_step"):]) if os.path.exists(os.path.join(ck, "latest")) else 0
         log = str(tmp_path / f"trial{trial}.log")
         proc = start_trainer(flags, log)
@@ -201,18 +207,18 @@ def test_sigkill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, start
         done = wait_for_iteration(proc, log, before + 2)
         assert done[0] == before + 1, f"trial {trial}: resumed at {done[0]}, latest was {before}"
         if trial % 2 == 0:
-            freeze_inside_a_save(proc, ck, keep, rng)
+            freeze_inside_a_save(proc, ck, keep, rng, stage)
         else:  # anywhere: in a step, a save, the rename, `latest`, the pruning
             time.sleep(rng.uniform(0.01, 0.5))
         proc.kill()
         proc.wait()
-        inside += not at_rest(ck, keep)
+        inside += not at_rest(ck, keep, stage)
         tag = latest_tag(ck)
         assert tag is not None, f"trial {trial}: no latest"
-        assert_complete(ck, tag)
+        assert_complete(ck, tag, stage=stage)
         latest_steps.append(int(tag[len("global_step"):]))
     assert latest_steps == sorted(latest_steps)
-    assert inside >= 4
+    assert inside >= trials // 2
 
     # The last state resumes and finishes cleanly; leftovers are gone and --keep-last holds.
     end = latest_steps[-1] + 2

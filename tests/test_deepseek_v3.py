@@ -36,6 +36,8 @@ BASE = ["--mock-data", "--train-iters", "10"]
     (["--moe-shared-expert-intermediate-size", "64"], 1, "--moe-shared-expert-intermediate-size needs --num-experts"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "64", "--moe-shared-expert-overlap"], 1,
      "--moe-shared-expert-overlap: it overlaps the shared expert"),
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "64", "--add-bias-linear"], 1,
+     "--moe-shared-expert-intermediate-size with --add-bias-linear: megatron-core's shared experts have no biases"),
     (["--num-experts", "4", "--moe-router-enable-expert-bias"], 1,
      "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid"),
     (["--num-experts", "4", "--moe-router-bias-update-rate", "0.01"], 1,

@@ -83,7 +83,7 @@ def test_tp2_merge_is_bit_identical_to_deepspeeds_universal_conversion(runs, tmp
 @pytest.mark.slow
 def test_fp32_model_states_equal_zero_partitions(runs):
     from megatron_ext.hf.checkpoint_reader import _tensors, _zero_to_fp32
-    from megatron_ext.training.checkpoint_files import load_states
+    from megatron_ext.checkpoint_layout import load_states
 
     tag = str(runs["tp2"] / "global_step4")
     for rank in (0, 1):
@@ -97,7 +97,7 @@ def test_fp32_model_states_equal_zero_partitions(runs):
 @pytest.mark.parametrize("name", ["zero2_bf16", "zero0_bf16"])
 def test_bf16_runs_give_their_fp32_masters(runs, name):
     from megatron_ext.hf import checkpoint_reader
-    from megatron_ext.training.checkpoint_files import load_states
+    from megatron_ext.checkpoint_layout import load_states
 
     weights = checkpoint_reader.read(str(runs[name]))
     assert weights.dtype == torch.float32 and "fp32 master weights" in weights.source

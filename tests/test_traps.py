@@ -143,25 +143,76 @@ def test_range_test_stops_when_the_raw_loss_explodes_before_the_smoothed_one():
 
 
 # -- 5. checkpoints reach the disk before `latest` names them ------------------------------------------
-def test_publish_syncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+# Every writer of a checkpoint or export folder builds it in a hidden sibling and publishes it with
+# fileio.publish_folder: each file and folder synced before the rename, the parent synced after it.
+@pytest.fixture(scope="module")
+def zero1_checkpoint(tmp_path_factory):
+    ck = tmp_path_factory.mktemp("zero1") / "ck"
+    run_trainer(STEPS + ["--mock-data", "--zero-stage", "1", "--train-iters", "2", "--save", str(ck),
+                         "--save-interval", "2", "--eval-iters", "0"])
+    return ck
+
+
+def _save(tmp_path, _):
     from megatron_ext.training import checkpointing
 
     staged = tmp_path / ".incomplete.global_step3"
     (staged / "sub").mkdir(parents=True)
     for name in ("mp_rank_00_model_states.pt", "sub/x.pt"):
         (staged / name).write_bytes(b"x")
+    checkpointing.publish_checkpoint(str(tmp_path), staged.name, "global_step3", 3)
+    assert (tmp_path / "latest").read_text() == "global_step3"
+    return tmp_path / "global_step3"
+
+
+def _to_universal(tmp_path, ck):
+    from megatron_ext.training.universal import convert
+
+    convert(str(ck / "global_step2"), str(tmp_path / "global_step2_universal"))
+    return tmp_path / "global_step2_universal"
+
+
+def _convert(tmp_path, ck):
+    from megatron_ext.megatron_deepspeed.checkpoints import convert
+
+    convert(str(ck), str(tmp_path / "fork"))
+    return tmp_path / "fork" / "global_step2_universal"
+
+
+def _export_hf(tmp_path, ck):
+    from megatron_ext.hf.export import ExportOptions, export
+
+    export(ExportOptions(checkpoint=str(ck), out_dir=str(tmp_path / "hf"), no_tokenizer=True), say=lambda _: None)
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("writer", [
+    pytest.param(_save, id="save"),
+    pytest.param(_to_universal, id="to-universal", marks=pytest.mark.slow),
+    pytest.param(_convert, id="convert", marks=pytest.mark.slow),
+    pytest.param(_export_hf, id="export-hf", marks=pytest.mark.slow),
+])
+def test_every_writer_syncs_every_file_and_folder_before_the_rename(writer, tmp_path, monkeypatch, request):
+    ck = request.getfixturevalue("zero1_checkpoint") if writer is not _save else None
     synced, real_fsync = [], os.fsync
 
     def record(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.exists(tmp_path / "global_step3")))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # the path at the time of the sync
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", record)
-    checkpointing.publish_checkpoint(str(tmp_path), staged.name, "global_step3", 3)
-    before_rename = {path for path, renamed in synced if not renamed}
-    for path in ("mp_rank_00_model_states.pt", "sub/x.pt", "sub", ""):
-        assert str(staged / path).rstrip("/") in before_rename, path
-    assert (tmp_path / "latest").read_text() == "global_step3"
+    final = str(writer(tmp_path, ck))
+    monkeypatch.undo()
+    # synced under the staged copy's name: before the rename made it the final folder
+    before = {path for path in synced if path != final and not path.startswith(final + os.sep)}
+    name = os.path.basename(final)
+    entries = [root for root, _, _ in os.walk(final)] + [os.path.join(r, f) for r, _, fs in os.walk(final) for f in fs]
+    assert len(entries) > 2
+    for entry in entries:
+        rel = os.path.relpath(entry, final)
+        suffix = name if rel == "." else f"{name}/{rel}"
+        assert any(path.endswith(suffix) for path in before), f"{rel} was not synced before the rename"
+    assert os.path.dirname(final) in synced  # the rename itself made durable
 
 
 # -- 6. known third-party noise is not printed; real messages are -------------------------------------

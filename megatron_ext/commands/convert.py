@@ -24,6 +24,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from megatron_ext.checkpoint_layout import CheckpointFileError
     from megatron_ext.megatron_deepspeed.checkpoints import ConvertError, convert, describe
 
     if args.num_workers < 1:
@@ -32,7 +33,7 @@ def run(args) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter; stdout is the summary
             summary = convert(args.checkpoint, args.output, args.optimizer_groups, args.num_workers, args.verbose)
-    except ConvertError as e:
+    except (ConvertError, CheckpointFileError) as e:  # a damaged file of the checkpoint: one line naming it
         print(f"megatron-ext convert: error: {e}", file=sys.stderr)
         return 2
     print(describe(summary))

@@ -78,8 +78,8 @@ class CooldownError(ValueError):
 
 def find_checkpoint(path: str) -> Tuple[str, str]:
     """(load dir, tag) for a save dir or a tag dir; the tag must be the one ``--load`` resumes."""
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, read_latest
-    from megatron_ext.training.checkpoint_files import find_checkpoint as find
+    from megatron_ext.checkpoint_layout import LATEST, CheckpointFileError, read_latest
+    from megatron_ext.checkpoint_layout import find_checkpoint as find
 
     try:
         load_dir, tag = find(path)
@@ -88,14 +88,14 @@ def find_checkpoint(path: str) -> Tuple[str, str]:
     latest = read_latest(load_dir)
     if latest != tag:
         raise CooldownError(
-            f"{path}: --load {load_dir} resumes from its 'latest' checkpoint ({latest}), not {tag}; to cool down "
-            f"{tag}, make a directory holding (a link to) {tag} and a file 'latest' containing '{tag}', "
+            f"{path}: --load {load_dir} resumes from its '{LATEST}' checkpoint ({latest}), not {tag}; to cool down "
+            f"{tag}, make a directory holding (a link to) {tag} and a file '{LATEST}' containing '{tag}', "
             "and pass that directory")
     return load_dir, tag
 
 
 def read_client_state(load_dir: str, tag: str) -> Dict[str, Any]:
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, client_state
+    from megatron_ext.checkpoint_layout import CheckpointFileError, client_state
 
     try:
         state = client_state(os.path.join(load_dir, tag))

@@ -21,7 +21,7 @@ import math
 import sys
 from typing import Dict, List, Sequence
 
-from megatron_ext.argtypes import one_line_errors, positive_int
+from megatron_ext.argtypes import positive_int
 
 DEFAULT_WIDTHS = (64, 128, 256, 512)
 DEFAULT_DEPTHS = (2, 4, 8, 16)
@@ -182,14 +182,10 @@ def _own_parser() -> argparse.ArgumentParser:
 def run_argv(argv) -> int:
     import warnings
 
-    from megatron_ext.arguments import normalise_argv
+    from megatron_ext.commands import parse_own_options
 
     own = _own_parser()
-    one_line_errors(own)
-    opts, rest = own.parse_known_args(normalise_argv(list(argv)))
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv)
     from megatron_ext.parametrizations import PARAMETRIZATIONS
 
     names = [n.strip() for n in opts.parametrizations.split(",") if n.strip()]

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_ext.argtypes import one_line_errors, positive_int
+from megatron_ext.argtypes import positive_int
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 DATA_FLAGS = ("--mock-data", "--data-path", "--data-file-list")
@@ -74,7 +74,7 @@ class _Groups:
 def load_checkpoint_schedule_state(load_dir: str) -> Optional[tuple]:
     """(scheduler state as ``load_checkpoint`` passes it, client state) of the checkpoint ``--load
     load_dir`` resumes from; None if there is none."""
-    from megatron_ext.training.checkpoint_files import client_state, read_latest
+    from megatron_ext.checkpoint_layout import client_state, read_latest
 
     tag = read_latest(load_dir)
     if tag is None:
@@ -113,15 +113,12 @@ def rows_for(args, scheduler, steps: List[int]):
 
 
 def run_argv(argv) -> int:
-    from megatron_ext.arguments import normalise_argv
+    from megatron_ext.checkpoint_layout import CheckpointFileError
+    from megatron_ext.commands import parse_own_options
     from megatron_ext.schedules.common.scheduler import ScheduleResumeError
 
     own = _own_parser()
-    one_line_errors(own)
-    opts, rest = own.parse_known_args(normalise_argv(list(argv)))
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv)
     if opts.steps is not None and opts.every is not None:
         own.error("give --steps or --every, not both")
     steps = _steps(opts.steps, own) if opts.steps is not None else None
@@ -133,7 +130,7 @@ def run_argv(argv) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter: stdout is the table
             args, scheduler = build_scheduler(rest, opts.world_size)
-    except ScheduleResumeError as e:
+    except (ScheduleResumeError, CheckpointFileError) as e:  # CheckpointFileError: --load's checkpoint is damaged
         own.error(str(e))
     total = args.train_iters
     if steps is None and opts.every is not None:

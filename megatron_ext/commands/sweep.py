@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 
-from megatron_ext.argtypes import close_hint, finite_float, one_line_errors, positive_int
-from megatron_ext.commands import split_at_double_dash
+from megatron_ext.argtypes import close_hint, finite_float, positive_int
+from megatron_ext.commands import parse_own_options, split_at_double_dash
 
 PASS_THROUGH = True  # everything after the command name is parsed here (own options + training flags)
 PROG = "megatron-ext sweep"
@@ -215,11 +215,7 @@ def run_argv(argv) -> int:
 
     argv, training_flags = split_at_double_dash(argv)
     own = _own_parser()
-    one_line_errors(own)
-    opts, rest = own.parse_known_args(argv)
-    if opts.help:
-        own.print_help()
-        return 0
+    opts, rest = parse_own_options(own, argv, normalise=False)
 
     def fail(message: str) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -26,7 +26,7 @@ def run_argv(argv) -> int:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
-        description="Convert a megatron_ext (DeepSpeed ZeRO 1/2) checkpoint to DeepSpeed's universal format, "
+        description="Convert a megatron_ext (DeepSpeed ZeRO 1, 2 or 3) checkpoint to DeepSpeed's universal format, "
                     "which loads at any data-parallel and tensor-parallel size (--universal-checkpoint). "
                     "Details: docs/checkpoints.md.")
     one_line_errors(p)
@@ -52,7 +52,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str = "ds_to_universal.py") -> int:
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, find_checkpoint
+    from megatron_ext.checkpoint_layout import CheckpointFileError, find_checkpoint
     from megatron_ext.training.universal import ConversionError, ConverterOptions, convert, describe
 
     parser = build_parser(prog)

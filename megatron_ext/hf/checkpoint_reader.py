@@ -1,6 +1,6 @@
 """Whole fp32 weights and saved flags of any checkpoint the trainer writes: the one place the Hugging
-Face tools read our checkpoint layouts (through the helpers of ``training/universal.py`` and
-``training/checkpointing.py``).
+Face tools read our checkpoints (file names and reads through ``checkpoint_layout.py``, the
+tensor-parallel layout through ``training/universal.py``).
 
 Where the fp32 weights are, by layout (checked by tests/test_hf_export.py):
 
@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import io
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -41,12 +39,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_ext import checkpoint_layout as layout
 from megatron_ext.hf import HFError
 from megatron_ext.hf import tensor_parallel as tp_layout
-from megatron_ext.training.checkpoint_files import model_states_file
-
-LATEST = "latest"
-_RANK = re.compile(r"mp_rank_(\d+)")
 
 
 @dataclasses.dataclass
@@ -63,50 +58,27 @@ class CheckpointWeights:
 def locate(path: str, say: Callable[[str], None] = lambda _: None) -> str:
     """The checkpoint folder for ``path``: a checkpoint folder itself (``global_stepN``, a universal
     ``..._universal`` folder) or a run directory (its ``latest`` checkpoint, else ``latest_universal``)."""
-    from megatron_ext.training.checkpoint_files import LATEST_UNIVERSAL, read_latest
-
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise HFError(f"{path}: no such checkpoint directory")
-    if _model_files(path):
-        return path
-    for name in (LATEST, LATEST_UNIVERSAL):
-        tag = read_latest(path, name)
-        if tag is None:
-            continue
-        tag_dir = os.path.join(path, tag)
-        if not _model_files(tag_dir):
-            raise HFError(f"{path}: '{name}' names {tag}, but {tag_dir} holds no checkpoint")
-        say(f"{path}: '{name}' names {tag}")
-        return tag_dir
-    raise HFError(f"{path}: not a checkpoint (no *model_states.pt files) and not a run directory "
-                  f"(no 'latest' or '{LATEST_UNIVERSAL}' file)")
+    try:
+        return os.path.join(*layout.find_checkpoint(path, universal=True, say=say))
+    except layout.CheckpointFileError as e:
+        raise HFError(str(e)) from None
 
 
 def _load_states(path: str):
     """A checkpoint file through the project's one reader; a bad file is HFError (one line)."""
-    from megatron_ext.training.checkpoint_files import CheckpointFileError, load_states
-
     try:
-        return load_states(path)
-    except CheckpointFileError as e:
+        return layout.load_states(path)
+    except layout.CheckpointFileError as e:
         raise HFError(str(e)) from None
 
 
-def _model_files(tag_dir: str) -> List[str]:
-    return sorted(glob.glob(os.path.join(glob.escape(tag_dir), "*mp_rank_*_model_states.pt")))
-
-
-def _ranks(files: List[str]) -> List[int]:
-    return sorted({int(_RANK.search(os.path.basename(f)).group(1)) for f in files})
-
-
 def _saved_client(tag_dir: str):
-    """(the model-states files, the first one's client state, which holds the saved flags)."""
-    files = _model_files(tag_dir)
-    client = _load_states(files[0])
+    """(the model-states files, the client state, which holds the saved flags)."""
+    files = layout.model_states_files(tag_dir)
+    path = layout.client_state_file(tag_dir)
+    client = _load_states(path)
     if not isinstance(client, dict) or not client.get("args"):
-        raise HFError(f"{files[0]}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
+        raise HFError(f"{path}: no saved flags ('args') in the checkpoint: not written by megatron_ext")
     return files, client
 
 
@@ -126,9 +98,8 @@ def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWe
         raise HFError(f"{files[0]}: the saved flags lack the vocabulary size (vocab_size_unpadded)")
     start = time.time()
     notes: List[str] = []
-    zero = os.path.join(tag_dir, "zero")
-    if os.path.isdir(zero):
-        state, source, dtype = _read_universal(zero), "fp32 weights of a universal checkpoint", torch.float32
+    if layout.is_universal(tag_dir):
+        state, source, dtype = _read_universal(tag_dir), "fp32 weights of a universal checkpoint", torch.float32
     else:
         shards, source, dtype = _read_native(tag_dir, files, args, notes, say)
         info = _tp_info(client, shards[0])
@@ -150,17 +121,17 @@ def _tp_info(client: dict, names) -> dict:
     return conversion_info(client, list(names))
 
 
-def _read_universal(zero: str) -> Dict[str, torch.Tensor]:
+def _read_universal(tag_dir: str) -> Dict[str, torch.Tensor]:
     from deepspeed.checkpoint.constants import PARAM
 
 
     state = {}
-    for name in sorted(os.listdir(zero)):
-        path = os.path.join(zero, name, "fp32.pt")
+    for name in layout.universal_parameters(tag_dir):
+        path = layout.universal_state_file(tag_dir, name)
         if os.path.isfile(path):
             state[name] = _load_states(path)[PARAM].float()
     if not state:
-        raise HFError(f"{zero}: a universal checkpoint folder without fp32.pt files")
+        raise HFError(f"{layout.universal_parameters_dir(tag_dir)}: a universal checkpoint folder without fp32.pt files")
     return state
 
 
@@ -171,31 +142,30 @@ def _tensors(module: dict) -> Dict[str, torch.Tensor]:
 def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Callable[[str], None]):
     """(per TP rank: name -> tensor, source line, dtype)."""
 
-    ranks = _ranks(files)
+    ranks = layout.tp_ranks(tag_dir)
     tp = len(ranks)
     stage = int(getattr(args, "zero_stage", 0) or 0)
-    zero3 = any(os.path.basename(f).startswith("zero_pp_rank_") for f in files)
-    partitions = glob.glob(os.path.join(glob.escape(tag_dir), "*zero_pp_rank_*_optim_states.pt"))
-    layout = f"TP={tp}"
-    if zero3:
-        return [_zero_to_fp32(tag_dir, r, say) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {layout}", torch.float32
-    modules = [_tensors(_load_states(model_states_file(tag_dir, r))["module"]) for r in ranks]
+    partitions = layout.optim_states_files(tag_dir)
+    where = f"TP={tp}"
+    if layout.is_zero3(tag_dir):
+        return [_zero_to_fp32(tag_dir, r, say) for r in ranks], f"fp32 weights of ZeRO-3 partitions, {where}", torch.float32
+    modules = [_tensors(_load_states(layout.client_state_file(tag_dir, r))["module"]) for r in ranks]
     dtype = next(iter(modules[0].values())).dtype
     if dtype == torch.float32:
-        return modules, f"fp32 weights of the model-states files, ZeRO {stage}, {layout}", dtype
+        return modules, f"fp32 weights of the model-states files, ZeRO {stage}, {where}", dtype
     if partitions:
         return ([_zero_to_fp32(tag_dir, r, say) for r in ranks],
-                f"fp32 master weights of the ZeRO-{stage} optimizer partitions, {layout}, {_name(dtype)} training", torch.float32)
-    masters = [_mixed_precision_masters(model_states_file(tag_dir, r)) for r in ranks]
+                f"fp32 master weights of the ZeRO-{stage} optimizer partitions, {where}, {_name(dtype)} training", torch.float32)
+    masters = [_mixed_precision_masters(layout.client_state_file(tag_dir, r)) for r in ranks]
     if all(m is not None for m in masters):
         for module, master in zip(modules, masters):
             missing = set(module) - set(master)
             if missing:
                 raise HFError(f"{tag_dir}: the fp32 master weights lack {sorted(missing)[0]}")
         return ([{name: m[name] for name in module} for module, m in zip(modules, masters)],
-                f"fp32 master weights of the mixed-precision optimizer, ZeRO 0, {layout}, {_name(dtype)} training", torch.float32)
+                f"fp32 master weights of the mixed-precision optimizer, ZeRO 0, {where}, {_name(dtype)} training", torch.float32)
     notes.append(f"the checkpoint holds no fp32 master weights (no optimizer state): its {_name(dtype)} weights are used")
-    return modules, f"{_name(dtype)} weights of the model-states files (the checkpoint has no fp32 copy), {layout}", dtype
+    return modules, f"{_name(dtype)} weights of the model-states files (the checkpoint has no fp32 copy), {where}", dtype
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -230,9 +200,8 @@ def _zero_to_fp32(tag_dir: str, rank: int, say: Callable[[str], None] = lambda _
     try:
         tag = os.path.join(staging, "tag")
         os.makedirs(tag)
-        for name in os.listdir(tag_dir):
-            if f"mp_rank_{rank:02d}_" in name and name.endswith(("_model_states.pt", "_optim_states.pt")):
-                os.symlink(os.path.join(tag_dir, name), os.path.join(tag, name))
+        for path in layout.tp_rank_files(tag_dir, rank):
+            os.symlink(path, os.path.join(tag, os.path.basename(path)))
         log = io.StringIO()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
             try:

@@ -6,8 +6,8 @@ padded as the trainer pads them), the saved flags (``args``) and DeepSpeed's boo
 no optimizer state and no LR schedule: it loads only with ``--finetune`` (weights only), at its
 tensor-parallel size and any data-parallel size, ZeRO 0, 1 or 2.
 
-Like ``checkpoint_reader``, the only place the Hugging Face tools know this layout (through the
-helpers of ``training/checkpointing.py``) and the trainer's flag parsing (``trainer_args``).
+Like ``checkpoint_reader``, the only place the Hugging Face tools write this layout (its names from
+``checkpoint_layout.py``) and use the trainer's flag parsing (``trainer_args``).
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
     iteration 0 at ``args.tensor_model_parallel_size``; returns the files written."""
     import deepspeed
 
+    from megatron_ext.checkpoint_layout import LATEST, TRACKER_FILE, model_states_name, tag_for
     from megatron_ext.fileio import write_text_atomically
     from megatron_ext.models.gpt import padded_vocab_size
-    from megatron_ext.training.checkpoint_files import TRACKER_FILE, tag_for
     from megatron_ext.training.checkpointing import CHECKPOINT_VERSION
     from megatron_ext.training.universal import universal_checkpoint_info
 
@@ -78,9 +78,9 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "consumed_samples": 0, "tokens": 0,
             "universal_checkpoint_info": info, "imported_from": provenance,
         }
-        path = os.path.join(load_dir, tag, f"mp_rank_{rank:02d}_model_states.pt")
+        path = os.path.join(load_dir, tag, model_states_name(rank))
         torch.save(client, path)
         files.append(os.path.relpath(path, load_dir))
-    write_text_atomically(os.path.join(load_dir, "latest"), tag)
+    write_text_atomically(os.path.join(load_dir, LATEST), tag)
     write_text_atomically(os.path.join(load_dir, TRACKER_FILE), "0")
-    return files + ["latest", TRACKER_FILE]
+    return files + [LATEST, TRACKER_FILE]

@@ -19,13 +19,12 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_ext.fileio import staged_folder
 from megatron_ext.hf import HFError, require
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -63,39 +62,16 @@ def check_output_dir(out_dir: str, overwrite: bool, inside: Optional[str] = None
     return out_dir
 
 
-def staging_dir(out_dir: str) -> str:
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(out_dir)}.", dir=parent)
-
-
-def publish(staging: str, out_dir: str, say: Callable[[str], None]) -> None:
-    """Move the finished staging folder to ``out_dir`` (replacing an empty one, or the old one when
-    the caller was told to overwrite), each step one rename."""
-    aside = None
-    if os.path.isdir(out_dir):
-        if os.listdir(out_dir):
-            aside = out_dir.rstrip(os.sep) + f".replaced.{os.getpid()}"
-            os.rename(out_dir, aside)
-            say(f"replacing the previous {out_dir}")
-        else:
-            os.rmdir(out_dir)
-    os.rename(staging, out_dir)
-    if aside:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def staged(out_dir: str, say: Callable[[str], None]):
-    """A hidden staging folder beside ``out_dir`` to build the output in: renamed into place when the
-    block ends, deleted when it raises (or is interrupted)."""
-    staging = staging_dir(out_dir)
-    try:
+    """A hidden staging folder beside ``out_dir`` to build the output in (``fileio.staged_folder``):
+    synced and renamed into place when the block ends (replacing an empty ``out_dir``, or the old one
+    when the caller was told to overwrite), deleted when it raises (or is interrupted)."""
+    with staged_folder(out_dir, STAGING_PREFIX) as staging:
+        os.makedirs(staging)
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, out_dir, say)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            say(f"replacing the previous {out_dir}")
 
 
 def write_record(folder: str, name: str, summary: Dict) -> None:

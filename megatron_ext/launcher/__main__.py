@@ -10,13 +10,11 @@ import os
 import shlex
 import sys
 
+from megatron_ext.fileio import write_text_atomically
+
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_text_atomically(path, text, mode)
 
 
 def main(argv=None) -> int:
@@ -44,6 +42,9 @@ def main(argv=None) -> int:
             print("DeepSpeed config (generated):\n" + json.dumps(launch.ds_config, indent=2))
         print("DRY_RUN=1: nothing was started or written.")
         return 0
+    if launch.refusal:  # the memory plan: it cannot fit (docs/memory_plan.md)
+        print(f"train_alcf.sh: error: {launch.refusal}", file=sys.stderr)
+        return 2
 
     if not launch.files_checked:  # the demo corpus is built on first use, then planned with its files
         from megatron_ext.launcher.demo import prepare
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
             launch = resolve(os.environ, argv, repo, check_files=True)
         except LaunchError as e:
             print(f"train_alcf.sh: error: {e}", file=sys.stderr)
+            return 2
+        if launch.refusal:  # planned again with the demo's own tokenizer
+            print(f"train_alcf.sh: error: {launch.refusal}", file=sys.stderr)
             return 2
 
     os.makedirs(launch.run_dir, exist_ok=True)

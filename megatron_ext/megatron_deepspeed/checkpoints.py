@@ -33,14 +33,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import glob
 import io
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import types
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
@@ -89,32 +86,32 @@ def side_of(client: Dict[str, Any]) -> Optional[str]:
 
 
 def inspect_source(path: str) -> Source:
-    files = project_api.checkpoint_files()
     try:
-        tag_dir = os.path.join(*files.find_checkpoint(path))
-    except files.CheckpointFileError as e:
+        tag_dir = os.path.join(*project_api.find_checkpoint(path))
+    except project_api.CheckpointFileError as e:
         raise ConvertError(str(e)) from None
-    models = files.model_states_files(tag_dir)
-    if glob.glob(os.path.join(glob.escape(tag_dir), "layer_*-model_*-model_states.pt")) or not models:
+    models = project_api.model_states_files(tag_dir)
+    if project_api.layer_states_files(tag_dir) or not models:
         raise ConvertError(f"{tag_dir}: a pipeline (GPTModelPipe) checkpoint; convert one saved with "
                            "--no-pipeline-parallel")
+    first = project_api.client_state_file(tag_dir)
     try:
-        client = files.load_states(models[0])
-    except files.CheckpointFileError as e:
+        client = project_api.load_states(first)
+    except project_api.CheckpointFileError as e:
         raise ConvertError(str(e)) from None
     side = side_of(client)
     if side is None:
-        raise ConvertError(f"{models[0]}: neither a Megatron-DeepSpeed nor a megatron_ext checkpoint (no argument record)")
-    if glob.glob(os.path.join(glob.escape(tag_dir), "zero_pp_rank_*_model_states.pt")):
+        raise ConvertError(f"{first}: neither a Megatron-DeepSpeed nor a megatron_ext checkpoint (no argument record)")
+    if project_api.is_zero3(tag_dir):
         raise ConvertError(f"{tag_dir}: a ZeRO 3 checkpoint; convert one saved with --zero-stage 1 or 2")
-    optims = files.optim_states_files(tag_dir)
+    optims = project_api.optim_states_files(tag_dir)
     if not optims:
         raise ConvertError(f"{tag_dir}: saved with ZeRO 0 (no optimizer partitions); DeepSpeed's universal "
                            "conversion needs a --zero-stage 1 or 2 checkpoint")
-    if glob.glob(os.path.join(glob.escape(tag_dir), "*expert_*_model_states.pt")):
+    if project_api.expert_states_files(tag_dir):
         raise ConvertError(f"{tag_dir}: a DeepSpeed-MoE checkpoint (expert files); not supported")
     if side == FORK and not isinstance(client.get("module"), dict):
-        raise ConvertError(f"{models[0]}: no module state (a pipeline checkpoint?); convert one saved with "
+        raise ConvertError(f"{first}: no module state (a pipeline checkpoint?); convert one saved with "
                            "--no-pipeline-parallel")
     return Source(tag_dir, side, client, models)
 
@@ -149,28 +146,22 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
     if optimizer_groups == "fork" and src.side == FORK:
         raise ConvertError("--optimizer-groups fork: the target is megatron_ext, whose optimizers keep one group "
                            "per role")
-    name = os.path.basename(src.tag_dir.rstrip(os.sep)) + "_universal"
+    name = project_api.universal_tag_for(os.path.basename(src.tag_dir.rstrip(os.sep)))
     target = os.path.join(load_dir, name)
     if os.path.exists(target):
         raise ConvertError(f"{target} already exists; remove it or choose another --output")
     if src.side != FORK:
         _refuse_ours_to_fork(src)
-    os.makedirs(load_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}.{os.getpid()}.", dir=load_dir)
     log = sys.stderr if verbose else io.StringIO()
-    try:
-        staged_out = os.path.join(staging, "out", name)
+    with project_api.staged_folder(target, STAGING_PREFIX) as staged_out:
         with contextlib.redirect_stdout(log):
             if src.side == FORK:
-                summary = _fork_to_ours(src, staging, staged_out, workers, log)
+                summary = _fork_to_ours(src, os.path.dirname(staged_out), staged_out, workers, log)
             else:
                 summary = _ours_to_fork(src, staged_out, optimizer_groups or "fork", workers, verbose)
-        with open(os.path.join(staged_out, project_api.checkpoint_io().CONVERSION_RECORD), "w") as f:
+        with open(os.path.join(staged_out, project_api.CONVERSION_RECORD), "w") as f:
             json.dump(summary, f, indent=2, default=str)
-        os.rename(staged_out, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    latest = os.path.join(load_dir, project_api.checkpoint_files().LATEST_UNIVERSAL)
+    latest = os.path.join(load_dir, project_api.LATEST_UNIVERSAL)
     project_api.write_text_atomically(latest, name)
     summary.update(output=target, latest_universal=latest)
     return summary
@@ -181,7 +172,6 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
 
 def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log) -> Dict[str, Any]:
     torch = _torch()
-    ckio = project_api.checkpoint_io()
     from deepspeed.checkpoint import constants as c
 
     fork_args = src.client["args"]
@@ -192,29 +182,30 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
     staged_in = os.path.join(staging, "in", os.path.basename(src.tag_dir))
     os.makedirs(staged_in)
     record = {"placeholders": set(), "not_carried": set()}
+    optims = project_api.optim_states_files(src.tag_dir)
     for entry in sorted(os.listdir(src.tag_dir)):
         source, dest = os.path.join(src.tag_dir, entry), os.path.join(staged_in, entry)
         if not os.path.isfile(source):
             continue
         if source in src.model_files:
-            state = torch.load(source, map_location="cpu", weights_only=False)
+            state = project_api.load_states(source)
             state["module"] = None  # nested: DeepSpeed's converter wants flat tensors (all are in zero/ anyway)
             state[c.UNIVERSAL_CHECKPOINT_INFO] = _used_patterns(state.get(c.UNIVERSAL_CHECKPOINT_INFO) or {}, rename)
             torch.save(state, dest)
-        elif entry.endswith("_optim_states.pt"):
-            ckio._stage_optim_states(source, dest, record)
+        elif source in optims:
+            project_api.stage_optim_states(source, dest, record)
         else:
-            ckio._link_or_copy(source, dest)
+            project_api.link_or_copy(source, dest)
     _run_converter(staged_in, staged_out, workers, log)
-    ckio._drop_placeholders(staged_out, record)
+    project_api.drop_placeholders(staged_out, record)
     _rename_params(staged_out, rename)
     roles = _role_order([rename[n] for n in order if n in rename], src.client, rename)
     _set_optimizer_groups(staged_out, lambda _: [{"role": role} for role in roles])
 
     ours = our_args_from_fork(fork_args, src.client)
     schedule, schedule_note = _our_schedule(src.client, fork_args)
-    for path in project_api.checkpoint_files().model_states_files(staged_out):
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    for path in project_api.model_states_files(staged_out):
+        state = project_api.load_states(path, mmap=False)  # rewritten in place
         state.update(
             module=None, args=ours, checkpoint_version=CHECKPOINT_VERSION, iteration=src.iteration,
             consumed_samples=int(fork_args.consumed_train_samples), tokens=int(state.get("tokens") or 0),
@@ -329,13 +320,11 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     from deepspeed.checkpoint import constants as c
 
     oa = src.client["args"]
-    os.makedirs(os.path.dirname(staged_out), exist_ok=True)
     try:
         converted = project_api.to_universal(src.tag_dir, staged_out, workers=workers, verbose=verbose)
-    except project_api.universal_conversion_error() as e:
+    except project_api.ConversionError as e:
         raise ConvertError(str(e)) from None
-    zero = os.path.join(staged_out, "zero")
-    rename = _renames([p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p))], to_core=False)
+    rename = _renames(project_api.universal_parameters(staged_out), to_core=False)
     _rename_params(staged_out, rename)
 
     consumed = int(src.client["consumed_samples"])
@@ -354,8 +343,8 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
 
     fork_args = fork_args_from_ours(oa, src.client)
     fork_schedule = fork_scheduler_state(schedule, consumed, src.client.get("tokens"))
-    for path in project_api.checkpoint_files().model_states_files(staged_out):
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    for path in project_api.model_states_files(staged_out):
+        state = project_api.load_states(path, mmap=False)  # rewritten in place
         state.pop("consumed_samples", None)
         state.update(module=None, args=fork_args, checkpoint_version=CHECKPOINT_VERSION, iteration=src.iteration,
                      tokens=int(src.client.get("tokens") or 0), lr_scheduler=fork_schedule,
@@ -476,9 +465,8 @@ def _used_patterns(info: Dict[str, Any], rename: Dict[str, str]) -> Dict[str, An
 
 
 def _run_converter(staged_in: str, staged_out: str, workers: int, log) -> None:
-    ckio = project_api.checkpoint_io()
     try:
-        ckio._run_converter(staged_in, staged_out, ckio.ConverterOptions(extract_workers=workers), log)
+        project_api.run_converter(staged_in, staged_out, project_api.ConverterOptions(extract_workers=workers), log)
     except Exception as e:  # noqa: BLE001 - DeepSpeed's own failure, reported in one line
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConvertError(f"DeepSpeed's ds_to_universal failed: {type(e).__name__}: {detail} "
@@ -486,12 +474,11 @@ def _run_converter(staged_in: str, staged_out: str, workers: int, log) -> None:
 
 
 def _rename_params(out: str, rename: Dict[str, str]) -> None:
-    zero = os.path.join(out, "zero")
-    for old in sorted(os.listdir(zero)):
-        if os.path.isdir(os.path.join(zero, old)):
-            if old not in rename:
-                raise ConvertError(f"universal checkpoint folder zero/{old}: not a parameter we can rename")
-            os.rename(os.path.join(zero, old), os.path.join(zero, "." + rename[old]))
+    zero = project_api.universal_parameters_dir(out)
+    for old in project_api.universal_parameters(out):
+        if old not in rename:
+            raise ConvertError(f"universal checkpoint folder zero/{old}: not a parameter we can rename")
+        os.rename(os.path.join(zero, old), os.path.join(zero, "." + rename[old]))
     for tmp in os.listdir(zero):
         if tmp.startswith("."):
             os.rename(os.path.join(zero, tmp), os.path.join(zero, tmp[1:]))
@@ -516,8 +503,8 @@ def _set_optimizer_groups(out: str, layout_of) -> List[Dict[str, Any]]:
     (DeepSpeed pairs them with the loading optimizer's groups by position and copies these keys
     into them); returns that layout."""
     torch = _torch()
-    path = os.path.join(out, "zero", "optimizer_state.pt")
-    state = torch.load(path, weights_only=False)
+    path = project_api.universal_optimizer_state_file(out)
+    state = project_api.load_states(path, mmap=False)  # rewritten in place
     layout = layout_of(state["param_groups"])
     state["param_groups"] = [{**g, "params": [i]} for i, g in enumerate(layout)]
     for key in ("group_paddings", "partition_count"):
@@ -530,7 +517,7 @@ def _set_optimizer_groups(out: str, layout_of) -> List[Dict[str, Any]]:
 
 def _summary(src: Source, source: str, target: str, out: str, record, groups: int, schedule: str,
              flags: str = "") -> Dict[str, Any]:
-    params, carried = project_api.checkpoint_io()._listing(out)
+    params, carried = project_api.converted_listing(out)
     client = src.client
     return {"source": src.tag_dir, "from": source, "to": target, "iteration": src.iteration,
             "tensor_model_parallel_size": client.get("mp_world_size"), "data_parallel_size": client.get("dp_world_size"),

@@ -112,14 +112,11 @@ def _universal_group_mismatch(session) -> Optional[str]:
     args = session.args
     if not (getattr(args, "universal_checkpoint", False) and getattr(args, "load", None) and session.owner.optimizer):
         return None
-    files = project_api.checkpoint_files()
-    tag = getattr(args, "load_tag", None) or files.read_latest(args.load, files.LATEST_UNIVERSAL)
-    path = os.path.join(args.load, str(tag), "zero", "optimizer_state.pt")
+    tag = getattr(args, "load_tag", None) or project_api.read_latest(args.load, project_api.LATEST_UNIVERSAL)
+    path = project_api.universal_optimizer_state_file(os.path.join(args.load, str(tag)))
     if tag is None or not os.path.isfile(path):
         return None  # DeepSpeed reports a missing checkpoint itself
-    import torch
-
-    saved = len(torch.load(path, map_location="cpu", weights_only=False)["param_groups"])
+    saved = len(project_api.load_states(path)["param_groups"])
     ours = len(session.optimizer.param_groups)
     if saved == ours:
         return None

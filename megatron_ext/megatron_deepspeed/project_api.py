@@ -19,6 +19,17 @@ from megatron_ext.derivations import (DEFAULT_PARAMETRIZATION, batch_sizes, data
 from megatron_ext.optimizers.common.hooks import (UnsupportedEngineSetting, curvature_label_generator,  # noqa: F401
                                                   curvature_pass_due, engine_ready, evaluation_weights,
                                                   gradient_clipping_disabled, sampled_label_losses, train_mode)
+# The checkpoint layout (file names at every ZeRO stage, the universal folders, the one reader) and
+# the universal converter's stages, for staging a fork checkpoint through DeepSpeed's converter the
+# way ours is (placeholder Adam moments, the quiet converter, the listing of what was carried).
+from megatron_ext.checkpoint_layout import (LATEST_UNIVERSAL, CheckpointFileError, client_state_file,  # noqa: F401
+                                            expert_states_files, find_checkpoint, is_zero3, layer_states_files,
+                                            load_states, model_states_files, optim_states_files, read_latest,
+                                            universal_optimizer_state_file, universal_parameters,
+                                            universal_parameters_dir, universal_tag_for)
+from megatron_ext.training.universal import (CONVERSION_RECORD, ConversionError, ConverterOptions,  # noqa: F401
+                                             converted_listing, drop_placeholders, link_or_copy, run_converter,
+                                             stage_optim_states)
 
 # -- registries ---------------------------------------------------------------------------------
 
@@ -213,32 +224,6 @@ def to_universal(tag_dir: str, output_dir: Optional[str], workers: int = 1, verb
     return convert(tag_dir, output_dir, ConverterOptions(extract_workers=workers), verbose=verbose)
 
 
-def universal_conversion_error():
-    from megatron_ext.training.universal import ConversionError
-
-    return ConversionError
-
-
-def checkpoint_files():
-    """The module that knows our checkpoint directory layout and reads its files: load_states,
-    model_states_files, read_latest, LATEST_UNIVERSAL, find_checkpoint, CheckpointFileError."""
-    from megatron_ext.training import checkpoint_files
-
-    return checkpoint_files
-
-
-def checkpoint_io():
-    """The module that converts our DeepSpeed checkpoints to the universal format. Names used:
-    CONVERSION_RECORD, STAGING_PREFIX, CARRIED, ConversionError, ConverterOptions, and for staging a
-    fork checkpoint through DeepSpeed's converter the same way: _stage_optim_states (zero
-    placeholders for missing Adam moments), _run_converter (ds_to_universal, quiet), _link_or_copy,
-    _drop_placeholders and _listing (the converted parameters and the states carried)."""
-    from megatron_ext.training import universal
-
-    return universal
-
-
-
 def our_flags() -> List[tuple]:
     """``(dest, flags, add_argument kwargs)`` of every flag our shared definitions and plug-ins
     declare, in definition order."""
@@ -300,6 +285,14 @@ def write_text_atomically(path: str, text: str) -> None:
     from megatron_ext.fileio import write_text_atomically as write
 
     write(path, text)
+
+
+def staged_folder(final: str, prefix: str):
+    """A context manager: build the folder ``final`` in a hidden sibling, synced and renamed into
+    place when the block ends (megatron_ext.fileio.staged_folder)."""
+    from megatron_ext.fileio import staged_folder as staged
+
+    return staged(final, prefix)
 
 
 # -- argument types (for flags the integration defines itself) -----------------------------------

@@ -6,7 +6,9 @@ optimizer. The record (``OptimizerPlugin``) declares, as typed fields: ``validat
 optimizer's own flags, the engine settings it supports (``engine``: ZeRO stages, CPU offload...),
 and ``width_lr_exponents(args) -> {role: e}``: under muP a role's LR scales as m_N^e (default:
 Adam's rules, hidden -1); ``summary(args) -> str``: what the optimizer resolved (e.g. Muon's
-Newton-Schulz precision on this machine), for the start-up table. What the training loop calls on the optimizer object beyond
+Newton-Schulz precision on this machine), for the start-up table; ``memory``
+(``common/state_memory.OptimizerMemory``): the state it keeps and what its step allocates, which
+the memory plan (``megatron_ext.planning``) reads. What the training loop calls on the optimizer object beyond
 ``step``: the hook protocol in ``common/hooks.py``."""
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from megatron_ext.registry import Plugin, Registry
 class OptimizerPlugin(Plugin):
     width_lr_exponents: Optional[Callable[[Any], Dict[str, float]]] = None
     summary: Optional[Callable[[Any], str]] = None  # one line for the start-up table
+    memory: Any = None  # common.state_memory.OptimizerMemory: its state and step workspace, for the memory plan
 
     @property
     def build(self) -> Callable:

@@ -11,6 +11,7 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
+from megatron_ext.optimizers.common.state_memory import TWO_MOMENTS
 
 
 @OPTIMIZERS.register(
@@ -19,6 +20,7 @@ from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
     "decoupled decay is 'adamw'",
     arguments=ADAM_ARGS,
     validate=validate_adam_args,
+    memory=TWO_MOMENTS,
 )
 def build_adam(param_groups, args):
     return torch.optim.Adam(

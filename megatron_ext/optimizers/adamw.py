@@ -2,6 +2,7 @@
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.state_memory import TWO_MOMENTS
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -19,7 +20,7 @@ def validate_adam_args(args):
 
 # Megatron-DeepSpeed's apex.adam is apex FusedAdam in its default adam_w_mode: decoupled decay.
 @OPTIMIZERS.register("adamw", aliases=["apex.adam"], description="AdamW, decoupled weight decay (torch.optim.AdamW)",
-                     arguments=ADAM_ARGS, validate=validate_adam_args)
+                     arguments=ADAM_ARGS, validate=validate_adam_args, memory=TWO_MOMENTS)
 def build_adamw(param_groups, args):
     return torch.optim.AdamW(
         param_groups,

@@ -11,6 +11,7 @@ added to the gradient). Element-wise, so exact on DeepSpeed's flat ZeRO partitio
 import argparse
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.state_memory import TWO_MOMENTS
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -39,6 +40,7 @@ def _clip(exponent):
     description="ADOPT: Adam normalised by the previous second moment, clipped (pytorch-optimizer ADOPT)",
     arguments=ADOPT_ARGS,
     validate=validate_adopt_args,
+    memory=TWO_MOMENTS,
 )
 def build_adopt(param_groups, args):
     from pytorch_optimizer.optimizer.adopt import ADOPT

@@ -25,6 +25,7 @@ from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
 from megatron_ext.optimizers.common.closure import closure_loss
 from megatron_ext.optimizers.common.full_matrices import flat_layouts, number_groups
+from megatron_ext.optimizers.common.state_memory import TWO_MOMENTS
 from megatron_ext.registry import Arg, EngineSupport
 
 LAMB_ARGS = ADAM_ARGS + (
@@ -161,6 +162,7 @@ def lamb_width_lr_exponents(args):
     validate=validate_lamb_args,
     width_lr_exponents=lamb_width_lr_exponents,
     engine=LAMB_ENGINE,
+    memory=TWO_MOMENTS,
 )
 def build_lamb(param_groups, args):
     return Lamb(

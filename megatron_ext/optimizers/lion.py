@@ -6,6 +6,7 @@ ZeRO partitions. Lion's update has unit magnitude per element: its lr is typical
 than AdamW's and its weight decay 3-10x larger.
 """
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, constant, elementwise_temporaries
 from megatron_ext.optimizers.common.validation import check_betas
 from megatron_ext.registry import Arg
 
@@ -24,6 +25,8 @@ def validate_lion_args(args):
     description="Lion sign-momentum optimizer, decoupled weight decay (pytorch-optimizer Lion)",
     arguments=LION_ARGS,
     validate=validate_lion_args,
+    # exp_avg; the update is a sign of an interpolation built in one temporary
+    memory=OptimizerMemory(state=constant(1), workspace=elementwise_temporaries(1, 1), notes="exp_avg"),
 )
 def build_lion(param_groups, args):
     from pytorch_optimizer.optimizer.lion import Lion

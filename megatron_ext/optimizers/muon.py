@@ -41,6 +41,7 @@ from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.full_matrices import is_tp_sharded, tp_full, tp_shard
 from megatron_ext.optimizers.common.hybrid import WHOLE_MATRICES, HybridMatrixOptimizer
 from megatron_ext.optimizers.common.matrix_blocks import WHOLE, MatrixBlocks
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, StepContext, largest_batch, per_role
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -253,11 +254,30 @@ def muon_width_lr_exponents(args):
     return {"hidden": 0.0 if args.muon_scaling == "keller" else -0.5}
 
 
+def muon_workspace(args, ctx: StepContext) -> float:
+    """What a Muon step holds at once (fp32 elements; Newton-Schulz in fp32, its bf16 run needs
+    less). Over ZeRO 1/2's flat partition: this rank's Nesterov directions and the gathered whole
+    group, then either the largest batch of same-shaped blocks in Newton-Schulz (the batch, X and
+    X's products: ~5 copies, the Gram matrix and its square: ~3) or, after it, the matrices'
+    updates and the group-size buffer they are scattered from. At ZeRO 0 every direction at once
+    and the updates (and the flat all-reduce buffer when the data-parallel ranks split the work)."""
+    batch, gram = largest_batch(ctx.hidden_shapes)
+    newton_schulz = 5 * batch + 3 * gram
+    if ctx.zero_stage in (1, 2):
+        return ctx.hidden_partition + ctx.hidden_whole + max(2 * ctx.hidden_whole, newton_schulz)
+    return ctx.hidden_whole + max((1 + (ctx.data_parallel > 1)) * ctx.hidden_whole, newton_schulz)
+
+
+# momentum on the hidden matrices, AdamW's two moments elsewhere
+MUON_MEMORY = OptimizerMemory(state=per_role(1, 2), workspace=muon_workspace,
+                              notes="momentum on hidden matrices, exp_avg and exp_avg_sq elsewhere")
+
+
 @OPTIMIZERS.register("muon", aliases=["muonadamw"], arguments=MUON_ARGS,
                      description="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices, AdamW on the "
                                  "rest; whole matrices under ZeRO 0/1/2 and tensor parallel",
                      validate=validate_muon_args, width_lr_exponents=muon_width_lr_exponents, engine=WHOLE_MATRICES,
-                     summary=muon_summary)
+                     summary=muon_summary, memory=MUON_MEMORY)
 def build_muon(param_groups, args):
     blocks = {}
     for group in param_groups:

@@ -25,6 +25,7 @@ import argparse
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
 from megatron_ext.optimizers.common.hooks import SWITCHES_EVALUATION_WEIGHTS
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, constant, elementwise_temporaries
 from megatron_ext.registry import Arg
 
 SCHEDULEFREE_ARGS = (
@@ -112,6 +113,8 @@ def validate_sf_adamw_args(args):
     arguments=ADAM_ARGS + SCHEDULEFREE_ARGS,
     validate=validate_sf_adamw_args,
     engine=SWITCHES_EVALUATION_WEIGHTS,
+    # z (the extra copy of the weights) and exp_avg_sq; the weights x are the model's
+    memory=OptimizerMemory(state=constant(2), workspace=elementwise_temporaries(2, 2), notes="z and exp_avg_sq"),
 )
 def build_sf_adamw(param_groups, args):
     optimizer = _adamw_class()(

@@ -6,6 +6,7 @@ Evaluation/checkpoint weights, exactness and DeepSpeed handling as ``adamwschedu
 """
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.hooks import SWITCHES_EVALUATION_WEIGHTS
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, constant, elementwise_temporaries
 from megatron_ext.optimizers.schedulefree_adamw import (
     SCHEDULEFREE_ARGS,
     ExactModeSwitch,
@@ -38,6 +39,7 @@ def _sgd_class():
     validate=validate_sf_sgd_args,
     width_lr_exponents=sgd_width_lr_exponents,
     engine=SWITCHES_EVALUATION_WEIGHTS,
+    memory=OptimizerMemory(state=constant(1), workspace=elementwise_temporaries(1, 1), notes="z"),
 )
 def build_sf_sgd(param_groups, args):
     optimizer = _sgd_class()(

@@ -7,6 +7,7 @@ alias. Momentum 0 gives plain SGD.
 import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, elementwise_temporaries
 from megatron_ext.registry import Arg
 
 SGD_MOMENTUM = Arg("--sgd-momentum", type=float, default=0.9, help="SGD momentum (Megatron default 0.9)")
@@ -32,6 +33,11 @@ def sgd_width_lr_exponents(args):
     return {"hidden": 0.0, "embedding": 1.0, "norm": 1.0, "final_norm": 1.0, "bias": 1.0, "output": 1.0}
 
 
+# the momentum buffer (none without momentum); the L2 term is added to a copy of the gradient
+SGD_MEMORY = OptimizerMemory(state=lambda args, role: 1 if args.sgd_momentum > 0 else 0,
+                             workspace=elementwise_temporaries(1, 1), notes="momentum_buffer")
+
+
 @OPTIMIZERS.register(
     "sgd",
     description="SGD with momentum/Nesterov, L2-coupled weight decay (torch.optim.SGD)",
@@ -39,6 +45,7 @@ def sgd_width_lr_exponents(args):
     arguments=SGD_ARGS,
     validate=validate_sgd_args,
     width_lr_exponents=sgd_width_lr_exponents,
+    memory=SGD_MEMORY,
 )
 def build_sgd(param_groups, args):
     return torch.optim.SGD(

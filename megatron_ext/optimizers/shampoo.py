@@ -30,6 +30,7 @@ from megatron_ext.argtypes import nonneg_int, positive_int
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.full_matrices import tp_full, tp_shard
 from megatron_ext.optimizers.common.hybrid import WHOLE_MATRICES, HybridMatrixOptimizer
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, StepContext, constant
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -145,10 +146,35 @@ def validate_shampoo_args(args) -> None:
     check_positive(args, "--dshampooadamw-eps", "--dshampooadamw-grafting-eps")
 
 
+def shampoo_matrix_state(args, rows: int, cols: int) -> int:
+    """Per whole hidden matrix (every data-parallel rank keeps them): L and R of every block and
+    their inverse 4th roots, fp32."""
+    return 2 * sum((r.stop - r.start) ** 2 + (c.stop - c.start) ** 2
+                   for r, c in blocks((rows, cols), args.dshampooadamw_max_preconditioner_dim))
+
+
+def shampoo_workspace(args, ctx: StepContext) -> float:
+    """What a Shampoo step holds at once (fp32 elements): m_hat and the grafting direction of this
+    rank's elements (and sqrt(v)); over ZeRO 1/2's flat partition the three inputs gathered whole,
+    the updates and the group-size buffer; at ZeRO 0 both directions and the updates of every
+    matrix. Then one factor's inverse root by eigendecomposition in float64 (~8 fp32 copies of the
+    largest factor)."""
+    largest = max((min(max(r, c), args.dshampooadamw_max_preconditioner_dim) ** 2
+                   for (r, c), _ in ctx.hidden_shapes), default=0)
+    if ctx.zero_stage in (1, 2):
+        return 3 * ctx.hidden_partition + 5 * ctx.hidden_whole + 8 * largest
+    return 3 * ctx.hidden_whole + 8 * largest
+
+
+# momentum and the Adam-grafting second moment everywhere (AdamW's two moments off the matrices)
+SHAMPOO_MEMORY = OptimizerMemory(state=constant(2), workspace=shampoo_workspace, matrix_state=shampoo_matrix_state,
+                                 notes="exp_avg and exp_avg_sq; factors and roots per matrix, every rank")
+
+
 @OPTIMIZERS.register("shampoo", aliases=["dshampooadamw", "distributed-shampoo"], arguments=SHAMPOO_ARGS,
                      description="Shampoo with Adam grafting and blocking on hidden matrices, AdamW on the rest; "
                                  "whole matrices under ZeRO 0/1/2 and tensor parallel",
-                     validate=validate_shampoo_args, engine=WHOLE_MATRICES)
+                     validate=validate_shampoo_args, engine=WHOLE_MATRICES, memory=SHAMPOO_MEMORY)
 def build_shampoo(param_groups, args):
     for group in param_groups:
         group["use_matrix"] = group.get("role") == "hidden"

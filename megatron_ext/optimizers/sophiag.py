@@ -24,6 +24,7 @@ import torch
 
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.common.closure import closure_loss
+from megatron_ext.optimizers.common.state_memory import OptimizerMemory, constant, elementwise_temporaries
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
 
@@ -138,6 +139,8 @@ class SophiaG(torch.optim.Optimizer):
     "--sophiag-hessian-interval steps (own)",
     arguments=SOPHIAG_ARGS,
     validate=validate_sophiag_args,
+    # m and h; the update's ratio m / max(rho h, eps) is built in two temporaries
+    memory=OptimizerMemory(state=constant(2), workspace=elementwise_temporaries(2, 2), notes="exp_avg and hessian"),
 )
 def build_sophiag(param_groups, args):
     return SophiaG(

@@ -37,6 +37,21 @@ def set_device(local_rank: int) -> None:
         _accel().set_device(local_rank)
 
 
+def total_memory() -> int:
+    """Bytes of this process's device (the host's memory on the CPU), as DeepSpeed reports them."""
+    return int(_accel().total_memory())
+
+
+def device_model() -> str:
+    """The device's model name (e.g. 'NVIDIA H100 80GB HBM3'); '' on the CPU or when unknown."""
+    name = accelerator_name()
+    backend = getattr(torch, name, None) if name != "cpu" else None
+    try:
+        return backend.get_device_name() if backend is not None and hasattr(backend, "get_device_name") else ""
+    except Exception:  # noqa: BLE001 - a device that cannot say its name is simply unnamed
+        return ""
+
+
 def communication_backend() -> str:
     """nccl on CUDA, ccl on XPU (or on CPU with oneCCL bindings), gloo otherwise."""
     return _accel().communication_backend_name()

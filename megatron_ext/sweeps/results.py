@@ -9,6 +9,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+from megatron_ext.fileio import write_text_atomically
 from megatron_ext.sweeps.recommend import DEFAULT_SPIKE_THRESHOLD, RULES, instability
 
 CORPUS_SPLIT = "validation_per_corpus"  # the trainer's --eval-per-corpus records (training/evaluation.py)
@@ -116,11 +117,7 @@ def write_combined(out_dir: str, results: List[dict], extra: dict) -> List[str]:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(x, spec: str = ".4f") -> str:

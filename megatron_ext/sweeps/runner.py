@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from megatron_ext.checkpoint_layout import LATEST
 from megatron_ext.sweeps.recommend import DEFAULT_SPIKE_THRESHOLD
 from megatron_ext.sweeps.results import _write_json, finite, read_records, summarize
 
@@ -155,7 +156,7 @@ def run_variant(vdir: str, spike_threshold: float = DEFAULT_SPIKE_THRESHOLD,
     previous = state(vdir, spec["key"])
     # A rerun continues from the variant's own checkpoint when there is one (its metrics up to
     # there stay; re-logged iterations replace theirs); otherwise it starts over.
-    resumes = bool(spec.get("resumes_from")) and os.path.isfile(os.path.join(spec["resumes_from"], "latest"))
+    resumes = bool(spec.get("resumes_from")) and os.path.isfile(os.path.join(spec["resumes_from"], LATEST))
     if not resumes and os.path.exists(metrics):
         os.remove(metrics)
     result = {"name": spec["name"], "key": spec["key"], "values": spec["values"], "command": spec["command"],

@@ -212,11 +212,14 @@ def check_base_flags(flags: List[str]) -> None:
 
 
 def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[str]:
-    """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start)."""
+    """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start),
+    a variant whose memory plan (``megatron-ext plan --json``'s record) does not fit included."""
     from megatron_ext.plan import plan_or_problem
+    from megatron_ext.planning import plan_record
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return plan_or_problem(parser, argv, world_size)[1]
+        plan, problem = plan_or_problem(parser, argv, world_size)
+        return problem if plan is None else plan_record(plan)["refusal"]
 
 
 class _ReadRecorder(dict):
@@ -349,6 +352,8 @@ def build_specs(settings: Settings, variants: List[Dict[str, str]]) -> List[dict
                 launch, read = resolve_launch({**os.environ, **env}, argv, repo)
             except SweepError as e:
                 raise SweepError(f"{label}: {e}") from None
+            if launch.refusal:  # its memory plan does not fit the device
+                raise SweepError(f"{label}: {launch.refusal}")
             for var in env:
                 if var in values and var not in read:
                     raise SweepError(f"key {var!r} is not a variable train_alcf.sh reads{close_hint(var, read)}")

@@ -18,16 +18,21 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_ext.models.features import attention_backend
-from megatron_ext.training.checkpoint_files import (
+from megatron_ext.checkpoint_layout import (
+    LATEST,
     LATEST_UNIVERSAL,
+    MODEL_STATES_NAMES,
     CheckpointFileError,
+    client_state_file,
+    is_universal,
     load_states,
-    model_states_file,
     model_states_files,
     read_latest,
     saved_zero_stage,
+    universal_parameters_dir,
+    universal_state_file,
 )
+from megatron_ext.models.features import attention_backend
 
 
 class CheckpointLoadError(ValueError):
@@ -35,12 +40,12 @@ class CheckpointLoadError(ValueError):
 
 
 def _client(load_dir: str, tag: str) -> Dict[str, Any]:
-    files = model_states_files(os.path.join(load_dir, tag))
-    if not files:
+    tag_dir = os.path.join(load_dir, tag)
+    if not model_states_files(tag_dir):
         raise CheckpointLoadError(f"--load {load_dir}: checkpoint '{tag}' is missing or incomplete "
-                                  f"(no mp_rank_*_model_states.pt in {os.path.join(load_dir, tag)})")
+                                  f"(no {MODEL_STATES_NAMES} in {tag_dir})")
     try:
-        return load_states(files[0])
+        return load_states(client_state_file(tag_dir))
     except CheckpointFileError as e:
         raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
 
@@ -50,14 +55,19 @@ def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[s
     tp, saved_tp = args.tensor_model_parallel_size, int(client.get("mp_world_size", 1))
     if saved_tp != tp:
         return f"it was saved at tensor-parallel size {saved_tp}, this run uses {tp}"
+    stage, saved_stage = args.zero_stage, saved_zero_stage(client) or 0
+    dp = args.data_parallel_size
+    saved_dp = int(client.get("dp_world_size", dp))
+    if (stage == 3) != (saved_stage == 3):  # DeepSpeed reads ZeRO 3's per-DP-rank files only at ZeRO 3
+        return f"it was saved with ZeRO {saved_stage}, this run uses ZeRO {stage} (their file layouts differ)"
+    if stage == 3 and saved_dp != dp:
+        return (f"it was saved at data-parallel size {saved_dp} with ZeRO 3 (weights and optimizer state "
+                f"partitioned {saved_dp} ways), this run has data-parallel size {dp}")
     if not load_optim:
         return None  # the weights are whole per TP rank: any data-parallel size and ZeRO stage
-    stage, saved_stage = args.zero_stage, saved_zero_stage(client) or 0
     if (stage == 0) != (saved_stage == 0):
         return (f"it was saved with ZeRO {saved_stage}, this run uses ZeRO {stage} "
                 "(their optimizer-state formats differ)")
-    dp = args.data_parallel_size
-    saved_dp = int(client.get("dp_world_size", dp))
     if stage and saved_dp != dp:
         return (f"it was saved at data-parallel size {saved_dp} with ZeRO {saved_stage} (optimizer state "
                 f"partitioned {saved_dp} ways), this run has data-parallel size {dp}")
@@ -74,7 +84,7 @@ def check_load_dir(args) -> None:
         raise CheckpointLoadError(f"--universal-checkpoint: no '{LATEST_UNIVERSAL}' file in --load {args.load}; "
                                   f"convert a checkpoint first: megatron-ext to-universal {args.load}")
     if getattr(args, "finetune", False) and read_latest(args.load) is None and read_latest(args.load, LATEST_UNIVERSAL) is None:
-        raise CheckpointLoadError(f"--finetune: --load {args.load} holds no checkpoint (no 'latest' file); give the "
+        raise CheckpointLoadError(f"--finetune: --load {args.load} holds no checkpoint (no '{LATEST}' file); give the "
                                   "directory of the run to start from")
 
 
@@ -127,18 +137,29 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
                                   f"{client['imported_from'].get('source')}): start from it with --finetune")
     _check_parameter_names(client, args, tag)
     problem = layout_problem(client, args, load_optim)
+    zero3 = 3 in (args.zero_stage, saved_zero_stage(client))
+    if problem and args.zero_stage == 3:
+        raise CheckpointLoadError(
+            f"--load {load_dir} ({tag}): {problem}; a ZeRO 3 run loads only ZeRO 3 checkpoints of its own layout (to "
+            f"change it, convert with 'megatron-ext to-universal {load_dir}' and load that at ZeRO 1 or 2 with "
+            "--universal-checkpoint)")
     if problem:
-        hint = "" if "tensor-parallel" in problem else " (or pass --no-load-optim to load the weights only)"
+        hint = "" if "tensor-parallel" in problem or zero3 else " (or pass --no-load-optim to load the weights only)"
         raise CheckpointLoadError(
             f"--load {load_dir} ({tag}): {problem}; convert it with 'megatron-ext to-universal {load_dir}' and "
             f"add --universal-checkpoint{hint}")
-    path = model_states_file(os.path.join(load_dir, tag), ps.get_tensor_model_parallel_rank())
+    path = client_state_file(os.path.join(load_dir, tag), ps.get_tensor_model_parallel_rank())
     try:
-        saved = load_states(path).get("module") or {}
+        saved = load_states(path)
     except CheckpointFileError as e:
         raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
-    _compare([(name, tuple(t.shape)) for name, t in saved.items() if hasattr(t, "shape")],
-             [(name, tuple(t.shape)) for name, t in engine.module.state_dict().items() if hasattr(t, "shape")],
+    # ZeRO 3 keeps empty tensors in the module and in the live model: whole shapes are DeepSpeed's
+    # param_shapes in the file, ds_shape on the parameter
+    whole = {n: tuple(s) for group in saved.get("param_shapes") or [] for n, s in group.items()} if zero3 else {}
+    _compare([(name, whole.get(name, tuple(t.shape))) for name, t in (saved.get("module") or {}).items()
+              if hasattr(t, "shape")],
+             [(name, tuple(getattr(t, "ds_shape", t.shape))) for name, t in engine.module.state_dict(keep_vars=True).items()
+              if hasattr(t, "shape")],
              load_dir, tag)
 
 
@@ -149,8 +170,9 @@ def check_universal(engine, args, tag: str) -> None:
 
     from deepspeed.checkpoint.constants import PARAM, VOCAB_TENSOR
 
-    zero = os.path.join(args.load, tag, "zero")
-    if not os.path.isdir(zero):
+    tag_dir = os.path.join(args.load, tag)
+    zero = universal_parameters_dir(tag_dir)
+    if not is_universal(tag_dir):
         raise CheckpointLoadError(f"--load {args.load} ({tag}): not a universal checkpoint (no zero/ folder); "
                                   f"convert with 'megatron-ext to-universal'")
     _check_parameter_names(_client(args.load, tag), args, tag)
@@ -159,7 +181,7 @@ def check_universal(engine, args, tag: str) -> None:
     in_checkpoint = set(os.listdir(zero))
     for name, param in engine.module.named_parameters():
         shape = _full_shape(param, tp)
-        path = os.path.join(zero, name, "fp32.pt")
+        path = universal_state_file(tag_dir, name)
         if name in in_checkpoint and os.path.isfile(path):
             stored = load_states(path)
             ckpt_shape = tuple(stored[PARAM].shape)
@@ -199,9 +221,8 @@ def restore_universal_buffers(engine, load_dir: str, tag: str) -> None:
 
     from deepspeed.checkpoint.constants import PARAM
 
-    zero = os.path.join(load_dir, tag, "zero")
     for name, buffer in engine.module.named_buffers():
-        path = os.path.join(zero, name, "fp32.pt")
+        path = universal_state_file(os.path.join(load_dir, tag), name)
         if os.path.isfile(path):
             with torch.no_grad():
                 buffer.copy_(load_states(path)[PARAM].to(buffer.dtype).view_as(buffer))

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import time
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-from megatron_ext.fileio import TMP_PREFIX, fsync_dir, fsync_tree, write_text_atomically
-from megatron_ext.training.checkpoint_files import LATEST, TRACKER_FILE, own_checkpoints, read_latest, tag_for
+from megatron_ext.checkpoint_layout import LATEST, TRACKER_FILE, own_checkpoints, read_latest, tag_for
+from megatron_ext.fileio import DISCARD_PREFIX, TMP_PREFIX, discard_folder, publish_folder, write_text_atomically
 from megatron_ext.training.universal import universal_checkpoint_info
 
 CHECKPOINT_VERSION = 3.0
@@ -102,46 +101,11 @@ def save_checkpoint(engine, args, iteration: int, consumed_samples: int, schedul
     return os.path.join(args.save, tag)
 
 
-# A checkpoint on its way out (replaced, or pruned by --keep-last) is renamed to this prefix first,
-# so a kill while deleting it leaves a hidden leftover, never a half-deleted global_stepN.
-DISCARD_PREFIX = ".discard."
-_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two directories in one atomic step where the OS and filesystem can; False otherwise."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        at_fdcwd = -100
-        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
-    except (AttributeError, OSError):  # no renameat2 in this libc
-        return False
-
-
-def _discard(save_dir: str, name: str) -> None:
-    """Rename ``name`` out of the way (one atomic step), then delete it."""
-    aside = os.path.join(save_dir, f"{DISCARD_PREFIX}{name}.{os.getpid()}.{time.time_ns()}")
-    os.rename(os.path.join(save_dir, name), aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def publish_checkpoint(save_dir: str, staging: str, tag: str, iteration: int) -> None:
-    """Make the complete staging directory ``tag`` and point ``latest`` (then Megatron's tracker
+    """Make the complete staging directory ``tag`` (``fileio.publish_folder``: synced, one rename,
+    an older save of the same iteration swapped out) and point ``latest`` (then Megatron's tracker
     file) at it. Each step is one rename, so ``latest`` always names a complete checkpoint."""
-    staged, final = os.path.join(save_dir, staging), os.path.join(save_dir, tag)
-    # On disk before the rename makes it the checkpoint: a power loss (not only a kill) must never
-    # leave `latest` naming a folder whose files were still in the page cache.
-    fsync_tree(staged)
-    if not os.path.lexists(final):
-        os.rename(staged, final)
-    elif _exchange(staged, final):  # an older save of the same iteration: swapped out in one step
-        _discard(save_dir, staging)
-    else:  # the old one is missing for an instant; only matters if `latest` named it
-        _discard(save_dir, tag)
-        os.rename(staged, final)
-    fsync_dir(save_dir)  # the rename is on disk before `latest` names it
+    publish_folder(os.path.join(save_dir, staging), os.path.join(save_dir, tag))
     write_text_atomically(os.path.join(save_dir, LATEST), tag)
     write_text_atomically(os.path.join(save_dir, TRACKER_FILE), str(iteration))
 
@@ -170,7 +134,7 @@ def prune_checkpoints(save_dir: str, keep: int) -> List[str]:
     kept = keep - 1 if latest is not None else keep
     doomed = others[:max(len(others) - kept, 0)]
     for name in doomed:
-        _discard(save_dir, name)
+        discard_folder(os.path.join(save_dir, name))
     return doomed
 
 

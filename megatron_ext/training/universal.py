@@ -3,10 +3,10 @@ our checkpoints, and the few things megatron-core models need around it.
 
 ``convert(tag_dir, output_dir)``:
 
-1. Checks the input before writing anything: a ZeRO 1/2 checkpoint folder (``global_stepN``) with
-   its model-states and optimizer-partition files (``ConversionError``, one line, otherwise).
-2. Stages a copy of the input in a hidden folder beside the output (files hard-linked where
-   unchanged; the source checkpoint is never modified):
+1. Checks the input before writing anything: a ZeRO 1, 2 or 3 checkpoint folder (``global_stepN``)
+   with its model-states and optimizer-partition files (``ConversionError``, one line, otherwise).
+2. Stages a copy of the input in a hidden folder beside the output (``fileio.staged_folder``;
+   files hard-linked where unchanged; the source checkpoint is never modified):
    * the model-states files lose megatron-core's ``*._extra_state = None`` entries (the converter
      calls ``.float()`` on every module entry);
    * their ``universal_checkpoint_info`` is rebuilt from the checkpoint's saved ``args`` (TP
@@ -15,8 +15,10 @@ our checkpoints, and the few things megatron-core models need around it.
    * optimizer partitions that lack one of Adam's two moments (Muon's matrices keep only
      ``exp_avg``) get a zero placeholder, because the converter reads both from every group; the
      placeholder's output files are deleted afterwards.
-3. Runs the converter into the staging folder, moves the result to ``output_dir`` in one rename
-   and writes ``latest_universal`` (naming it) beside it, atomically.
+3. Runs the converter into the staging folder (for a ZeRO 3 input, completes what DeepSpeed's
+   converter leaves out there: ``_complete_zero3_output``), moves the result to ``output_dir`` in
+   one rename (every file synced first) and writes ``latest_universal`` (naming it) beside it,
+   atomically.
 
 The converter carries per parameter ``fp32`` weights, ``exp_avg``, ``exp_avg_sq`` and ``step``,
 plus the model-states files with our client state (iteration, consumed samples/tokens, args, LR
@@ -36,19 +38,22 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import types
 from typing import Any, Dict, List, Optional
 
-from megatron_ext.training.checkpoint_files import (
+from megatron_ext import checkpoint_layout as layout
+from megatron_ext.checkpoint_layout import (
     LATEST_UNIVERSAL,
-    MODEL_STATES,
+    MODEL_STATES_NAMES,
     CheckpointFileError,
     client_state,
+    load_states,
     model_states_files,
     optim_states_files,
     saved_zero_stage,
 )
+from megatron_ext.fileio import staged_folder, write_text_atomically
+
 CONVERSION_RECORD = "universal_conversion.json"
 CARRIED = ("exp_avg", "exp_avg_sq")  # the optimizer states ds_to_universal extracts (with fp32 and step)
 STAGING_PREFIX = ".to-universal."
@@ -90,7 +95,7 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
     """Everything checked before converting: raises ConversionError for a folder we cannot convert."""
     models = model_states_files(tag_dir)
     if not models:
-        raise ConversionError(f"{tag_dir}: not a checkpoint (no {MODEL_STATES} files)")
+        raise ConversionError(f"{tag_dir}: not a checkpoint (no {MODEL_STATES_NAMES} files)")
     try:
         client = client_state(tag_dir)
     except CheckpointFileError as e:
@@ -99,13 +104,10 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"{models[0]}: no 'args' or 'universal_checkpoint_info' in the client state "
                               "(not written by megatron_ext or Megatron-DeepSpeed)")
     stage = saved_zero_stage(client)
-    if glob.glob(os.path.join(glob.escape(tag_dir), "zero_pp_rank_*_model_states.pt")) or stage == 3:
-        raise ConversionError(f"{tag_dir}: a ZeRO 3 checkpoint; converting those is not supported here "
-                              "(DeepSpeed 0.19.8 cannot load a universal checkpoint into ZeRO 3 either)")
     optims = optim_states_files(tag_dir)
     if not optims:
         raise ConversionError(f"{tag_dir}: saved with --zero-stage 0 (no ZeRO optimizer partitions); DeepSpeed's "
-                              "converter needs a ZeRO 1 or 2 checkpoint (a ZeRO 0 checkpoint already loads at "
+                              "converter needs a ZeRO 1, 2 or 3 checkpoint (a ZeRO 0 checkpoint already loads at "
                               "any data-parallel size with the same tensor-parallel size)")
     saved = client.get("args") or {}
     return {
@@ -118,6 +120,7 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
         "tp": client.get("mp_world_size", saved.get("tensor_model_parallel_size")),
         "dp": client.get("dp_world_size", saved.get("data_parallel_size")),
         "zero_stage": stage,
+        "zero3": layout.is_zero3(tag_dir),
     }
 
 
@@ -151,7 +154,7 @@ def _param_names(client: Dict[str, Any]) -> List[str]:
 
 
 # -- staging ----------------------------------------------------------------------------------
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed
@@ -163,7 +166,7 @@ def _stage_model_states(src: str, dst: str) -> None:
 
     from deepspeed.checkpoint import constants as c
 
-    state = torch.load(src, map_location="cpu", weights_only=False)
+    state = load_states(src)
     module = state["module"]
     # megatron-core modules put `_extra_state = None` in their state dict; the converter needs tensors.
     state["module"] = type(module)((k, v) for k, v in module.items() if torch.is_tensor(v))
@@ -171,44 +174,55 @@ def _stage_model_states(src: str, dst: str) -> None:
     torch.save(state, dst)
 
 
-def _stage_optim_states(src: str, dst: str, record: Dict[str, Any]) -> None:
+def stage_optim_states(src: str, dst: str, record: Dict[str, Any],
+                        group_names: Optional[List[List[str]]] = None) -> None:
     """Link the partition file, or write a copy with zero placeholders for missing Adam moments;
-    ``record`` collects the placeholders (to delete from the output) and the states not carried."""
+    ``record`` collects the placeholders (to delete from the output) and the states not carried.
+    ``group_names``: the parameter names of each group of a ZeRO 3 partition (its model states'
+    ``param_shapes``; a ZeRO 1/2 partition names them itself)."""
     import torch
 
     from deepspeed.checkpoint import constants as c
 
-    state = torch.load(src, map_location="cpu", weights_only=False)
+    state = load_states(src)
     optim = state[c.OPTIMIZER_STATE_DICT]
-    groups = optim[c.BASE_OPTIMIZER_STATE]["state"]
-    fp32 = optim[c.SINGLE_PARTITION_OF_FP32_GROUPS]
+    if c.FP32_FLAT_GROUPS in optim:  # ZeRO 3: the torch optimizer's state and one flat partition per group
+        groups, fp32 = optim[c.OPTIMIZER_STATE_DICT]["state"], optim[c.FP32_FLAT_GROUPS]
+    else:
+        groups, fp32 = optim[c.BASE_OPTIMIZER_STATE]["state"], optim[c.SINGLE_PARTITION_OF_FP32_GROUPS]
+        group_names = [list(mapping) for mapping in optim[c.PARAM_SLICE_MAPPINGS]]
     changed = False
-    for gid, mapping in enumerate(optim[c.PARAM_SLICE_MAPPINGS]):
+    for gid, names in enumerate(group_names):
         group_state = groups.setdefault(gid, {})
         record["not_carried"].update(k for k in group_state if k not in CARRIED and k != "step")
         for key in CARRIED:
             if key not in group_state:
                 group_state[key] = torch.zeros_like(fp32[gid])
-                record["placeholders"].update((name, key) for name in mapping)
+                record["placeholders"].update((name, key) for name in names)
                 changed = True
     if changed:
         torch.save(state, dst)
     else:
-        _link_or_copy(src, dst)
+        link_or_copy(src, dst)
 
 
 def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
     os.makedirs(staged)
+    models, optims = model_states_files(tag_dir), optim_states_files(tag_dir)
+    zero3_names = {}  # TP rank -> the parameter names of each group (ZeRO 3 partitions do not name them)
+    if layout.is_zero3(tag_dir):
+        zero3_names = {tp: [list(group) for group in client_state(tag_dir, tp).get("param_shapes") or []]
+                       for tp in layout.tp_ranks(tag_dir)}
     for name in sorted(os.listdir(tag_dir)):
         src, dst = os.path.join(tag_dir, name), os.path.join(staged, name)
         if not os.path.isfile(src):
             continue
-        if re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
+        if src in models:
             _stage_model_states(src, dst)
-        elif name.endswith("_optim_states.pt"):
-            _stage_optim_states(src, dst, record)
+        elif src in optims:
+            stage_optim_states(src, dst, record, zero3_names.get(layout.tp_rank_of(src)))
         else:
-            _link_or_copy(src, dst)
+            link_or_copy(src, dst)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +235,7 @@ class ConverterOptions:
     strict: bool = True  # --no_strict: tolerate parameter patterns that match nothing
 
 
-def _run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log, bars=None) -> None:
+def run_converter(input_folder: str, output_folder: str, options: ConverterOptions, log, bars=None) -> None:
     """DeepSpeed's converter with its prints in ``log`` and its progress bars (stderr) in ``bars``
     (default ``log``)."""
     from deepspeed.checkpoint import ds_to_universal
@@ -248,13 +262,11 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
             verbose: bool = False) -> Dict[str, Any]:
     """Convert the checkpoint folder ``tag_dir`` into ``output_dir`` (default ``<tag_dir>_universal``)
     and point ``latest_universal`` beside it at it. Returns a summary (see ``describe``)."""
-    from megatron_ext.fileio import write_text_atomically
-
     tag_dir = os.path.abspath(tag_dir)
     if not os.path.isdir(tag_dir):
         raise ConversionError(f"--input_folder {tag_dir}: no such directory")
     facts = check_input(tag_dir)
-    output_dir = os.path.abspath(output_dir or tag_dir.rstrip(os.sep) + "_universal")
+    output_dir = os.path.abspath(output_dir or layout.universal_tag_for(tag_dir.rstrip(os.sep)))
     if os.path.commonpath([output_dir, tag_dir]) == tag_dir:
         raise ConversionError(f"--output_folder {output_dir} is inside the input checkpoint {tag_dir}")
     if os.path.exists(output_dir):
@@ -265,27 +277,31 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
 
     out_name = os.path.basename(output_dir)
     _remove_stale_staging(parent, out_name)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_name}.{os.getpid()}.", dir=parent)
     record = {"placeholders": set(), "not_carried": set()}
     log = sys.stderr if verbose else io.StringIO()
     # On a terminal a long conversion shows where it is: our stages and DeepSpeed's progress bars.
     progress = verbose or sys.stderr.isatty()
     say = (lambda m: print(f"to-universal: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    try:
-        staged_in = os.path.join(staging, "in", os.path.basename(tag_dir))
-        staged_out = os.path.join(staging, "out", out_name)
+    # DeepSpeed's converter writes its own latest_universal beside its output: into the work folder
+    with staged_folder(output_dir, STAGING_PREFIX) as staged_out:
+        staged_in = os.path.join(os.path.dirname(staged_out), "in", os.path.basename(tag_dir))
         say(f"staging {tag_dir} (iteration {facts['iteration']}, {len(facts['optim_files'])} ZeRO partition files)")
         _stage_input(tag_dir, staged_in, record)
         say("extracting and merging with DeepSpeed's ds_to_universal")
         try:
-            _run_converter(staged_in, staged_out, options, log, sys.stderr if progress else None)
+            if facts["zero3"]:  # its extracted fragments are merged again (_complete_zero3_output)
+                run_converter(staged_in, staged_out, dataclasses.replace(options, keep_temp_folder=True), log,
+                               sys.stderr if progress else None)
+                _complete_zero3_output(staged_in, staged_out, options.keep_temp_folder)
+            else:
+                run_converter(staged_in, staged_out, options, log, sys.stderr if progress else None)
         except Exception as e:  # noqa: BLE001 - the converter's own failure, reported in one line
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             hint = "" if verbose else " (run again with --verbose for the converter's output)"
             raise ConversionError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {type(e).__name__}: "
                                   f"{detail}{hint}") from None
-        _drop_placeholders(staged_out, record)
-        params, carried = _listing(staged_out)
+        drop_placeholders(staged_out, record)
+        params, carried = converted_listing(staged_out)
         summary = {
             "source": tag_dir, "output": output_dir,
             "iteration": facts["iteration"], "consumed_samples": facts["consumed_samples"], "tokens": facts["tokens"],
@@ -295,27 +311,83 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
         }
         with open(os.path.join(staged_out, CONVERSION_RECORD), "w") as f:
             json.dump(summary, f, indent=2)
-        os.rename(staged_out, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     latest = os.path.join(parent, LATEST_UNIVERSAL)
     write_text_atomically(latest, out_name)
     summary["latest_universal"] = latest
     return summary
 
 
-def _drop_placeholders(out: str, record) -> None:
+def _complete_zero3_output(staged_in: str, out: str, keep_temp_folder: bool) -> None:
+    """What DeepSpeed 0.19.8's converter writes for a ZeRO 3 checkpoint, completed into what its own
+    universal loader (at ZeRO 1 or 2) reads, as its ZeRO 1/2 path writes it. Its ZeRO 3 path:
+
+    * at TP size 1 saves every state as a bare flat tensor (its TP-aware merge, which writes
+      ``{"param": tensor}`` in the parameter's shape with vocabulary rows unpadded and marked, runs
+      only at TP > 1): the fragments it extracted are merged again with that function, at TP 1;
+    * writes no ``step.pt`` (without it the loading optimizer restarts Adam's bias correction):
+      written from each param group's optimizer state;
+    * leaves ``zero/optimizer_state.pt`` without ``ds_version`` (the ZeRO 1/2 loader asserts it) and
+      with DP rank 0's whole flat partition: the partition file's version replaces those;
+    * copies the model-states files under ZeRO 3's names, one per DP rank, which a ZeRO 1/2 run does
+      not look for: DP rank 0's becomes ``mp_rank_<TP>_model_states.pt``, the others are dropped;
+    * does not extract persistent buffers (an MoE router's ``expert_bias``; its ZeRO 1/2 path
+      writes every module tensor without an optimizer state as ``fp32.pt``): written the same way.
+    """
+    import torch
+
+    from deepspeed.checkpoint import constants as c
+    from deepspeed.checkpoint.ds_to_universal import merge_tp_slices
+
+    temp = os.path.join(out, "tmp")  # the converter's extracted fragments
+    tps = layout.tp_ranks(staged_in)
+    partition = None
+    for tp in tps:
+        client = client_state(staged_in, tp)
+        shapes = {name: shape for group in client[c.PARAM_SHAPES] for name, shape in group.items()}
+        if len(tps) == 1:
+            for name, shape in shapes.items():
+                merge_tp_slices(client[c.UNIVERSAL_CHECKPOINT_INFO], layout.universal_parameters_dir(out), temp, 1,
+                                (name, [shape]))
+        partition = load_states(layout.optim_states_file(staged_in, tp, 0))
+        states = partition[c.OPTIMIZER_STATE_DICT][c.OPTIMIZER_STATE_DICT]["state"]
+        for gid, group in enumerate(client[c.PARAM_SHAPES]):
+            step = states.get(gid, {}).get("step")
+            for name in group:
+                path = layout.universal_state_file(out, name, "step")
+                if step is not None and os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+                    torch.save(step, path)
+        for name, tensor in client["module"].items():
+            path = layout.universal_state_file(out, name)
+            if name not in shapes and torch.is_tensor(tensor) and not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save({c.PARAM: tensor.float()}, path)
+    if not keep_temp_folder:
+        shutil.rmtree(temp, ignore_errors=True)
+    path = layout.universal_optimizer_state_file(out)
+    common = load_states(path, mmap=False)
+    for key in (c.OPTIMIZER_STATE_DICT, c.FP32_FLAT_GROUPS):
+        common.pop(key, None)
+    common[c.DS_VERSION] = partition[c.DS_VERSION]
+    torch.save(common, path)
+    for path in model_states_files(out):
+        if layout.ZERO3_MODEL_STATES.fullmatch(os.path.basename(path)) and layout.dp_rank_of(path) == 0:
+            os.rename(path, os.path.join(out, layout.model_states_name(layout.tp_rank_of(path))))
+        elif layout.ZERO3_MODEL_STATES.fullmatch(os.path.basename(path)):
+            os.unlink(path)
+
+
+def drop_placeholders(out: str, record) -> None:
     """Remove the zero-filled optimizer moments staged for DeepSpeed's converter (not carried)."""
     for name, key in record["placeholders"]:
-        placeholder = os.path.join(out, "zero", name, f"{key}.pt")
+        placeholder = layout.universal_state_file(out, name, key)
         if os.path.exists(placeholder):
             os.unlink(placeholder)
 
 
-def _listing(out: str):
+def converted_listing(out: str):
     """(the parameter folders of a converted checkpoint, the states carried for them)."""
-    zero = os.path.join(out, "zero")
-    params = sorted(p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p)))
+    zero = layout.universal_parameters_dir(out)
+    params = layout.universal_parameters(out)
     carried = sorted({os.path.splitext(f)[0] for p in params for f in os.listdir(os.path.join(zero, p))})
     return params, carried
 

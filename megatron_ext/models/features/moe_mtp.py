@@ -183,6 +183,9 @@ def _validate_deepseek_routing(args) -> None:
         raise ValueError("--moe-shared-expert-overlap: it overlaps the shared expert with the all-to-all dispatcher's "
                          "communication on a side stream, which this trainer does not use (it runs the shared expert "
                          "before the router): drop the flag")
+    if args.moe_shared_expert_intermediate_size and args.add_bias_linear:
+        raise ValueError("--moe-shared-expert-intermediate-size with --add-bias-linear: megatron-core's shared experts "
+                         "have no biases; use --disable-bias-linear (the llama style's default)")
     if args.moe_router_enable_expert_bias:
         if args.moe_router_score_function != "sigmoid":
             raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (megatron-core "

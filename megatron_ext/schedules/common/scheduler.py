@@ -31,6 +31,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ext.argtypes import nonneg_float, fraction, nonneg_int, positive_int
+from megatron_ext.checkpoint_layout import LATEST
 from megatron_ext.schedules import SCHEDULES
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +370,9 @@ def _validate_resume_flags(args) -> None:
     if override:
         raise ValueError("--lr-cooldown-from-checkpoint keeps the checkpoint's schedule up to the checkpoint; "
                          "it cannot be combined with --override-opt-param-scheduler")
-    if not os.path.isfile(os.path.join(args.load, "latest")):
+    if not os.path.isfile(os.path.join(args.load, LATEST)):
         raise ValueError(f"--lr-cooldown-from-checkpoint: no checkpoint to cool down in --load {args.load} "
-                         "(no 'latest' file)")
+                         f"(no '{LATEST}' file)")
 
 
 def add_resume_arguments(g) -> None:
