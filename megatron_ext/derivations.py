@@ -59,15 +59,22 @@ def expert_data_parallel_size(data_parallel: int, expert_parallel: int, num_expe
     return data_parallel // expert_parallel
 
 
+# The ZeRO stages DeepSpeed runs with pipeline stages (its pipeline engine, and our trainer's
+# schedules: ZeRO 2/3 reduce inside DeepSpeed's own backward) and with experts spread over ranks
+# (DeepSpeed partitions its MoE parameters up to ZeRO 2).
+PIPELINE_ZERO_STAGES = (0, 1)
+EXPERT_ZERO_STAGES = (0, 1, 2)
+
+
 def layout_engine_problem(pipeline: int, expert: int, zero_stage: int, precision: str,
                           cpu_offload: bool) -> Optional[str]:
     """Why DeepSpeed cannot run a pipeline- or expert-parallel layout with these engine settings
     (None: it can). Our trainer drives pipeline stages with megatron-core's schedules inside one
     DeepSpeed engine per stage; docs/parallelism.md says why each rule holds."""
-    if pipeline > 1 and zero_stage > 1:
+    if pipeline > 1 and zero_stage not in PIPELINE_ZERO_STAGES:
         return (f"--pipeline-model-parallel-size {pipeline} runs with --zero-stage 0 or 1, not {zero_stage} "
                 "(ZeRO 2/3 reduce gradients inside DeepSpeed's own backward, which the pipeline schedule replaces)")
-    if expert > 1 and zero_stage == 3:
+    if expert > 1 and zero_stage not in EXPERT_ZERO_STAGES:
         return (f"--expert-model-parallel-size {expert} runs with --zero-stage 0, 1 or 2, not 3 (DeepSpeed "
                 "partitions expert parameters only up to ZeRO 2)")
     if pipeline > 1 and precision == "fp16":
