@@ -73,7 +73,7 @@ def apply() -> bool:
     return True
 
 
-def _torch_with(**overrides) -> types.ModuleType:
+def torch_with(**overrides) -> types.ModuleType:
     """A stand-in for the ``torch`` module one megatron-core module sees: torch's own attributes
     with ``overrides``. Only that module's global name changes; every other module keeps torch."""
     proxy = types.ModuleType("torch")
@@ -90,7 +90,7 @@ def _pipeline_schedules_on_host() -> None:
     def zeros(*args, device=None, **kwargs):
         return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
-    schedules.torch = _torch_with(zeros=zeros)
+    schedules.torch = torch_with(zeros=zeros)
 
 
 @contextlib.contextmanager
@@ -134,7 +134,7 @@ def _alltoall_dispatcher_on_host() -> None:
     host_cuda = types.SimpleNamespace(Stream=lambda *a, **k: stream, current_stream=lambda *a: stream,
                                       stream=lambda s: contextlib.nullcontext(),
                                       current_device=torch.cuda.current_device, is_available=lambda: False)
-    token_dispatcher.torch = _torch_with(cuda=host_cuda)
+    token_dispatcher.torch = torch_with(cuda=host_cuda)
     move = token_dispatcher.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):

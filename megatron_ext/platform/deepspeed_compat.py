@@ -13,6 +13,12 @@ version keeps its own code). With cpu_compat, the only modules that patch third-
   empty groups, so they cannot be padded) and call that collective a different number of times:
   the ranks hang. Each group's norm is still reduced over its data-parallel group; the stage's
   squared total is all-reduced over the model-parallel group once.
+* Universal checkpoints of layouts whose ranks hold different param groups (pipeline stages,
+  expert-parallel ranks): DeepSpeed's universal load pairs the optimizer's param groups with the
+  saved ones by position (``zip`` in ``load_hp_checkpoint_state_from_checkpoint_dir``), so a group
+  past the saved count is never loaded and the others take another group's hyperparameters (and
+  per-layout keys). ``universal_param_groups_paired_by`` pairs them by a key instead, for the
+  duration of a load.
 * Expert parallelism with megatron-core's MoE (``adopt_expert_groups``): DeepSpeed reduces expert
   gradients over the expert-data-parallel group, and partitions expert param groups over it, only
   when its engine decides at construction that the model has DeepSpeed MoE layers
@@ -23,7 +29,11 @@ version keeps its own code). With cpu_compat, the only modules that patch third-
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+from typing import Callable, Hashable, Iterable
 
 import torch
 
@@ -135,3 +145,60 @@ def adopt_expert_groups(model, expert_parallel_group, expert_data_parallel_group
             p.group_name = name
     model.deepspeed_expert_groups = ExpertGroupsMarker()
     return name
+
+
+class UniversalGroupsError(ValueError):
+    """A universal checkpoint without a param group this optimizer has; the message is one line."""
+
+
+@contextlib.contextmanager
+def universal_param_groups_paired_by(key: Callable[[dict], Hashable], local_keys: Iterable[str] = ()):
+    """During a universal-checkpoint load: each of the optimizer's param groups takes the saved group
+    with the same ``key`` (not the one at its position), whose ``local_keys`` (what differs between
+    layouts, e.g. the names of the group's parameters here) are not copied over. Saved groups whose
+    keys are not distinct (another trainer's) keep DeepSpeed's pairing by position."""
+    from deepspeed.runtime import base_optimizer
+
+    from megatron_ext.platform.cpu_compat import torch_with
+
+    cls = base_optimizer.ZeROOptimizer
+    original = cls.load_hp_checkpoint_state_from_checkpoint_dir
+    if deepspeed_version() != PATCHED_VERSION:
+        yield
+        return
+    local_keys = tuple(local_keys)
+
+    def load_hp_checkpoint_state_from_checkpoint_dir(self, lp_groups_name, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, "zero", "optimizer_state.pt")
+        saved = torch.load(path, weights_only=False)
+        by_key = {}
+        for group in saved["param_groups"]:
+            by_key.setdefault(key(group), {k: v for k, v in group.items() if k not in local_keys})
+        if len(by_key) < len(saved["param_groups"]):  # keys that do not tell the groups apart: by position
+            return original(self, lp_groups_name, checkpoint_dir)
+        paired = []
+        for group in self.optimizer.param_groups:
+            if key(group) not in by_key:
+                raise UniversalGroupsError(f"{checkpoint_dir}: no param group {key(group)} in the universal "
+                                           f"checkpoint (it has {sorted(map(str, by_key))})")
+            paired.append(dict(by_key[key(group)], **{k: group[k] for k in local_keys if k in group}))
+        saved["param_groups"] = paired
+        module = sys.modules[original.__module__]
+        real = module.torch
+        module.torch = torch_with(load=lambda p, *a, **k: saved if p == path else real.load(p, *a, **k))
+        try:
+            return original(self, lp_groups_name, checkpoint_dir)
+        finally:
+            module.torch = real
+
+    cls.load_hp_checkpoint_state_from_checkpoint_dir = load_hp_checkpoint_state_from_checkpoint_dir
+    try:
+        yield
+    finally:
+        cls.load_hp_checkpoint_state_from_checkpoint_dir = original
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
