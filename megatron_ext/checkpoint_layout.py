@@ -236,9 +236,11 @@ def is_universal(tag_dir: str) -> bool:
 
 
 def universal_parameters(tag_dir: str) -> List[str]:
-    """The parameter names of a universal checkpoint (its ``zero/<name>/`` folders)."""
+    """The parameter names of a universal checkpoint (its ``zero/<name>/`` folders; not the links
+    naming another parameter's folder: a tied output layer's, for a pipeline stage that holds a copy)."""
     zero = universal_parameters_dir(tag_dir)
-    return sorted(p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p)))
+    return sorted(p for p in os.listdir(zero)
+                  if os.path.isdir(os.path.join(zero, p)) and not os.path.islink(os.path.join(zero, p)))
 
 
 def universal_state_file(tag_dir: str, parameter: str, state: str = "fp32") -> str:

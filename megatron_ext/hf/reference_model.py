@@ -38,8 +38,8 @@ def build(args, state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = N
 
     single_process()
     flags = dict(vars(args))
-    flags.update(tensor_model_parallel_size=1, bf16=False, fp16=False, mtp_num_layers=None,
-                 mtp_loss_scaling_factor=None, recompute_activations=False)
+    flags.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                 bf16=False, fp16=False, mtp_num_layers=None, mtp_loss_scaling_factor=None, recompute_activations=False)
     flags = types.SimpleNamespace(**flags)
     vocab = args.vocab_size_unpadded
     model = build_model(flags, vocab)

@@ -50,6 +50,12 @@ def is_expert_parameter(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
+def holds_spread_experts(model) -> bool:
+    """Whether this rank's part of ``model`` holds experts spread over expert-parallel ranks (a
+    pipeline stage without MoE layers holds none)."""
+    return any(is_expert_parameter(p) for p in model.parameters())
+
+
 # -- names ------------------------------------------------------------------------------------------
 class OffsetModuleList(torch.nn.ModuleList):
     """A ModuleList whose children are registered under ``offset + i`` (their global numbers) while

@@ -135,6 +135,8 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
+    from megatron_ext.models.parallel import holds_spread_experts
+
     load_dir = args.load
     client = _client(load_dir, tag)
     if client.get("imported_from") and not args.finetune:  # megatron_ext/hf/checkpoint_writer.py
@@ -158,7 +160,7 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     try:
         saved = load_states(client_state_file(tag_dir, mp_rank))
         module = dict(saved.get("module") or {})
-        if ps.get_expert_model_parallel_world_size() > 1:  # this rank's experts are in a file of their own
+        if holds_spread_experts(engine.module):  # this rank's experts are in a file of their own
             module.update(load_states(os.path.join(
                 tag_dir, rank_experts_name(ps.get_expert_model_parallel_rank(), mp_rank))))
     except CheckpointFileError as e:

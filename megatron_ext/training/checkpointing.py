@@ -121,8 +121,8 @@ def save_rank_experts(model, tag_dir: str) -> bool:
 
     if ps.get_expert_model_parallel_world_size() == 1:
         return False
-    if ps.get_expert_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-        experts = {name: p.detach().clone() for name, p in model.named_parameters() if is_expert_parameter(p)}
+    experts = {name: p.detach().clone() for name, p in model.named_parameters() if is_expert_parameter(p)}
+    if experts and ps.get_expert_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
         name = rank_experts_name(ps.get_expert_model_parallel_rank(), MegatronCoreMPU.get_model_parallel_rank())
         torch.save(experts, os.path.join(tag_dir, name))
     return True
@@ -206,6 +206,7 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_ext.models.parallel import holds_spread_experts
     from megatron_ext.training import checkpoint_loading as loading
     from megatron_ext.training.metrics import print_rank0
 
@@ -221,9 +222,9 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
         loading.check_native(engine, args, tag, load_optim)
     engine._config.load_universal_checkpoint = universal  # the run's own newer native checkpoint may win
     fresh_optimizer = loading.optimizer_hyperparameters(engine)
-    # Expert parallelism: DeepSpeed's module file holds expert-parallel rank 0's experts (native) or
-    # every expert (universal); this rank's come from its own file (checked to cover them) or the
-    # universal folder's fp32 weights.
+    # Expert parallelism: DeepSpeed's module file (native) holds expert-parallel rank 0's experts; this
+    # rank's come from its own file (checked to be there: checkpoint_loading.check_native). A universal
+    # load takes every weight from the zero/ folders.
     split_experts = ps.get_expert_model_parallel_world_size() > 1
     with loading.universal_groups_by_role(engine) if universal else contextlib.nullcontext():
         path, client = engine.load_checkpoint(
@@ -237,7 +238,7 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     if path is None:
         raise RuntimeError(f"--load {args.load}: could not load checkpoint '{tag}'")
     start["path"] = os.path.dirname(path)  # DeepSpeed returns the model-states file inside the tag
-    if split_experts and not universal:
+    if split_experts and not universal and holds_spread_experts(engine.module):
         load_rank_experts(engine.module, start["path"])
     if universal:
         loading.restore_universal_buffers(engine, args.load, tag)

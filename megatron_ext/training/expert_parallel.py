@@ -14,8 +14,11 @@ from __future__ import annotations
 
 
 def wire_expert_parallel(model, args) -> None:
-    """Before the optimizer and engine are built: let DeepSpeed treat the experts as its own."""
-    if args.expert_model_parallel_size == 1:
+    """Before the optimizer and engine are built: let DeepSpeed treat the experts as its own (on a
+    pipeline stage without MoE layers there are none: its engine stays a plain one)."""
+    from megatron_ext.models.parallel import holds_spread_experts
+
+    if not holds_spread_experts(model):
         return
     from megatron.core import parallel_state as ps
 
