@@ -19,6 +19,8 @@ STEPS = ["--mock-data", "--train-iters", "8", "--global-batch-size", "8", "--mic
          "1000", "--eval-iters", "1", "--log-interval", "1"]
 LLAMA = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--num-key-value-heads", "2"] + STEPS
 MIXTRAL = LLAMA + ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2"]
+# tied embeddings: a pipeline-parallel run's last stage holds a copy of the word embedding
+GPT2 = LLAMA + ["--model-style", "gpt2", "--hidden-dropout", "0", "--attention-dropout", "0", "--zero-stage", "1"]
 # the deepseek-v3-tiny preset's architecture on 2 layers (a dense one, a MoE one with 8 experts), an MTP layer
 DEEPSEEK = TINY + [*MODEL_PRESETS["deepseek-v3-tiny"]["flags"], "--mock-data", "--train-iters", "3",
                    "--save-interval", "3", "--num-key-value-heads", "4", "--moe-router-bias-update-rate", "0.05"]
@@ -84,14 +86,21 @@ def test_universal_checkpoint_reshards_pp2_pp1_pp2_and_ep2_ep1(two_ranks, tmp_pa
                          str(pp1), "--save-interval", "2", "--exit-interval", "6"])
     assert_same(read_metrics(pp1 / "metrics.jsonl"), reference, (5, 6))
     to_universal(pp1 / "global_step6")
+    tied = tmp_path / "tied"  # PP 1 -> PP 2 x DP 2 with tied embeddings: the copy loads from the link
+    run_trainer(GPT2 + ["--save", str(tied), "--save-interval", "4", "--metrics-file", str(tmp_path / "tied.jsonl")])
+    to_universal(tied / "global_step4")
+    assert os.path.islink(tied / "global_step4_universal" / "zero" / "output_layer.weight")
     deepseek = tmp_path / "deepseek"
     run_layouts([LLAMA + ["--pipeline-model-parallel-size", "2", "--zero-stage", "1", "--load", pp1,
                           "--universal-checkpoint", "--metrics-file", tmp_path / "pp2dp2.jsonl"],
+                 GPT2 + ["--pipeline-model-parallel-size", "2", "--load", tied, "--universal-checkpoint",
+                         "--metrics-file", tmp_path / "tied-pp2dp2.jsonl"],
                  DEEPSEEK + ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
                              "--zero-stage", "1", "--save", deepseek]], 4, tmp_path)
     back = read_metrics(tmp_path / "pp2dp2.jsonl")
     assert sorted(back) == [7, 8]
     assert_same(back, reference, (7, 8))
+    assert_same(read_metrics(tmp_path / "tied-pp2dp2.jsonl"), read_metrics(tmp_path / "tied.jsonl"), range(5, 9))
 
     experts = read_metrics(two_ranks / "ep2-zero1.jsonl")
     to_universal(two_ranks / "ep2-zero1" / "global_step4")

@@ -35,11 +35,11 @@ def global_grad_norm(model) -> torch.Tensor:
             experts += p.grad.detach().float().pow(2).sum()
         elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
             dense += p.grad.detach().float().pow(2).sum()
-    torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())  # tensor x pipeline
-    if ps.get_expert_model_parallel_world_size() > 1:  # experts on different ranks
+    if ps.get_expert_model_parallel_world_size() > 1:  # experts on different ranks: summed over theirs
         torch.distributed.all_reduce(experts, group=ps.get_expert_tensor_model_pipeline_parallel_group())
-    else:  # experts (if any) are dense parameters held alike by every data-parallel rank
-        torch.distributed.all_reduce(experts, group=ps.get_model_parallel_group())
+    else:  # every data-parallel rank holds every expert
+        dense, experts = dense + experts, torch.zeros_like(experts)
+    torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())  # tensor x pipeline
     return (dense + experts).sqrt()
 
 
