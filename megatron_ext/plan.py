@@ -378,6 +378,9 @@ def _files(a, check_files: bool, notes: List[str]):
         return None, None
     sources = data_sources(a)
     tokenizer = tokenizer_for(a, sources)
+    if a.vocab_size is not None and a.vocab_size != tokenizer.vocab_size:  # a size no tokenizer has: never ignored
+        raise ArgumentsError(f"--vocab-size {a.vocab_size}: the tokenizer ({a.tokenizer_type} {a.tokenizer_model}) has "
+                             f"{tokenizer.vocab_size} tokens; give that or leave --vocab-size out")
     if sources:
         notes.extend(check_data_files(a, sources, tokenizer.vocab_size))
     a.vocab_size_unpadded = tokenizer.vocab_size
