@@ -102,14 +102,16 @@ def write_pair(folder, data, nproc=1, experiment_edit=None, job_edit=None):
     """The experiment file and its job file in ``train/``, as OpenSeek lays them out."""
     exp = EXPERIMENT.format(out=folder / "out", data=data, nproc=nproc)
     job = JOB
-    if experiment_edit:
-        exp = experiment_edit(exp)
-    if job_edit:
-        job = job_edit(job)
+    return _write_files(folder, "tiny", exp, job, experiment_edit, job_edit)
+
+
+def _write_files(folder, name, exp, job, experiment_edit=None, job_edit=None):
+    """``config_<name>.yaml`` and ``train/train_<name>.yaml`` (the texts edited first)."""
+    exp, job = (experiment_edit or str)(exp), (job_edit or str)(job)
     os.makedirs(folder / "train", exist_ok=True)
-    (folder / "train" / "train_tiny.yaml").write_text(job)
-    (folder / "config_tiny.yaml").write_text(exp)
-    return str(folder / "config_tiny.yaml")
+    (folder / "train" / f"train_{name}.yaml").write_text(job)
+    (folder / f"config_{name}.yaml").write_text(exp)
+    return str(folder / f"config_{name}.yaml")
 
 
 def test_keys_become_trainer_flags(tmp_path, corpora, capsys):
@@ -246,12 +248,7 @@ experiment:
     CUDA_DEVICE_MAX_CONNECTIONS: 1
     WANDB_MODE: disabled
 
-action: run
-
-hydra:
-  run:
-    dir: ${{experiment.exp_dir}}/hydra
-"""
+""" + EXPERIMENT[EXPERIMENT.index("action: run"):]  # action and hydra as in every FlagScale experiment file
 
 OPENSEEK_JOB = """\
 system:
@@ -413,11 +410,7 @@ def openseek_data(tmp_path_factory):
 def write_openseek_pair(folder, data, job_edit=None, experiment_edit=None):
     exp = OPENSEEK_EXPERIMENT.format(out=folder / "out", data=data["base"])
     job = OPENSEEK_JOB.replace("{vocab}", str(data["vocab"]))
-    exp, job = (experiment_edit or str)(exp), (job_edit or str)(job)
-    os.makedirs(folder / "train", exist_ok=True)
-    (folder / "train" / "train_deepseek_v3_small.yaml").write_text(job)
-    (folder / "config_deepseek_v3_small.yaml").write_text(exp)
-    return str(folder / "config_deepseek_v3_small.yaml")
+    return _write_files(folder, "deepseek_v3_small", exp, job, experiment_edit, job_edit)
 
 
 def test_an_openseek_pair_as_its_users_have_it_dry_runs(tmp_path, openseek_data, capsys):
