@@ -20,6 +20,7 @@ from typing import List, Optional
 from megatron_ext import registry
 from megatron_ext.argtypes import (choice_ci, close_hint, finite_float, fraction, nonneg_float, nonneg_int,
                                    normalise_argv, one_line_errors, positive_float, positive_int)
+from megatron_ext.data.tokenizers import FLAGSCALE_TYPES
 
 MODEL_STYLES = {
     # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
@@ -51,6 +52,7 @@ TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
     "GPT2BPETokenizer",
     "NullTokenizer",
+    *FLAGSCALE_TYPES,  # HFTokenizer with FlagScale's end-of-document token (data/tokenizers.py)
 )
 
 

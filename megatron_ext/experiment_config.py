@@ -13,8 +13,13 @@ one training launch: ``megatron-ext run CONFIG.yaml`` (``commands/run.py``).
 
 Every key becomes a flag of the trainer's own parser or is one of the few Megatron-LM settings
 listed in ``NO_EFFECT`` (performance or logging details with nothing to do here, each said at start
-with the reason); anything else is one error line naming the key. The whole command is then
-planned by the trainer (``plan.build_plan``), whose messages are said in the config's keys.
+with the reason); FlagScale runner settings that decide nothing for one node (``RUNNER_NO_EFFECT``)
+are said in one note. Two keys that set the same flag must agree (OpenSeek's job files have both
+``use_rotary_position_embeddings: true`` and ``position_embedding_type: rope``). Every problem of
+the pair is found and reported together, one line each (``ConfigError``), each naming its key;
+FlagScale's tokenizer types are tokenizer types of ours (``data/tokenizers.py``,
+``FLAGSCALE_TYPES``). The whole command is then planned by the trainer (``plan.build_plan``),
+whose messages are said in the config's keys.
 """
 from __future__ import annotations
 
@@ -30,7 +35,12 @@ from megatron_ext.flag_spelling import FlagSpelling, FlagValueError
 JOB_SECTIONS = ("system", "model", "data")
 # experiment.* keys with a meaning of their own (the others are variables for ${experiment.x})
 EXPERIMENT_KEYS = ("exp_name", "exp_dir", "task", "runner", "cmds", "envs")
-RUNNER_KEYS = ("backend", "nnodes", "nproc_per_node", "hostfile", "rdzv_backend", "ssh_port", "no_shared_fs")
+RUNNER_KEYS = ("backend", "nnodes", "nproc_per_node", "hostfile")
+# FlagScale runner settings that decide nothing for a run here (one node, torchrun on this host with a
+# free local rendezvous port, every rank's output in the experiment folder's logs/): accepted, said
+# in one note.
+RUNNER_NO_EFFECT = ("per_node_task", "no_shared_fs", "rdzv_backend", "rdzv_id", "rdzv_endpoint", "ssh_port",
+                    "master_addr", "master_port", "redirects", "tee", "log_dir", "docker")
 TOP_KEYS = ("defaults", "experiment", "action", "hydra", *JOB_SECTIONS)
 # Job keys spelled otherwise here (FlagScale name -> flag name)
 KEY_ALIASES = {"tokenizer_path": "tokenizer_model"}
@@ -72,7 +82,12 @@ NO_EFFECT: Dict[str, Tuple[str, Optional[Any]]] = {  # key -> (why, the only val
 
 
 class ConfigError(ValueError):
-    """A bad experiment or job config; the message is one line naming the file and the key."""
+    """A bad experiment or job config: one line per problem, each naming the file and the key."""
+
+
+def _raise_if(problems: List[str]) -> None:
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 @dataclasses.dataclass
@@ -135,19 +150,22 @@ def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experim
         raise ConfigError("megatron-ext run needs omegaconf for ${...} interpolation: pip install -e .[experiments]") from None
 
     raw = _load_yaml(path)
+    problems: List[str] = []  # every problem of the pair, reported together
     for key in raw:
         if key not in TOP_KEYS:
-            raise ConfigError(f"{path}: {key}: unknown top-level key{close_hint(key, TOP_KEYS)}; known: {', '.join(TOP_KEYS)}")
+            problems.append(f"{path}: {key}: unknown top-level key{close_hint(key, TOP_KEYS)}; known: "
+                            f"{', '.join(TOP_KEYS)}")
     group, job_path = _job_file(path, raw.get("defaults"))
     job = _load_yaml(job_path) if job_path else {}
     for key in job:
         if key not in JOB_SECTIONS:
-            raise ConfigError(f"{job_path}: {key}: unknown section{close_hint(key, JOB_SECTIONS)}; known: "
-                              f"{', '.join(JOB_SECTIONS)}")
+            problems.append(f"{job_path}: {key}: unknown section{close_hint(key, JOB_SECTIONS)}; known: "
+                            f"{', '.join(JOB_SECTIONS)}")
+    job = {k: v for k, v in job.items() if k in JOB_SECTIONS}
     inline = {k: raw[k] for k in JOB_SECTIONS if k in raw}
     if inline and job:
-        raise ConfigError(f"{path}: {', '.join(inline)} given both here and in the job file {job_path}")
-    tree = {k: v for k, v in raw.items() if k not in ("defaults", "hydra", *JOB_SECTIONS)}
+        problems.append(f"{path}: {', '.join(inline)} given both here and in the job file {job_path}")
+    tree = {k: v for k, v in raw.items() if k in TOP_KEYS and k not in ("defaults", "hydra", *JOB_SECTIONS)}
     sections = job or inline
     where = job_path or path
     if group:
@@ -157,64 +175,75 @@ def read(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Experim
     try:
         conf = OmegaConf.create(tree)
         resolved = OmegaConf.to_container(conf, resolve=True)
-    except OmegaConfBaseException as e:
+    except OmegaConfBaseException as e:  # nothing can be read past it: the problems so far and this one
         key = getattr(e, "full_key", None) or ""
         msg = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{where}: {key + ': ' if key else ''}{msg}") from None
+        _raise_if(problems + [f"{where}: {key + ': ' if key else ''}{msg}"])
     exp = resolved.get("experiment") or {}
     if not isinstance(exp, dict):
-        raise ConfigError(f"{path}: experiment: expected a mapping")
+        _raise_if(problems + [f"{path}: experiment: expected a mapping"])
     job_resolved = resolved.get(group, {}) if group else {k: resolved[k] for k in JOB_SECTIONS if k in resolved}
-    return _experiment(path, where, exp, job_resolved, tree, resolved, parser)
+    experiment = _experiment(path, where, exp, job_resolved, tree, resolved, parser, problems)
+    _raise_if(problems)
+    return experiment
 
 
-def _experiment(path, job_where, exp, job, raw_tree, resolved, parser) -> Experiment:
+def _experiment(path, job_where, exp, job, raw_tree, resolved, parser, problems: List[str]) -> Experiment:
+    """The launch of the pair; each problem found is added to ``problems``."""
     notes: List[str] = []
     name = exp.get("exp_name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise ConfigError(f"{path}: experiment.exp_name: expected a folder name, got {name!r}")
+        problems.append(f"{path}: experiment.exp_name: expected a folder name, got {name!r}")
+        name = "experiment"
     used_vars = set(re.findall(r"\$\{experiment\.(\w+)", repr(raw_tree)))  # before interpolation
     for key in exp:
         if key not in EXPERIMENT_KEYS and key not in used_vars:
-            raise ConfigError(f"{path}: experiment.{key}: unknown key, and no ${{experiment.{key}}} uses it"
-                              f"{close_hint(key, EXPERIMENT_KEYS)}")
+            problems.append(f"{path}: experiment.{key}: unknown key, and no ${{experiment.{key}}} uses it"
+                            f"{close_hint(key, EXPERIMENT_KEYS)}")
     folder = os.path.abspath(str(exp.get("exp_dir") or name))
     task = exp.get("task") or {}
     for key, value in task.items():
         if key == "type" and value != "train":
-            raise ConfigError(f"{path}: experiment.task.type: {value!r}: only train runs here")
+            problems.append(f"{path}: experiment.task.type: {value!r}: only train runs here")
         if key == "backend" and value != "megatron":
-            raise ConfigError(f"{path}: experiment.task.backend: {value!r}: this trainer is megatron-core's")
+            problems.append(f"{path}: experiment.task.backend: {value!r}: this trainer is megatron-core's")
         if key == "entrypoint":
             notes.append(f"experiment.task.entrypoint {value}: megatron_ext.train runs instead")
         elif key not in ("type", "backend", "entrypoint"):
-            raise ConfigError(f"{path}: experiment.task.{key}: unknown key")
+            problems.append(f"{path}: experiment.task.{key}: unknown key")
     runner = exp.get("runner") or {}
     for key in runner:
-        if key not in RUNNER_KEYS:
-            raise ConfigError(f"{path}: experiment.runner.{key}: unknown key{close_hint(key, RUNNER_KEYS)}")
+        if key not in RUNNER_KEYS and key not in RUNNER_NO_EFFECT:
+            problems.append(f"{path}: experiment.runner.{key}: unknown key"
+                            f"{close_hint(key, RUNNER_KEYS + RUNNER_NO_EFFECT)}")
+    inert = [key for key in runner if key in RUNNER_NO_EFFECT]
+    if inert:
+        notes.append(f"experiment.runner: {', '.join(inert)}: no effect here (one node: torchrun on this host, "
+                     "rendezvous on a free local port, every rank's output in the experiment folder's logs/)")
     if runner.get("backend", "torchrun") != "torchrun":
-        raise ConfigError(f"{path}: experiment.runner.backend: {runner['backend']!r}: runs use torchrun")
+        problems.append(f"{path}: experiment.runner.backend: {runner['backend']!r}: runs use torchrun")
     if runner.get("nnodes", 1) != 1 or runner.get("hostfile"):
-        raise ConfigError(f"{path}: experiment.runner: one node only (nnodes 1, no hostfile); several nodes: "
-                          "train_alcf.sh with a HOSTFILE (mpiexec)")
+        problems.append(f"{path}: experiment.runner: one node only (nnodes 1, no hostfile); several nodes: "
+                        "train_alcf.sh with a HOSTFILE (mpiexec)")
     nproc = runner.get("nproc_per_node", 1)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ConfigError(f"{path}: experiment.runner.nproc_per_node: expected a positive integer, got {nproc!r}")
+        problems.append(f"{path}: experiment.runner.nproc_per_node: expected a positive integer, got {nproc!r}")
+        nproc = 1
     cmds = exp.get("cmds") or {}
     for key in cmds:
         if key != "before_start":
-            raise ConfigError(f"{path}: experiment.cmds.{key}: unknown key (before_start runs before the training)")
+            problems.append(f"{path}: experiment.cmds.{key}: unknown key (before_start runs before the training)")
     envs = exp.get("envs") or {}
     if not isinstance(envs, dict):
-        raise ConfigError(f"{path}: experiment.envs: expected a mapping VARIABLE: value")
+        problems.append(f"{path}: experiment.envs: expected a mapping VARIABLE: value")
+        envs = {}
     env = {str(k): "" if v is None else str(v) for k, v in envs.items()}
 
     if parser is None:
         from megatron_ext.arguments import build_parser
 
         parser = build_parser()
-    argv, sources = job_flags(job_where, job, parser, notes)
+    argv, sources = job_flags(job_where, job, parser, notes, problems)
     paths = {dest: os.path.join(folder, name) for dest, name in OWNED.items()}
     for dest, path in paths.items():
         argv += ["--" + dest.replace("_", "-"), path]
@@ -236,53 +265,85 @@ def _flatten(tree: dict, prefix: str) -> List[Tuple[str, str, Any]]:
     return out
 
 
-def job_flags(where: str, job: dict, parser, notes: List[str]) -> Tuple[List[str], Dict[str, str]]:
-    """The trainer flags of the job sections, and which key each flag came from."""
+def job_flags(where: str, job: dict, parser, notes: List[str],
+              problems: Optional[List[str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """The trainer flags of the job sections, and which key each flag came from. Each problem is
+    added to ``problems`` (without it: raised together at the end)."""
+    collect = problems if problems is not None else []
     actions = parser._option_string_actions
     spelling = FlagSpelling(parser)
     argv: List[str] = []
     sources: Dict[str, str] = {}
-    seen: Dict[str, str] = {}
+    seen: Dict[str, Tuple[str, Any]] = {}  # destination -> (the key that set it, its value)
     for section in JOB_SECTIONS:
         block = job.get(section) or {}
         if not isinstance(block, dict):
-            raise ConfigError(f"{where}: {section}: expected a mapping of flag names")
+            collect.append(f"{where}: {section}: expected a mapping of flag names")
+            continue
         for path, key, value in _flatten(block, section):
             key = KEY_ALIASES.get(key, key)
             option = "--" + key.replace("_", "-")
             owned = OWNED.get(actions[option].dest if option in actions else key)  # aliases too (--output-dir)
             if owned:
-                raise ConfigError(f"{where}: {path}: the experiment folder holds the {owned} "
-                                  "(experiment.exp_dir decides where)")
+                collect.append(f"{where}: {path}: the experiment folder holds the {owned} "
+                               "(experiment.exp_dir decides where)")
+                continue
             if value is None:  # null: unset (Megatron's default)
                 continue
             if option not in actions:
                 if key in NO_EFFECT:
                     why, only = NO_EFFECT[key]
                     if only is not None and value != only:
-                        raise ConfigError(f"{where}: {path}: {value!r} is not supported here ({why})")
-                    notes.append(f"{path}: no effect here: {why}")
+                        collect.append(f"{where}: {path}: {value!r} is not supported here ({why})")
+                    else:
+                        notes.append(f"{path}: no effect here: {why}")
                     continue
                 if key == "recompute_granularity":
                     if value != "full":
-                        raise ConfigError(f"{where}: {path}: {value!r}: only full recomputation "
-                                          "(--recompute-activations) is supported")
+                        collect.append(f"{where}: {path}: {value!r}: only full recomputation "
+                                       "(--recompute-activations) is supported")
+                        continue
                     option, value = "--recompute-activations", True
                 else:
                     known = [o[2:].replace("-", "_") for o in actions if o.startswith("--")]
-                    raise ConfigError(f"{where}: {path}: not a training flag{close_hint(key, known)}")
+                    collect.append(f"{where}: {path}: not a training flag{close_hint(key, known)}")
+                    continue
             action = actions[option]
-            if action.dest in seen:
-                raise ConfigError(f"{where}: {path}: sets {option} again (already {seen[action.dest]})")
-            seen[action.dest] = path
             try:
                 tokens = spelling.flags(option, value, name=path)
+                given = _value_of(tokens, action, parser)
             except FlagValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
+                collect.append(f"{where}: {e}")
+                continue
+            except argparse.ArgumentError as e:  # the trainer's own type or choice check of the value
+                collect.append(f"{where}: {path} ({option}): {e.message}")
+                continue
+            if action.dest in seen:  # two keys for one flag: accepted when they agree
+                first, first_value = seen[action.dest]
+                if given != first_value:
+                    collect.append(f"{where}: {path}: sets {option} to {given!r}, but {first} set it to "
+                                   f"{first_value!r}")
+                continue
+            seen[action.dest] = (path, given)
             argv += tokens
             if tokens:
                 sources[tokens[0]] = path
+    if problems is None:
+        _raise_if(collect)
     return argv, sources
+
+
+def _value_of(tokens: List[str], action, parser):
+    """What ``tokens`` (one flag and its values; none: the default) give the flag's destination,
+    converted by the parser's own type and choices (argparse.ArgumentError for a bad value)."""
+    if not tokens:
+        return parser.get_default(action.dest)
+    action = parser._option_string_actions[tokens[0]]
+    if action.nargs == 0:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return not tokens[0].startswith("--no-")
+        return action.const
+    return parser._get_values(action, tokens[1:])
 
 
 def say_in_keys(message: str, sources: Dict[str, str]) -> str:

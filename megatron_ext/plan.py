@@ -182,7 +182,7 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         sources, tokenizer = _files(a, check_files, notes)
         if check_files:
             _paths(a)
-        mc_examples = _mc_eval(a, tokenizer, sources)
+        mc_examples = _mc_eval(a, tokenizer, sources, notes)
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     from megatron_ext.parametrizations import parametrization_for
@@ -355,6 +355,9 @@ def _files(a, check_files: bool, notes: List[str]):
         return None, None
     sources = data_sources(a)
     tokenizer = tokenizer_for(a, sources)
+    if a.vocab_size is not None and a.vocab_size != tokenizer.vocab_size:  # a size no tokenizer has: never ignored
+        raise ArgumentsError(f"--vocab-size {a.vocab_size}: the tokenizer ({a.tokenizer_type} {a.tokenizer_model}) has "
+                             f"{tokenizer.vocab_size} tokens; give that or leave --vocab-size out")
     if sources:
         notes.extend(check_data_files(a, sources, tokenizer.vocab_size))
     a.vocab_size_unpadded = tokenizer.vocab_size
@@ -395,11 +398,11 @@ def _schedule(a):
     return build_schedule(a)  # the whole curve (and the weight-decay flags) servable before any work starts
 
 
-def _mc_eval(a, tokenizer, sources):
+def _mc_eval(a, tokenizer, sources, notes):
     from megatron_ext.training.evaluation import check_corpus_eval, mc_examples_for
 
     check_corpus_eval(a, sources)  # --eval-per-corpus
-    return mc_examples_for(a, tokenizer)
+    return mc_examples_for(a, tokenizer, notes)
 
 
 def _lr_finder(a) -> None:

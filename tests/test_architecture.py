@@ -86,7 +86,7 @@ def _cycles(edges):
 # imports included). A name is a module or a package (its modules too).
 LAYERS = [
     ("base", ["megatron_ext.argtypes", "megatron_ext.fileio", "megatron_ext.optional", "megatron_ext.derivations",
-              "megatron_ext.checkpoint_layout", "megatron_ext.registry", "megatron_ext.plotting",
+              "megatron_ext.checkpoint_layout", "megatron_ext.registry", "megatron_ext.plotting", "megatron_ext.progress",
               "megatron_ext.platform"]),
     ("plug-in families", ["megatron_ext.schedules", "megatron_ext.optimizers", "megatron_ext.parametrizations"]),
     ("model", ["megatron_ext.models"]),

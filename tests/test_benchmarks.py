@@ -1,6 +1,8 @@
 """The benchmark scripts that have no CPU number to show still run here: benchmarks/mfu.py counts
 FLOPs from the model's real matrices, knows the accelerators' peaks, and runs end to end on tiny
-shapes (its GPU numbers are measured on GPUs; no timing is asserted)."""
+shapes (its GPU numbers are measured on GPUs; no timing is asserted). benchmarks/megatron_deepspeed.py
+runs its three sides (the Megatron-DeepSpeed fixture alone, with the plug-ins, our trainer) on the
+tiny model."""
 import importlib.util
 import json
 import os
@@ -55,3 +57,23 @@ def test_mfu_script_runs_end_to_end_on_tiny_shapes(tmp_path):
     for r in result["rows"]:
         assert r["micro_batch"] == 1 and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
     assert "MFU" in proc.stdout and "vs local" in proc.stdout
+
+
+@pytest.mark.slow
+def test_megatron_deepspeed_benchmark_runs_in_a_tiny_form(tmp_path):
+    from megatron_deepspeed import fork_harness
+
+    if not os.path.isdir(os.path.join(fork_harness.fixture_dir(), "megatron")):
+        pytest.skip(f"the Megatron-DeepSpeed fixture is not at {fork_harness.fixture_dir()}")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/megatron_deepspeed.py", "--tiny", "--single", "--iters", "4",
+                           "--warmup", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for clock in ("time", "cpu"):  # wall and CPU time per iteration
+        assert set(result["ms_per_iteration"][clock]) == {"fork", "fork+plugins", "ours"}
+        assert all(ms > 0 for ms in result["ms_per_iteration"][clock].values())
+    assert result["iterations"] == {"fork": 3, "fork+plugins": 3, "ours": 3}  # iterations 2..4 of each run
+    assert all(result[f"{ratio}_{name}"] > 0 for ratio in ("ours_speedup", "plugin_cost") for name in ("wall", "CPU"))
+    assert "ours vs the fork" in proc.stdout and "plug-ins in the fork" in proc.stdout

@@ -36,9 +36,11 @@ def test_endings_are_scored_by_mean_and_by_sum_log_probability():
     assert example.ending_lengths == [1, 3, 2]
     scores = ending_log_likelihoods(example, fixed_log_probs)
     assert scores == [(-1.25, 1), (-1.5, 3), (-2.25, 2)]
-    # mean: -1.25, -0.5, -1.125 -> ending 1; sum: ending 0 (the short one)
-    assert choose(scores) == (1, 0)
-    assert choose([(-1.0, 2), (-0.5, 1), (-3.0, 3)]) == (0, 1)  # equal means: the first wins
+    assert example.characters == [2, 6, 4]  # " 5", " 2 2 2", " 8 1": the text each ending adds
+    # per token: -1.25, -0.5, -1.125 -> 1; sum (acc): 0 (the short one); per character (acc_norm):
+    # -0.625, -0.25, -0.5625 -> 1
+    assert choose(scores, example.characters) == (1, 0, 1)
+    assert choose([(-1.0, 2), (-0.5, 1), (-3.0, 3)], [2, 1, 3]) == (0, 1, 0)  # equal: the first wins
 
 
 def test_long_contexts_are_cut_from_the_left():
@@ -67,6 +69,42 @@ def test_the_tiny_file_and_hellaswag_field_names(tmp_path):
     a, b = read_mc_file(str(path))
     assert (a.context, a.endings, a.label) == ("q", ["a", "b"], 1)
     assert (b.context, b.label, b.where) == ("c", 2, f"{path}:3")
+
+
+def test_hellaswag_rows_are_built_as_lm_evals_hellaswag_task(tmp_path):
+    """Every row with HellaSwag's full fields: lm-eval's context (activity label, ctx_a, ctx_b
+    capitalised) and clean-up (' [title]' -> '. ', bracketed tags removed, double spaces once), its
+    request (no token before the context, ' ' + ending, split where the context's own tokens end)."""
+    from megatron_ext.training import hellaswag
+
+    assert hellaswag.clean("  a [title] b  [header] c [step] d ") == "a. b  c d"  # one pass of double spaces
+    # the same as lm-eval's own clean-up and context, on text where each of its steps matters
+    from lm_eval.tasks.hellaswag import utils as lm_eval_hellaswag
+
+    tricky = ["  a [title] b  [header] c [step] d ", "x   y    z", "[a] [b]] c [", "end [title]", " [title] x",
+              "Ünïcode  [tag]ß", "no tags", ""]
+    for text in tricky:
+        assert hellaswag.clean(text) == lm_eval_hellaswag.preprocess(text), text
+    row = {"activity_label": " Label [x] ", "ctx_a": "a  b", "ctx_b": "éCOLE [title] then", "endings": [" e1 ", "e  2"],
+           "label": "0"}
+    theirs = lm_eval_hellaswag.process_docs(__import__("datasets").Dataset.from_list([row]))[0]
+    assert (hellaswag.context(row), hellaswag.endings(row)) == (theirs["query"], theirs["choices"])
+    rows = [{"activity_label": "Baking cookies", "ctx_a": "A woman  mixes dough [header].", "ctx_b": "then SHE",
+             "ctx": "raw context", "endings": ["bakes it [title] Done", "eats  it"], "label": "1"},
+            {"activity_label": "1 2", "ctx_a": "3", "ctx_b": "", "endings": ["4 5", "6"], "label": 0}]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    notes = []
+    first, second = read_mc_file(str(path), notes=notes)
+    assert first.context == "Baking cookies: A woman mixes dough . Then she" and first.label == 1
+    assert first.endings == ["bakes it. Done", "eats it"] and first.rule == "hellaswag"
+    assert notes == [f"--eval-mc-file {path}: 2 examples, HellaSwag as lm-eval's hellaswag task builds and scores it"]
+    assert second.context == "1 2: 3" and second.endings == ["4 5", "6"]
+    tok = NullTokenizer(10)  # text is token ids
+    plain_ids = MCExample("x:1", "1 2 3", ["4 5", "6"], 0, rule="hellaswag")
+    encoded = encode_mc_example(tok, plain_ids, max_tokens=16)
+    assert encoded.sequences == [[1, 2, 3, 4, 5], [1, 2, 3, 6]]  # no end-of-document token in front
+    assert encoded.ending_lengths == [2, 1] and encoded.characters == [3, 1]  # acc_norm: the ending alone
 
 
 GOOD = {"ctx": "c", "endings": ["a", "b"], "label": 0}
@@ -192,9 +230,13 @@ def test_the_scorer_gets_the_known_answers_right(dp1):
     mc = read_metrics(metrics, "mc_eval")
     assert sorted(mc) == [0, 10, 20]  # --eval-at-start, every --eval-interval, the end
     assert mc[0]["mc_accuracy"] < 0.5  # the untrained model does not know them
-    assert mc[20]["mc_accuracy"] == 1.0 and mc[20]["mc_accuracy_unnormalized"] == 1.0
-    assert all(r["mc_examples"] == 7 for r in mc.values())
-    assert " multiple-choice eval at iteration 20 | mc accuracy: 1.0000 (7/7, length-normalised)" in proc.stdout
+    assert mc[20]["mc_accuracy"] == 1.0 and mc[20]["acc"] == 1.0 and mc[20]["acc_norm"] == 1.0
+    assert all(r["mc_examples"] == 7 and r["mc_rule"] == "plain" for r in mc.values())
+    assert (" multiple-choice eval at iteration 20 | acc: 1.0000 (7/7) | acc_norm: 1.0000 (7/7) | per token: 1.0000 "
+            "(7/7) | plain rule | file: mc_tiny.jsonl") in proc.stdout
+    # the start-up says which rule builds the examples, and why not lm-eval's HellaSwag here
+    assert f"{MC_FILE}: 7 examples, plain: ctx (or ctx_a + ctx_b) as given" in proc.stdout
+    assert f"({MC_FILE}:3 lacks activity_label, ctx_a, ctx_b of HellaSwag's full format)" in proc.stdout
 
 
 def test_validation_records_have_next_token_accuracy(dp1):
@@ -229,7 +271,7 @@ def test_data_parallel_mc_accuracy_equals_one_rank(corpus, dp1):
     two = read_metrics(corpus["folder"] / "dp2.jsonl", "mc_eval")
     assert sorted(two) == sorted(one)
     for it in one:
-        for key in ("mc_accuracy", "mc_accuracy_unnormalized", "mc_examples"):
+        for key in ("mc_accuracy", "acc", "acc_norm", "mc_examples"):
             assert two[it][key] == one[it][key], (it, key)
 
 
@@ -238,7 +280,7 @@ def test_pipeline_parallel_evaluation_equals_one_rank(corpus, dp1):
     """PP 2: validation (loss and accuracy) and multiple-choice scores come from the last stage
     through megatron-core's forward-only schedule (docs/parallelism.md)."""
     run_trainer(train_args(corpus, "pp2") + ["--pipeline-model-parallel-size", "2"], nproc=2)
-    for split, keys in (("validation", ("accuracy",)), ("mc_eval", ("mc_accuracy", "mc_accuracy_unnormalized",
+    for split, keys in (("validation", ("accuracy",)), ("mc_eval", ("mc_accuracy", "acc", "acc_norm",
                                                                     "mc_examples"))):
         one = read_metrics(dp1[1], split)
         two = read_metrics(corpus["folder"] / "pp2.jsonl", split)

@@ -19,7 +19,7 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def export_and_compare(tok, source, out):
+def export_and_compare(tok, source, out, texts=TEXTS):
     from transformers import AutoTokenizer
 
     from megatron_ext.hf import tokenizer_export
@@ -27,9 +27,9 @@ def export_and_compare(tok, source, out):
     os.makedirs(out)
     files = tokenizer_export.write(tok, str(out), source)
     assert "tokenizer_config.json" in files
-    assert tokenizer_export.check(str(out), tok, TEXTS) == len(TEXTS)
+    assert tokenizer_export.check(str(out), tok, texts) == len(texts)
     hf = AutoTokenizer.from_pretrained(str(out))
-    for text in TEXTS:
+    for text in texts:
         assert hf.encode(text) == tok.tokenize(text), text
     assert hf.eos_token_id == tok.eod
     return hf
@@ -42,6 +42,28 @@ def test_sentencepiece_exports_with_training_ids_and_no_bos(corpus, tmp_path, mo
     hf = export_and_compare(tok, path, tmp_path / "hf")
     assert hf.encode("hello")[0] != tok.bos  # training added no begin-of-text token
     assert hf.decode(hf.encode(SAMPLES[1])) == SAMPLES[1]
+
+
+NON_LATIN = ["Unicode: café, naïve, Ωμέγα, 你好, emoji 🙂", "你好 world", "🙂", "Ωμέγα", " 你好  x ", "a\u2047b"]
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_without_byte_fallback_decodes_unknown_pieces_as_sentencepiece(tmp_path, model_type):
+    """English-only pieces and no byte fallback (many custom and older models): the text outside the
+    pieces is the unknown piece, which SentencePiece decodes as ' \u2047 ' and the export must too."""
+    import sentencepiece
+
+    english = tmp_path / "english.txt"
+    english.write_text("\n".join(line for line in corpus_lines() if line.isascii()) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(english), model_prefix=str(tmp_path / "nobf"), vocab_size=120,
+                                             model_type=model_type, byte_fallback=False, hard_vocab_limit=False,
+                                             minloglevel=2)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "nobf.model"))
+    assert " \u2047 " in tok.detokenize(tok.tokenize(NON_LATIN[0]))  # unknown pieces are there
+    hf = export_and_compare(tok, str(tmp_path / "nobf.model"), tmp_path / "hf", TEXTS + NON_LATIN)
+    for text in TEXTS + NON_LATIN:
+        ids = tok.tokenize(text)
+        assert hf.decode(ids) == tok.detokenize(ids), text
 
 
 def test_sentencepiece_without_eos_keeps_the_appended_id(corpus, tmp_path):

@@ -265,3 +265,67 @@ def test_bad_input_through_the_script_itself_starts_and_writes_nothing(tmp_path)
     assert error_lines(proc.stderr) == ["train_alcf.sh: error: GLOBAL_BATCH=10 is not divisible by data-parallel "
                                         "size 1 x MICRO_BATCH=4"]
     assert "iteration=" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+# -- the demo never replaces what the user set ----------------------------------------------------------
+def test_the_demo_keeps_every_variable_the_user_set(tmp_path, hf_corpus):
+    """Without DATA_FILE_LIST the demo runs, but a variable the user set is the user's: the tokenizer
+    (the demo corpus is tokenized with it, in a folder of its own) and every demo default."""
+    from megatron_ext.launcher.resolve import DEMO_DEFAULTS
+
+    demo_dir = tmp_path / "demo"
+    mine = dict(MICRO_BATCH="3", LR="0.0005", EVAL_INTERVAL="7", EVAL_ITERS="2", SAVE_INTERVAL="9",
+                LOG_INTERVAL="4", TRAIN_ITERS="11")
+    assert set(DEMO_DEFAULTS) <= set(mine)  # every default the demo has of its own is tried here
+    args, command, settings = resolved(launch(dict(DEMO_DIR=str(demo_dir), SAVE=str(tmp_path / "r"),
+                                                   TOKENIZER_TYPE="HFTokenizer", TOKENIZER_MODEL=hf_corpus["tokenizer"],
+                                                   **mine)))
+    assert (args.micro_batch_size, args.lr, args.eval_interval, args.eval_iters, args.save_interval,
+            args.log_interval, args.train_iters) == (3, 0.0005, 7, 2, 9, 4, 11)
+    for var, value in mine.items():
+        assert settings[var] == value, var
+    assert args.tokenizer_type == "HFTokenizer" and args.tokenizer_model == hf_corpus["tokenizer"]
+    assert settings["TOKENIZER_MODEL"] == hf_corpus["tokenizer"]
+    lst = args.data_file_list
+    assert lst.startswith(str(demo_dir / "by_tokenizer" / "HFTokenizer-")) and lst.endswith("data_file_list.txt")
+    # the demo's own tokenizer only when neither variable is set
+    args, _, settings = resolved(launch(dict(DEMO_DIR=str(demo_dir), SAVE=str(tmp_path / "r"))))
+    assert args.tokenizer_model == str(demo_dir / "tokenizer.model") and settings["MICRO_BATCH"] == "8"
+
+
+def test_the_demo_refuses_a_tokenizer_that_is_not_there(tmp_path):
+    proc = launch(dict(DEMO_DIR=str(tmp_path / "demo"), SAVE=str(tmp_path / "r"),
+                       TOKENIZER_TYPE="SentencePieceTokenizer", TOKENIZER_MODEL="/nonexistent/x.model"))
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "TOKENIZER_MODEL=/nonexistent/x.model" in lines[0] and "no such file" in lines[0], lines
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "r").exists()
+
+
+def test_the_demo_corpus_is_tokenized_with_the_users_tokenizer_and_kept_per_tokenizer(tmp_path, hf_corpus):
+    import numpy as np
+
+    from megatron_ext.data.tokenizers import build_tokenizer, train_sentencepiece
+    from megatron_ext.launcher.demo import prepare
+
+    demo_dir = tmp_path / "demo"
+    texts = demo_dir / "download" / "texts"  # the unpacked sdist, so nothing is downloaded here
+    texts.mkdir(parents=True)
+    speech = "Now is the winter of our discontent made glorious summer by this sun of York."
+    (texts / "richard_gut.txt").write_text("\n\n".join([speech] * 400))
+    (tmp_path / "other.txt").write_text((speech + "\n") * 50)
+    other = train_sentencepiece([str(tmp_path / "other.txt")], str(tmp_path / "other"), 300)
+    built = {}
+    for kind, model in (("HFTokenizer", hf_corpus["tokenizer"]), ("SentencePieceTokenizer", other)):
+        result = prepare(str(demo_dir), kind, model)
+        assert result["tokenizer_model"] == model and os.path.isfile(result["data_file_list"])
+        prefix = open(result["data_file_list"]).read().split("\n")[1].split()[1]
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(prefix)  # kept while its memory-mapped documents are read
+        first = np.array(dataset[0])
+        tok = build_tokenizer(kind, tokenizer_model=model)
+        assert speech in tok.detokenize(first.tolist())  # this tokenizer's ids
+        built[kind] = result["data_file_list"]
+        assert prepare(str(demo_dir), kind, model) == result  # the second time: reused
+    assert len(set(built.values())) == 2 and not (demo_dir / "tokenizer.model").exists()

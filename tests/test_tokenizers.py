@@ -153,6 +153,30 @@ def test_hf_tokenizer_without_eos_says_what_to_add(corpus, tmp_path):
         build_tokenizer("HFTokenizer", tokenizer_model=path)
 
 
+def test_flagscale_types_are_hf_tokenizers_with_flagscale_end_of_document(corpus, tmp_path):
+    """FlagScale's (OpenSeek's) types over a Hugging Face tokenizer: HFTokenizer, ending documents
+    where FlagScale does: QwenTokenizerFS with <|extra_204|>, HFTokenizerFS with the folder's own
+    eos_token (here not the first of EOS_CANDIDATES), HFTokenizersTokenizerFS with <|endoftext|>."""
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    path = train_hf(corpus, folder / "tokenizer.json", ["</s>", "<|endoftext|>", "<|extra_203|>", "<|extra_204|>"])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|extra_203|>"}}))
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+    assert build_tokenizer("HFTokenizer", tokenizer_model=str(folder)).eod == vocab["</s>"]
+    expected = {"QwenTokenizerFS": "<|extra_204|>", "Qwen2TokenizerFS": "<|extra_204|>",
+                "HFTokenizerFS": "<|extra_203|>", "Llama3TokenizerFS": "<|extra_203|>"}
+    for type_name, eod in expected.items():
+        tok = build_tokenizer(type_name, tokenizer_model=str(folder))
+        assert tok.name == "HFTokenizer" and tok.eod == vocab[eod], type_name
+        assert tok.tokenize(SAMPLES[0]) == build_tokenizer("HFTokenizer", tokenizer_model=str(folder)).tokenize(SAMPLES[0])
+    assert build_tokenizer("HFTokenizersTokenizerFS", tokenizer_model=path).eod == vocab["<|endoftext|>"]
+    plain = train_hf(corpus, tmp_path / "plain.json", ["</s>"])
+    with pytest.raises(ValueError, match=r"no <\|extra_204\|> token in the vocabulary"):
+        build_tokenizer("QwenTokenizerFS", tokenizer_model=plain)
+
+
 def test_gpt2_bpe(gpt2_files):
     vocab, merges = gpt2_files
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)

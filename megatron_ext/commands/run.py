@@ -46,7 +46,7 @@ def _own_parser() -> argparse.ArgumentParser:
 
 def plan_experiment(config: str, extra_flags=()):
     """(Experiment, trainer argv, RunPlan): the config read and the whole command planned by the
-    trainer; ConfigError with one line (trainer messages said in the config's keys)."""
+    trainer; ConfigError with one line per problem (trainer messages said in the config's keys)."""
     from megatron_ext.arguments import build_parser
     from megatron_ext.experiment_config import ConfigError, read, say_in_keys
     from megatron_ext.plan import plan_or_problem
@@ -89,8 +89,9 @@ def run_argv(argv) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # library start-up chatter is not the command's output
             exp, argv, plan = plan_experiment(opts.config, training_flags)
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except ConfigError as e:  # every problem of the config, one line each
+        for line in str(e).splitlines():
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
     stamp = time.strftime("%Y%m%d_%H%M%S")
     command = command_for(exp, argv, stamp)

@@ -43,9 +43,14 @@ def open_index(prefix: str):
     """megatron-core's IndexedDataset of ``prefix``, its ``.idx`` checked against its ``.bin``."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    dataset = IndexedDataset.__new__(IndexedDataset)
     try:
-        dataset = IndexedDataset(prefix, mmap=True)
+        dataset.__init__(prefix, mmap=True)
     except Exception as e:  # noqa: BLE001 - a damaged index fails in many ways inside megatron-core
+        # megatron-core's __del__ deletes these two attributes, which a failed __init__ may not have
+        # set: without them the destructor prints a traceback after our one line
+        for name in ("bin_reader", "index"):
+            dataset.__dict__.setdefault(name, None)
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataFileError(f"{prefix}.idx: not a readable Megatron index ({type(e).__name__}: {detail}); "
                             "preprocess the data again") from None

@@ -115,7 +115,9 @@ class HFTokenizer(Tokenizer):
 
     name = "HFTokenizer"
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, eod_token: Optional[str] = None):
+        """``eod_token``: the end-of-document token (FlagScale's types name theirs; see
+        ``FLAGSCALE_TYPES``), else the first of ``EOS_CANDIDATES`` in the vocabulary."""
         from megatron_ext.data.hub import resolve
 
         path = resolve(model_path, "--tokenizer-model")  # a local path, or a cached hub snapshot
@@ -129,7 +131,10 @@ class HFTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values(), default=-1) + 1  # ids of added tokens may leave holes
         self.bos = _first_in(vocab, BOS_CANDIDATES)
-        eod = _first_in(vocab, EOS_CANDIDATES)
+        if eod_token is not None and eod_token not in vocab:
+            raise ValueError(f"--tokenizer-model {path}: no {eod_token} token in the vocabulary, which this "
+                             "tokenizer type ends documents with")
+        eod = vocab[eod_token] if eod_token is not None else _first_in(vocab, EOS_CANDIDATES)
         if eod is None:
             raise ValueError(
                 f"--tokenizer-model {path}: no end-of-document token in the vocabulary; "
@@ -237,6 +242,46 @@ def _build_hf(a):
                                 "a tokenizer.json file or a directory holding one"))
 
 
+# FlagScale's (OpenSeek's) tokenizer types over a Hugging Face tokenizer folder or file (their
+# tokenizer_path is our --tokenizer-model): our HFTokenizer with the end-of-document token each of
+# them uses (None: the tokenizer's own eos_token, from its tokenizer_config.json). Documents end
+# with it in their preprocessed data, so it is what --reset-position-ids / --reset-attention-mask /
+# --eod-mask-loss must find. FlagScale's other types (Aquila's BPE with a special-tokens file,
+# Qwen2-VL) have no equivalent here.
+FLAGSCALE_TYPES = {
+    "QwenTokenizerFS": "<|extra_204|>",
+    "Qwen2TokenizerFS": "<|extra_204|>",
+    "HFTokenizersTokenizerFS": "<|endoftext|>",
+    "HFTokenizerFS": None,
+    "Llama3TokenizerFS": None,
+}
+
+
+def _configured_eos(model_path: str) -> Optional[str]:
+    """The eos_token of a tokenizer folder's tokenizer_config.json (None without one)."""
+    import json
+
+    from megatron_ext.data.hub import resolve
+
+    path = resolve(model_path, "--tokenizer-model")
+    config = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else None
+    if not config or not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def _flagscale_builder(type_name: str):
+    def build(a):
+        model = _require(a["tokenizer_model"], "--tokenizer-model", type_name,
+                         "the Hugging Face tokenizer folder (FlagScale's tokenizer_path)")
+        eod = FLAGSCALE_TYPES[type_name] or _configured_eos(model)
+        return HFTokenizer(model, eod_token=eod)
+
+    return build
+
+
 def _build_gpt2(a):
     return GPT2BPETokenizer(
         _require(a["vocab_file"], "--vocab-file", "GPT2BPETokenizer", "the GPT-2 vocab.json"),
@@ -254,7 +299,7 @@ _TYPES: List[Tuple[str, Tuple[str, ...], Callable]] = [
     ("HFTokenizer", ("HuggingFaceTokenizer",), _build_hf),
     ("GPT2BPETokenizer", (), _build_gpt2),
     ("NullTokenizer", (), _build_null),
-]
+] + [(name, (), _flagscale_builder(name)) for name in FLAGSCALE_TYPES]
 _BY_NAME = {n.lower(): b for name, aliases, b in _TYPES for n in (name, *aliases)}
 
 KNOWN_TYPES = ", ".join(name + (f" (aliases {', '.join(al)})" if al else "")

@@ -88,20 +88,25 @@ def write_config(config, out_dir: str, extra: Dict) -> None:
 
 
 def write_safetensors(state: Dict[str, torch.Tensor], out_dir: str, max_shard_size: str,
-                      say: Callable[[str], None]) -> List[str]:
-    """``model.safetensors``, or shards of at most ``max_shard_size`` with their index."""
+                      say: Callable[[str], None], stage=None) -> List[str]:
+    """``model.safetensors``, or shards of at most ``max_shard_size`` with their index; ``stage``
+    (``megatron_ext.progress``) counts the tensors and bytes written."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     save_file = require("safetensors.torch").save_file
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     names = []
+    written = [0, 0]  # tensors, bytes
     for n, (filename, tensors) in enumerate(split.filename_to_tensors.items(), 1):
         shard = {name: state[name] for name in tensors}
-        if split.is_sharded:
-            size = sum(t.numel() * t.element_size() for t in shard.values())
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        if split.is_sharded and stage is None:
             say(f"writing {filename} ({n}/{len(split.filename_to_tensors)}, {size / 2**30:.2f} GiB)")
         save_file(shard, os.path.join(out_dir, filename), metadata={"format": "pt"})
         names.append(filename)
+        written = [written[0] + len(shard), written[1] + size]
+        if stage is not None:
+            stage.set(*written)
     if split.is_sharded:
         index = {"metadata": {**split.metadata, "total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": split.tensor_to_filename}
@@ -114,6 +119,7 @@ def write_safetensors(state: Dict[str, torch.Tensor], out_dir: str, max_shard_si
 def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
     """Run the export; returns a summary (also written to ``megatron_ext_export.json``)."""
     from megatron_ext.hf import checkpoint_reader, config_mapping, tokenizer_export, weight_mapping
+    from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
     transformers = require("transformers")
     require("safetensors")
@@ -131,12 +137,19 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
         raise HFError(f"the tokenizer {tok_source} has {tok.vocab_size} ids, the model was trained with a "
                       f"vocabulary of {vocab}: not the training tokenizer")
 
-    say(f"reading {tag_dir}")
-    weights = checkpoint_reader.read(tag_dir, say)
+    progress = Progress("export-hf")
+    say = progress.around(say)
+    with progress.stage(f"reading {tag_dir}") as stage:
+        weights = checkpoint_reader.read(tag_dir, say)
+        stage.set(len(weights.state), sum(tensor_bytes(t) for t in weights.state.values()))
     dtype = DTYPES[options.dtype] if options.dtype else weights.dtype
     start = time.time()
     hf_state, tie, notes = weight_mapping.to_hf(weights.state, args, architecture)
-    hf_state = {k: v.to(dtype).contiguous() for k, v in hf_state.items()}
+    with progress.stage(f"converting to {architecture} tensors ({str(dtype).replace('torch.', '')})", len(hf_state),
+                        sum(v.numel() * dtype.itemsize for v in hf_state.values())) as stage:
+        for name, tensor in hf_state.items():
+            hf_state[name] = tensor.to(dtype).contiguous()
+            stage.tensor(hf_state[name])
     notes = weights.notes + notes
     config = config_mapping.hf_config(args, architecture, vocab_size=vocab, tie=tie,
                                       bos=None if tok is None else tok.bos, eos=None if tok is None else tok.eod,
@@ -147,7 +160,9 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
             pad_token_id=config.eos_token_id)
         generation.save_pretrained(staging)
-        files = write_safetensors(hf_state, staging, options.max_shard_size, say)
+        with progress.stage("writing safetensors", len(hf_state), sum(tensor_bytes(t) for t in hf_state.values()),
+                            poll=lambda: (0, folder_bytes(staging, ".safetensors"))) as stage:
+            files = write_safetensors(hf_state, staging, options.max_shard_size, say, stage)
         tokenizer_files, checked = [], 0
         if tok is not None:
             tokenizer_files = tokenizer_export.write(tok, staging, tok_source)

@@ -102,6 +102,10 @@ class _Weights:
     def names(self) -> List[str]:
         return list(self.file_of)
 
+    def file_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.folder, f)) for f in set(self.file_of.values())
+                   if os.path.isfile(os.path.join(self.folder, f)))
+
     def get(self, name: str) -> torch.Tensor:
         handle = self._load(self.file_of[name])
         return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
@@ -120,6 +124,7 @@ def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dic
     from megatron_ext.data.tokenizers import HFTokenizer
     from megatron_ext.data import hub
     from megatron_ext.hf import checkpoint_writer, config_mapping, weight_mapping
+    from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
     transformers = require("transformers")
     if options.dtype is not None and options.dtype not in DTYPES:
@@ -156,11 +161,18 @@ def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dic
                      "the tokenizer's)")
     args.vocab_size_unpadded = tok.vocab_size
     weights = _Weights(folder)
+    progress = Progress("import-hf")
+    say = progress.around(say)
     start = time.time()
     with staged(out_dir, say) as staging:
         tokenizer_files = _copy_tokenizer(tokenizer_folder, os.path.join(staging, TOKENIZER_DIR))
-        say(f"reading {len(weights.names())} tensors of {architecture} from {folder}")
-        state = weight_mapping.from_hf(weights.get, weights.names(), config, architecture)
+        with progress.stage(f"reading {architecture} from {folder}", len(weights.names()), weights.file_bytes()) as stage:
+            def get(name: str) -> torch.Tensor:
+                tensor = weights.get(name)
+                stage.tensor(tensor)
+                return tensor
+
+            state = weight_mapping.from_hf(get, weights.names(), config, architecture)
         dtype = DTYPES.get(options.dtype) if options.dtype else None
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in state:
@@ -171,7 +183,11 @@ def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dic
         provenance = {"source": options.source, "folder": folder, "architecture": architecture,
                       "transformers": transformers.__version__,
                       "imported_at": datetime.datetime.now().isoformat(timespec="seconds")}
-        files = checkpoint_writer.write(staging, args, state, provenance)
+        with progress.stage(f"writing the checkpoint (tensor-parallel size {tp})", len(state),
+                            sum(tensor_bytes(t) for t in state.values()),
+                            poll=lambda: (0, folder_bytes(staging, "_model_states.pt"))) as stage:
+            files = checkpoint_writer.write(staging, args, state, provenance)
+            stage.set(len(state), 0)
         launch = _write_launch_files(staging, out_dir, model_flags)
         summary = {"source": options.source, "folder": folder, "architecture": architecture, "output": out_dir,
                    "tensor_model_parallel_size": tp, "dtype": stored, "vocab_size": tok.vocab_size,

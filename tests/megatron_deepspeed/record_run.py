@@ -6,7 +6,9 @@
 The fork prints its losses rounded (6 decimals, LR to 6 digits); the tests compare runs to 1e-6,
 so this wraps the fork's ``training_log`` (by name in ``megatron.training``) and writes one JSON
 line per iteration: iteration, loss ("lm loss" as logged, full precision), learning rate (the
-value the fork logs: the optimizer's first group after the step), consumed samples, grad norm.
+value the fork logs: the optimizer's first group after the step), consumed samples, grad norm,
+and when it was logged (``time.perf_counter()``, and the process's CPU time, ``time.process_time()``;
+for benchmarks/megatron_deepspeed.py).
 It imports ``megatron.training`` before running the target, as the target would, so whatever
 switches the plug-ins on (the start-up hook, ``install()``, ``-m``) has already patched it or
 patches it then.
@@ -16,6 +18,7 @@ import json
 import os
 import runpy
 import sys
+import time
 
 
 def main():
@@ -32,6 +35,7 @@ def main():
     sink = open(out, "w") if int(os.environ.get("RANK", "0")) == 0 else None
 
     def training_log(*a, **kw):
+        logged, cpu = time.perf_counter(), time.process_time()
         b = signature.bind(*a, **kw).arguments
         if sink is not None:
             from megatron import get_args
@@ -45,6 +49,8 @@ def main():
                 "lr": float(b["learning_rate"]),
                 "consumed_samples": int(args.consumed_train_samples),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "time": logged,
+                "cpu": cpu,
             }) + "\n")
             sink.flush()
         return original(*a, **kw)

@@ -4,6 +4,7 @@ schedule), and the reverse. The two implementations of the same llama agree to t
 bit in most iterations; the tolerance, 5e-6 on losses near 10, allows a few ulps of summation-order
 difference (measured: at most 1 ulp, 9.5e-7)."""
 import os
+import re
 
 import pytest
 
@@ -16,8 +17,12 @@ SAME_RUN = ["--optimizer", "adamw", "--lr-decay-style", "cosine", "--zero-stage"
 def test_a_fork_checkpoint_continues_in_our_trainer(fork, fork_alone):
     run, save = fork_alone
     load = os.path.join(fork.work, "fork-to-ours")
-    summary = fork.megatron_ext("convert", os.path.join(save, "global_step10"), "--output", load).stdout
+    proc = fork.megatron_ext("convert", os.path.join(save, "global_step10"), "--output", load)
+    summary = proc.stdout
     assert "for megatron_ext" in summary and "--universal-checkpoint" in summary
+    # not on a terminal: one progress line for the conversion, every parameter counted
+    assert re.search(r"^convert: Megatron-DeepSpeed -> megatron_ext, 15 parameters: 15 tensors, [\d.]+ MiB in "
+                     r"[\d.]+ s \([\d.]+ [KMG]iB/s\)$", proc.stderr, re.MULTILINE), proc.stderr[-2000:]
     ours_save = os.path.join(fork.work, "ours-continuing-fork")
     _, metrics = fork.run_ours([*SAME_RUN, "--load", load, "--universal-checkpoint", "--save", ours_save])
     assert sorted(metrics) == list(range(11, 21))
