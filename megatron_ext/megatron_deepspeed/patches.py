@@ -22,7 +22,8 @@ from megatron_ext.megatron_deepspeed import project_api
 from megatron_ext.megatron_deepspeed.errors import ActivationError, fail
 from megatron_ext.megatron_deepspeed.scheduler import ForkScheduler
 
-REPORT_ENV = "MEGATRON_EXT_REPORT"  # a JSON file: what the plug-ins did in this run (rank 0)
+# a JSON file: what the plug-ins did in this run (rank 0's; with "{rank}" in the path, every rank's)
+REPORT_ENV = "MEGATRON_EXT_REPORT"
 
 
 class Session:
@@ -74,9 +75,10 @@ class Session:
         return project_api.optimizer_hooks().evaluation_weights(self.optimizer, self.engine)
 
     def write_report(self) -> None:
-        path = os.environ.get(REPORT_ENV)
-        if not path or int(os.environ.get("RANK", "0")) != 0:
+        path, rank = os.environ.get(REPORT_ENV), int(os.environ.get("RANK", "0"))
+        if not path or (rank != 0 and "{rank}" not in path):
             return
+        path = path.replace("{rank}", str(rank))
         groups = []
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
