@@ -133,7 +133,7 @@ def split_to_count(groups, count: int):
         splittable = [i for i, g in enumerate(out) if len(g["params"]) > 1 and not g.get("moe")]
         if not splittable:
             raise ActivationError(f"another rank has {count} optimizer param groups and this one cannot split its "
-                                  f"{len(out)} into as many (DeepSpeed's ZeRO needs the same count on every rank)")
+                                  f"{len(groups)} into as many (DeepSpeed's ZeRO needs the same count on every rank)")
         i = max(splittable, key=lambda k: len(out[k]["params"]))
         group, half = out[i], len(out[i]["params"]) // 2
         halves = [{**group, "params": group["params"][:half]}, {**group, "params": group["params"][half:]}]

@@ -9,9 +9,9 @@ The fork's model is not megatron-core's, so the parametrization's numbers are ap
   asks is redrawn from N(0, std): the whole (unsharded) tensor from a generator seeded by
   ``--seed`` and the parameter's name, then this rank's tensor-parallel shard (SwiGLU's fused
   ``[gate; up]`` sharded as the fork shards it: ``[gate_r; up_r]`` on rank r), so the result does
-  not depend on the TP, PP or expert-parallel size (an expert is keyed by its global index; the
-  fork names them by their index on the rank). Families the fork already drew right are left
-  alone (standard parametrization with default flags changes nothing).
+  not depend on the TP or PP size (DeepSpeed-MoE experts: see ``_redraw_key``; under ZeRO 3 each
+  parameter is gathered whole for it). Families the fork already drew right are left alone
+  (standard parametrization with default flags changes nothing).
 * **Output logits x l.** The fork computes logits from ``output_layer.weight`` directly (a forward
   hook on the output layer never fires), so the final norm's output is scaled instead (logits are
   linear in it, tied or untied; for ``GPTModelPipe`` the bare ``N.weight`` norm, on the last
@@ -28,9 +28,9 @@ the end of training, which shows the multipliers acted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import re
 import zlib
 from collections import Counter
 from typing import Dict, List, Optional
@@ -88,21 +88,21 @@ def apply(models, args, parametrization) -> Applied:
             raise ActivationError(str(e)) from None
         pipeline = names.is_pipeline_model(n for n, _, _ in entries)
         sums: Dict[str, List[float]] = {}
-        keys = _layout_free_names(entries)
         for fork, core, param in entries:
             family = family_of(core)
             if family is None:
                 continue
             if family == "output_layer" and not args.untie_embeddings_and_output_weights:
                 continue  # tied: the embedding is the output layer
-            if not math.isclose(stds[family], theirs[family], rel_tol=1e-9):
-                gate_up = args.swiglu and core.rsplit(".", 2)[-2] == "linear_fc1"
-                redraw(param, stds[family], args.seed, keys[fork],
-                       _tp_layout(param, args), 2 if gate_up else 1)
-                applied.redrawn[family] = stds[family]
-            total = sums.setdefault(family, [0.0, 0.0])
-            total[0] += float(param.detach().double().pow(2).sum())
-            total[1] += param.numel()
+            with _whole(param):
+                if not math.isclose(stds[family], theirs[family], rel_tol=1e-9):
+                    gate_up = args.swiglu and core.rsplit(".", 2)[-2] == "linear_fc1"
+                    redraw(param, stds[family], args.seed, _redraw_key(fork, param),
+                           _tp_layout(param), 2 if gate_up else 1)
+                    applied.redrawn[family] = stds[family]
+                total = sums.setdefault(family, [0.0, 0.0])
+                total[0] += float(param.detach().double().pow(2).sum())
+                total[1] += param.numel()
         applied.measured_std.update({f: math.sqrt(s / n) for f, (s, n) in sums.items() if n})
         final_norms = [fork.rsplit(".", 1)[0] for fork, core, _ in entries if core == "decoder.final_layernorm.weight"]
         if not final_norms and not pipeline:
@@ -129,43 +129,42 @@ def redraw(param: torch.Tensor, std: float, seed: int, name: str, tp=(0, 0, 1), 
     param.copy_(full.to(dtype=param.dtype, device=param.device))
 
 
+def _whole(param):
+    """The parameter's whole (tensor-parallel) tensor for the body: under ZeRO 3 (the fork builds the
+    model inside ``deepspeed.zero.Init``) each rank holds an empty placeholder and a slice; gathered
+    one parameter at a time, and the first rank's result partitioned again (every rank draws the same)."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 def _is_expert(param) -> bool:
     return getattr(param, "allreduce", True) is False  # DeepSpeed-MoE's mark (deepspeed.moe.utils.is_moe_param)
 
 
-def _tp_layout(param, args):
-    """(partition dim, rank, size) of ``param``'s tensor-parallel sharding. DeepSpeed-MoE experts
-    carry the TP attribute but are whole on every TP rank unless --enable-expert-tensor-parallelism."""
-    if not getattr(param, "tensor_model_parallel", False) or (
-            _is_expert(param) and not getattr(args, "enable_expert_tensor_parallelism", False)):
+def _tp_layout(param):
+    """(partition dim, rank, size) of ``param``'s tensor-parallel sharding (DeepSpeed-MoE experts
+    without expert tensor parallelism are whole: ``layouts.mark_whole_experts``)."""
+    if not project_api.is_tensor_parallel(param):
         return 0, 0, 1
     from megatron.core import parallel_state as ps  # the fork's own (vendored) megatron.core
 
     return int(param.partition_dim), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-_EXPERT_INDEX = re.compile(r"deepspeed_experts\.(\d+)\.")
+def _redraw_key(fork: str, param) -> str:
+    """What ``param`` is redrawn by: its name, and for a DeepSpeed-MoE expert also the data-parallel
+    rank. The fork names experts by their index on the rank (``deepspeed_experts.0`` on every
+    expert-parallel rank), so the name alone would give every rank the same experts; DeepSpeed
+    broadcasts each expert from the first rank of its expert-data-parallel group when the engine
+    starts (its expert groups do not exist before), so the copies agree again."""
+    if not _is_expert(param):
+        return fork
+    from megatron.core import parallel_state as ps
 
-
-def _layout_free_names(entries) -> Dict[str, str]:
-    """The name each parameter is redrawn by: its own, but a DeepSpeed-MoE expert's local index
-    (``deepspeed_experts.E``) replaced by its global one: expert-parallel rank x experts per rank + E."""
-    out, local = {}, {}
-    for fork, _, param in entries:
-        match = _EXPERT_INDEX.search(fork)
-        if match is not None and _is_expert(param):
-            local.setdefault(fork[:match.start(1)], set()).add(int(match.group(1)))
-    for fork, _, param in entries:
-        match = _EXPERT_INDEX.search(fork)
-        if match is None or not _is_expert(param):
-            out[fork] = fork
-            continue
-        from deepspeed.utils import groups
-
-        prefix = fork[:match.start(1)]
-        first = groups._get_expert_parallel_rank(param.group_name) * len(local[prefix])
-        out[fork] = f"{prefix}{first + int(match.group(1))}{fork[match.end(1):]}"
-    return out
+    return f"{fork}/data-parallel-rank-{ps.get_data_parallel_rank()}"
 
 
 # -- forward multipliers ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import sys
 from typing import Optional
 
 from megatron_ext.megatron_deepspeed import arguments as fork_arguments
-from megatron_ext.megatron_deepspeed import hook_points, loop, optimizer as fork_optimizer
+from megatron_ext.megatron_deepspeed import hook_points, layouts, loop, optimizer as fork_optimizer
 from megatron_ext.megatron_deepspeed import parametrization as fork_parametrization
 from megatron_ext.megatron_deepspeed import project_api
 from megatron_ext.megatron_deepspeed.errors import ActivationError, fail
@@ -188,6 +188,7 @@ def apply(mode: str) -> None:
     def get_model(original):
         def wrapper(*a, **kw):
             models = original(*a, **kw)
+            layouts.mark_whole_experts(models)
             if session.owner.ours("init"):
                 try:
                     session.applied = fork_parametrization.apply(models, session.view(), session.parametrization)

@@ -132,6 +132,20 @@ def param_role(name: str, param) -> str:
     return role(name, param)
 
 
+def mark_whole_on_tp_ranks(param) -> None:
+    """Tell our optimizers that ``param`` is whole on every tensor-parallel rank though it carries
+    megatron's tensor-parallel attribute."""
+    from megatron_ext.optimizers.common.full_matrices import WHOLE_ON_TP_RANKS
+
+    setattr(param, WHOLE_ON_TP_RANKS, True)
+
+
+def is_tensor_parallel(param) -> bool:
+    from megatron_ext.optimizers.common.full_matrices import is_tensor_parallel as split
+
+    return split(param)
+
+
 def optimizer_hooks():
     """The optimizer hook protocol module (engine_ready, train_mode, evaluation_weights,
     curvature_pass_due, gradient_clipping_disabled, sampled_label_losses, UnsupportedEngineSetting)."""
