@@ -7,6 +7,9 @@ fork's ``--zero-stage``, so that is what is read here:
 * the pipeline model (``GPTModelPipe``, the fork's default without ``--no-pipeline-parallel``) runs on
   DeepSpeed's pipeline engine, which takes ZeRO 0 and 1 only (DeepSpeed asserts it after the model
   is built; refused here first);
+* the pipeline model with DeepSpeed-MoE needs an MoE layer on the first stage: a stage passes the
+  MoE loss on with its activations, and the first stage's is a constant without a gradient when it
+  holds no MoE layer, on which DeepSpeed's pipeline backward fails (the fork alone too);
 * DeepSpeed wraps the optimizer in its bf16 optimizer (bf16 weights, fp32 gradient accumulation
   and master weights in flat partitions of its own) for bf16 on the pipeline engine at ZeRO 0, and
   for bf16 at ZeRO 1 with ``data_types.grad_accum_dtype`` fp32 (no offload). Our optimizers that
@@ -67,6 +70,15 @@ def check(args, owner: Ownership) -> None:
         raise ValueError(f"ZeRO stage {stage} ({args.deepspeed_config}) with the pipeline model: DeepSpeed's pipeline "
                          "engine (GPTModelPipe, the fork's default) runs ZeRO 0 and 1 only; use ZeRO 1 or "
                          "--no-pipeline-parallel")
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    experts = getattr(args, "num_experts", None) or [1]
+    interval = int(getattr(args, "expert_interval", 1) or 1)
+    first_stage = -(-int(getattr(args, "num_layers", 0) or 0) // pp)  # at most this many layers
+    if pipeline and pp > 1 and max(experts if isinstance(experts, list) else [experts]) > 1 and interval > first_stage:
+        raise ValueError(f"--num-experts with the pipeline model: the first of {pp} pipeline stages holds no MoE layer "
+                         f"(one layer in --expert-interval {interval} is one), and DeepSpeed's pipeline backward then "
+                         "fails on the MoE loss it passes on (the fork's GPTModelPipe, with or without the plug-ins); "
+                         "use a smaller --expert-interval or fewer pipeline stages")
     if owner.ours("optimizer"):
         why = bf16_optimizer_reason(config, pipeline)
         optimizers, _, _ = project_api.registries()

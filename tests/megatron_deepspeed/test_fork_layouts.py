@@ -12,7 +12,6 @@ fork's own AdamW and ours must agree, the fork alone and ``MEGATRON_EXT_PLUGINS=
 command. Every run has the same length and evaluation settings, so all of them read the one
 data-index cache the first (one-process) run builds: ranks building it together race.
 """
-import json
 import math
 import os
 
@@ -125,9 +124,10 @@ def test_each_plugin_at_pp2_reproduces_one_process(fork, muon_one_process, name)
         if name.startswith("sophiag"):
             assert calls["curvature_pass"] == 3  # every stage runs it: one train_batch of the pipeline
         if name == "schedule-free":
-            assert calls["evaluation_weights"] == 3
-    if name.startswith("sophiag"):  # a residual multiplier on each stage's layer, every forward and curvature pass
-        assert [r["parametrization"]["hook_calls"]["residual_mlp"] for r in two.reports] == [ITERS + 3] * 2
+            assert calls["evaluation_weights"] == one.report["hook_calls"]["evaluation_weights"] >= 3
+    if name.startswith("sophiag"):  # each stage's layer's residual multiplier: every forward and curvature pass
+        calls = [r["parametrization"]["hook_calls"] for r in two.reports]
+        assert calls[0] == calls[1] == one.report["parametrization"]["hook_calls"], calls
 
 
 def test_our_lr_finder_at_pp2_records_the_one_process_losses(fork, muon_one_process):
@@ -148,21 +148,30 @@ def test_our_lr_finder_at_pp2_records_the_one_process_losses(fork, muon_one_proc
 # -- DeepSpeed-MoE with expert parallelism, ZeRO 2 and 3 (two data-parallel ranks) -------------------
 
 
-def _dp2(fork, flags, zero_stage=1, plugins="all"):
-    return fork.run(flags, iters=ITERS, nproc=2, micro=2, zero_stage=zero_stage, plugins=plugins)
+def _dp2(fork, flags, zero_stage=1, plugins="all", **kw):
+    return fork.run(flags, iters=ITERS, nproc=2, micro=2, zero_stage=zero_stage, plugins=plugins, **kw)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_our_adamw_matches_the_forks_own_at_zero(fork, muon_one_process, zero_stage):
-    alone = _dp2(fork, ADAMW, zero_stage, plugins=None)
-    ours = _dp2(fork, ADAMW, zero_stage)
-    _assert_same(ours, alone, tolerance=0.0 if zero_stage == 2 else TOLERANCE)
-
-
-def test_our_adamw_matches_the_forks_own_with_experts_on_two_ranks(fork, muon_one_process):
-    alone = _dp2(fork, [*ADAMW, *EP2], plugins=None)
-    ours = _dp2(fork, [*ADAMW, *EP2])
+def test_our_adamw_matches_the_forks_own_with_experts_at_zero_2(fork, muon_one_process):
+    """Two experts, one on each rank (expert parallel 2, data parallel 2), ZeRO 2."""
+    alone = _dp2(fork, [*ADAMW, *EP2], 2, plugins=None)
+    ours = _dp2(fork, [*ADAMW, *EP2], 2)
     _assert_same(ours, alone, tolerance=0.0)
+
+
+def test_our_adamw_matches_the_forks_own_at_zero_3(fork, muon_one_process):
+    """The fork builds its model inside deepspeed.zero.Init; measured: equal to one float32 ulp."""
+    alone = _dp2(fork, ADAMW, 3, plugins=None)
+    _assert_same(_dp2(fork, ADAMW, 3), alone)
+
+
+def test_sophiag_and_our_init_at_zero_3_reproduce_zero_1(fork, muon_one_process):
+    """Under ZeRO 3 each rank holds a slice of every parameter: the init gathers each one to redraw it
+    (drawn into the empty placeholders, it would silently be the fork's init)."""
+    flags = ["--optimizer", "sophiag", "--sophiag-hessian-interval", "2", "--lr-decay-style", "cosine", *MUP]
+    zero3 = _dp2(fork, flags, 3)
+    assert zero3.report["parametrization"]["measured_std"]["hidden"] == pytest.approx(0.02 / math.sqrt(2), rel=0.05)
+    _assert_same(zero3, _dp2(fork, flags, 1))
 
 
 @pytest.fixture(scope="module")
@@ -172,43 +181,46 @@ def muon_experts(fork, muon_one_process):
 
 
 def test_muon_orthogonalises_each_expert_alone_at_every_zero_stage(fork, muon_experts):
-    """Each rank holds one of the two experts; ZeRO 0 computes the updates whole on the rank holding
-    the matrix, ZeRO 1 and 2 gather them from flat partitions: the same updates. Shared over the
-    data-parallel group instead of the expert-data-parallel one, ZeRO 0's updates of one rank's
-    expert would land on the other rank's."""
+    """Each rank holds one of the two experts. ZeRO 0 computes a matrix's update whole on one rank of
+    the expert's data-parallel group and shares it there; ZeRO 1 and 2 gather it from their flat
+    partitions: the same updates. Shared over the data-parallel group instead (the other rank holds
+    the other expert), ZeRO 0's updates of one expert would land on the other."""
     run, _ = muon_experts
     for report in run.reports:
         experts = [g for g in report["param_groups"] if g.get("moe")]
-        assert [g["use_matrix"] for g in experts] == [True]  # one expert group: the expert's fc1 and fc2
-        assert experts[0]["numel"] == 64 * 2 * 176 + 176 * 64  # one expert per rank ([gate; up] and down)
+        assert [g["use_matrix"] for g in experts] == [True]  # the expert's fc1 and fc2, Muon's
+        assert experts[0]["numel"] == 64 * 2 * 176 + 176 * 64  # one expert per rank: [gate; up] and down
     for zero_stage in (0, 2):
         _assert_same(_dp2(fork, [*MUON, *EP2], zero_stage), run)
 
 
 def test_muon_with_experts_resumes_exactly(fork, muon_experts):
     run, save = muon_experts
-    resumed = _dp2(fork, [*MUON, *EP2, "--load", checkpoint_at(save, 3, os.path.join(fork.work, "layouts-muon-ep2-at-3"))])
-    _assert_same(resumed, run, tolerance=0.0, iterations=range(4, ITERS + 1))
+    load = checkpoint_at(save, 3, os.path.join(fork.work, "layouts-muon-ep2-at-3"))
+    _assert_same(_dp2(fork, [*MUON, *EP2, "--load", load]), run, tolerance=0.0, iterations=range(4, ITERS + 1))
 
 
-# -- bf16 -----------------------------------------------------------------------------------------------
+# -- bf16 ------------------------------------------------------------------------------------------------
 
 
-def test_bf16_at_pp2(fork, muon_one_process):
+def test_bf16_at_pp2(fork, muon_pp2):
     alone = _pipe(fork, [*ADAMW, *PP2], 2, plugins=None, bf16=True)
     ours = _pipe(fork, [*ADAMW, *PP2], 2, bf16=True)
     _assert_same(ours, alone, tolerance=0.0)
-    one, two = _pipe(fork, MUON, bf16=True), _pipe(fork, [*MUON, *PP2], 2, bf16=True)
-    _assert_same(two, one)
+    # Muon under ZeRO 1 with bf16 weights follows the fp32 run to bf16 rounding (training moves the
+    # loss by more than 10x that over these iterations)
+    fp32 = muon_pp2[0]
+    bf16 = _pipe(fork, [*MUON, *PP2], 2, bf16=True)
+    assert fp32.losses[1] - fp32.losses[ITERS] > 0.01
+    _assert_same(bf16, fp32, tolerance=1e-3)
 
 
-# -- refused --------------------------------------------------------------------------------------------
+# -- refused -------------------------------------------------------------------------------------------
 
 
 def test_a_layout_the_plugins_cannot_run_is_one_line_before_any_work(fork):
     run = _pipe(fork, [*MUON, *PP2], 2, bf16=True, zero_stage=0, check=False)
-    lines = noise_free(run.proc.stderr)
     assert run.proc.returncode != 0 and "building GPT model" not in run.proc.stdout and not run.records
-    assert [line for line in lines if "megatron_ext: error" in line] == [
+    assert [line for line in noise_free(run.proc.stderr) if "megatron_ext: error" in line] == [
         "megatron_ext: error: --optimizer muon does not run under DeepSpeed's bf16 optimizer, which DeepSpeed uses for "
         "bf16 on its pipeline engine at ZeRO 0; use ZeRO 1"]

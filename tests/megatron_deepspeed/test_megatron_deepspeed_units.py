@@ -156,11 +156,12 @@ def test_experts_the_fork_does_not_slice_are_marked_whole_for_our_tensor_paralle
     assert parametrization._tp_layout(whole.weight) == (0, 0, 1)
 
 
-def _layout_args(tmp_path, optimizer_name="muon", pipeline=True, **config):
+def _layout_args(tmp_path, optimizer_name="muon", pipeline=True, model=(), **config):
     path = tmp_path / "ds.json"
     path.write_text(__import__("json").dumps(config))
-    return types.SimpleNamespace(deepspeed=True, deepspeed_config=str(path), ds_pipeline_enabled=pipeline,
-                                 optimizer=optimizer_name)
+    fields = dict(deepspeed=True, deepspeed_config=str(path), ds_pipeline_enabled=pipeline, optimizer=optimizer_name,
+                  num_layers=4, pipeline_model_parallel_size=2, num_experts=[1], expert_interval=2)
+    return types.SimpleNamespace(**{**fields, **dict(model)})
 
 
 @pytest.mark.parametrize("config, pipeline, message", [
@@ -175,6 +176,21 @@ def test_layouts_the_plugins_cannot_run_are_one_line(tmp_path, config, pipeline,
     owner = arguments.Ownership("all", True, True, True, True, "muon", "cosine")
     with pytest.raises(ValueError, match=message):
         layouts.check(_layout_args(tmp_path, pipeline=pipeline, **config), owner)
+
+
+@pytest.mark.parametrize("layers, interval, refused", [(2, 2, True), (4, 3, True), (2, 1, False), (4, 2, False)])
+def test_experts_at_pipeline_parallel_need_an_moe_layer_on_the_first_stage(tmp_path, layers, interval, refused):
+    """Measured with the fork alone: 2 layers, --expert-interval 2 (layer 2 is the MoE one) fails at PP 2
+    in DeepSpeed's pipeline backward; --expert-interval 1 trains."""
+    args = _layout_args(tmp_path, model={"num_layers": layers, "num_experts": [2], "expert_interval": interval},
+                        zero_optimization={"stage": 1})
+    owner = arguments.Ownership("all", True, True, True, True, "muon", "cosine")
+    if refused:
+        with pytest.raises(ValueError, match=r"^--num-experts with the pipeline model: the first of 2 pipeline stages "
+                                             rf"holds no MoE layer \(one layer in --expert-interval {interval} is one\)"):
+            layouts.check(args, owner)
+    else:
+        layouts.check(args, owner)
 
 
 @pytest.mark.parametrize("config, pipeline", [
