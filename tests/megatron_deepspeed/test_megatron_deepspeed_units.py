@@ -60,6 +60,13 @@ def test_pipeline_model_names_get_the_right_roles():
         assert _role(core, (8,) if "norm" in role else (8, 8)) == role, name
 
 
+def test_a_zero_3_partitioned_matrix_is_hidden_not_a_norm():
+    """Under ZeRO 3 the fork's parameters are empty 1-D placeholders; DeepSpeed keeps the shape."""
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([24, 8])
+    assert project_api.param_role("decoder.layers.0.self_attention.linear_qkv.weight", placeholder) == "hidden"
+
+
 def test_an_unknown_parameter_is_refused_in_one_line():
     with pytest.raises(names.UnknownParameterError, match=r"^parameter language_model.pooler.dense.weight .*=off$"):
         names.core_names([("language_model.embedding.word_embeddings.weight", None),
