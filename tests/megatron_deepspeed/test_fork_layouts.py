@@ -191,8 +191,8 @@ def test_muon_orthogonalises_each_expert_alone_at_every_zero_stage(fork, muon_on
         experts = [g for g in report["param_groups"] if g.get("moe")]
         assert [g["use_matrix"] for g in experts] == [True]  # the expert's fc1 and fc2, Muon's
         assert experts[0]["numel"] == 64 * 2 * 176 + 176 * 64  # one expert per rank: [gate; up] and down
-    for zero_stage in (0, 2):
-        _assert_same(_dp2(fork, [*MUON, *EP2], zero_stage), run)
+    for zero_stage in (0, 2):  # measured: bit for bit (with the data-parallel group, 1e-5 off by iteration 4)
+        _assert_same(_dp2(fork, [*MUON, *EP2], zero_stage), run, tolerance=0.0)
 
 
 # -- bf16 ------------------------------------------------------------------------------------------------

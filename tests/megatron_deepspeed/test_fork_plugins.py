@@ -93,7 +93,7 @@ def test_mup_multipliers_act_on_the_forks_model(fork, fork_with_ours):
     # rounding; the standard parametrization's small initial logits are measurably off it
     assert applied["logit_multiplier"] == pytest.approx(0.5e-6)
     assert abs(wide.losses[1] - LN_VOCAB) < 2e-5 and abs(sp.losses[1] - LN_VOCAB) > 1e-4
-    assert applied["hook_calls"]["logits"] >= 4  # the LM head's input was scaled every forward
+    assert applied["hook_calls"]["logits"] >= 4  # the final norm (its output: the LM head's input) was scaled every forward
     assert applied["redrawn"]["hidden"] == pytest.approx(0.02 / math.sqrt(2))
     assert applied["measured_std"]["hidden"] == pytest.approx(0.02 / math.sqrt(2), rel=0.05)
     assert applied["softmax_scale"] == pytest.approx(math.sqrt(8) / 16) and applied["attention_modules"] == 2
