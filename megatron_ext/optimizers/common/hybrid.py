@@ -58,20 +58,19 @@ def _owners_of_shapes(shapes, world: int) -> List[int]:
 
 
 def _data_parallel_group(param_group):
-    """The ranks holding the same weights as this rank for ``param_group``: the data-parallel group,
-    or for DeepSpeed MoE parameters (``moe`` groups: experts spread over expert-parallel ranks, in
-    our trainer or the fork) their expert-data-parallel group, as DeepSpeed's ZeRO partitions them."""
+    """The ranks holding the same copy of ``param_group``'s parameters: the data-parallel group, or
+    for DeepSpeed-MoE's expert groups (``moe``, named by their expert-parallel size) the
+    expert-data-parallel group: the other data-parallel ranks hold other experts."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
         return None, 0, 1
-    group = None
     if param_group.get("moe"):
         from deepspeed.utils import groups
 
         group = groups._get_expert_data_parallel_group(param_group["name"])
-    elif ps.model_parallel_is_initialized():
-        group = ps.get_data_parallel_group()
+    else:
+        group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
     return group, dist.get_rank(group=group), dist.get_world_size(group=group)
 
 

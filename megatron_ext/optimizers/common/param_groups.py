@@ -48,7 +48,8 @@ def param_role(name: str, param: torch.Tensor) -> str:
         return "output"
     if name.endswith("mlp.router.weight"):
         return "router"
-    if param.dim() >= 2:
+    # a ZeRO 3 partitioned parameter is an empty 1-D placeholder; DeepSpeed keeps its shape in ds_shape
+    if len(getattr(param, "ds_shape", None) or param.shape) >= 2:
         return "hidden"
     return "norm"  # any other 1-D weight is a gain: treat like a norm (no decay)
 
