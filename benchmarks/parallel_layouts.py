@@ -3,7 +3,7 @@ same world size, measured in the same run: TP 2, PP 2 and EP 2 (a 4-expert top-2
 same MoE at EP 1) on 2 ranks; TP 2 x PP 2 and PP 2 x DP 2 on 4 ranks. Prints each layout's ratios
 to its baseline.
 
-    python benchmarks/parallel_layouts.py [--layouts tp2 pp2 ...] [--iters 12] [--warmup 3]
+    python benchmarks/parallel_layouts.py [--layouts tp2 pp2 ...] [--iters 12] [--warmup 3] [--out FILE.json]
 
 Every layout trains the same tiny model on the same global batch (mock data, ZeRO 1, fp32) in a
 fresh torchrun of gloo ranks; tokens/s comes from the median iteration time after the warm-up (the
@@ -101,6 +101,7 @@ def main() -> int:
                        default=[n for n, (_, _, base) in LAYOUTS.items() if base])
     bench.add_argument("--iters", type=int, default=12)
     bench.add_argument("--warmup", type=int, default=3, help="iterations left out of the median")
+    bench.add_argument("--out", help="also write the results as JSON")
     bench.add_argument("--worker", help=argparse.SUPPRESS)  # a torchrun rank of one layout
     opts, rest = bench.parse_known_args()
     if opts.worker:
@@ -115,17 +116,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             results[name] = run_layout(name, opts.iters, opts.warmup, folder)
+    rows = {}
+    for name in names:
+        world, _, base = LAYOUTS[name]
+        (speed, peaks), (base_speed, base_peaks) = results[name], results[base or name]
+        rows[name] = dict(world_size=world, baseline=base, tokens_per_second=speed, peak_bytes_per_rank=peaks,
+                          speed_ratio=speed / base_speed, memory_ratio=max(peaks) / max(base_peaks))
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(dict(model=MODEL, iters=opts.iters, warmup=opts.warmup, layouts=rows), f, indent=2)
     mib = 2 ** 20
     print(f"model: {' '.join(MODEL)}; {opts.iters} iterations, median after {opts.warmup}; gloo CPU ranks")
     print(f"{'layout':<9} {'ranks':>5} {'tokens/s':>9} {'x base':>7} {'peak MiB/rank (max)':>20} {'x base':>7}  "
           f"per rank MiB")
-    for name in names:
-        world, _, base = LAYOUTS[name]
-        speed, peaks = results[name]
-        ratio = (lambda mine, theirs: f"{mine / theirs:7.2f}") if base else (lambda mine, theirs: f"{'base':>7}")
-        base_speed, base_peaks = results[base] if base else (speed, peaks)
-        print(f"{name:<9} {world:>5} {speed:9.0f} {ratio(speed, base_speed)} {max(peaks) / mib:20.1f} "
-              f"{ratio(max(peaks), max(base_peaks))}  {', '.join(f'{p / mib:.1f}' for p in peaks)}")
+    for name, r in rows.items():
+        peaks = r["peak_bytes_per_rank"]
+        speed_x, memory_x = (f"{r['speed_ratio']:.2f}", f"{r['memory_ratio']:.2f}") if r["baseline"] else ("base",) * 2
+        print(f"{name:<9} {r['world_size']:>5} {r['tokens_per_second']:9.0f} {speed_x:>7} {max(peaks) / mib:20.1f} "
+              f"{memory_x:>7}  {', '.join(f'{p / mib:.1f}' for p in peaks)}")
     return 0
 
 
