@@ -390,7 +390,7 @@ def test_run_directory_names_pipeline_and_expert_parallel_sizes(tmp_path):
 @pytest.mark.parametrize("env, message", [
     (dict(PP="3"), "PP=3 does not divide NLAYERS=4 (every stage holds the same number of layers)"),
     (dict(NGPU_PER_HOST="3", PP="2"), "TP=1 x PP=2 = 2 does not divide the world size 3"),
-    (dict(NGPU_PER_HOST="2", NUM_EXPERTS="3", MOE_TOPK="2", EP="2"), "EP=2 does not divide --num-experts 3"),
+    (dict(NGPU_PER_HOST="2", NUM_EXPERTS="3", MOE_TOPK="2", EP="2"), "EP=2 does not divide NUM_EXPERTS=3"),
     (dict(NGPU_PER_HOST="2", NUM_EXPERTS="4", MOE_TOPK="2", EP="4"), "EP=4 does not divide the data-parallel size 2"),
     (dict(NGPU_PER_HOST="2", SP="2"), "SP=2: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use 1, "
                                       "and for long sequences cut activation memory with --tensor-model-parallel-size"),

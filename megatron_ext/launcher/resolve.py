@@ -381,7 +381,7 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     if base_width is not None:
         f.add("--mup-base-hidden", str(base_width), "MUP_BASE_WIDTH")
         note("MUP_BASE_WIDTH", f"{base_width} (--parametrization {'completep' if depth_base else 'mup'})", s)
-    f.argv += _moe_mtp_flags(e, note)
+    _moe_mtp_flags(e, note, f)
     if e.flag("CPU_OPTIMIZER"):
         f.add("--cpu-optimizer", None, "CPU_OPTIMIZER")
         note("CPU_OPTIMIZER", "1", "CPU_OPTIMIZER")
@@ -525,16 +525,15 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 )
 
 
-def _moe_mtp_flags(e: _Env, note) -> List[str]:
+def _moe_mtp_flags(e: _Env, note, f: "_Flags") -> None:
     import argparse
 
     from megatron_ext.models.features.moe_mtp import VALUE_TYPES
 
-    flags: List[str] = []
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:
         value, src = e.number(names, None, kind=kind, minimum=minimum)
         if value is not None:
-            flags += [flag, str(value)]  # str: a float's shortest exact spelling
+            f.add(flag, str(value), names[0])  # str: a float's shortest exact spelling
             note(names[0], value, src)
     for name, flag in MOE_MTP_WORDS:
         raw, _ = e.get(name)
@@ -544,12 +543,11 @@ def _moe_mtp_flags(e: _Env, note) -> List[str]:
             VALUE_TYPES[flag](raw)
         except argparse.ArgumentTypeError as err:
             raise LaunchError(f"{name}={raw!r}: {err}") from None
-        flags += [flag, raw]
+        f.add(flag, raw, name)
         note(name, raw, name)
     if e.flag("MOE_ROUTER_PRE_SOFTMAX"):
-        flags.append("--moe-router-pre-softmax")
+        f.add("--moe-router-pre-softmax", None, "MOE_ROUTER_PRE_SOFTMAX")
         note("MOE_ROUTER_PRE_SOFTMAX", "1", "MOE_ROUTER_PRE_SOFTMAX")
-    return flags
 
 
 def _parse_extra(parser, argv):
