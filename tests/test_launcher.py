@@ -363,7 +363,7 @@ def test_dry_run_shows_the_layout_each_dimension_spans_and_what_each_rank_holds(
     assert block["stage 0 (ranks 0-3)"] == "layers 0-1, the word embedding"
     assert block["stage 1 (ranks 4-7)"] == "layers 2-3, the final norm and the output layer, 1 MTP layer(s)"
     assert block["each EP rank"].startswith("EP rank 0: experts 0-3; EP rank 1: experts 4-7 of each MoE layer")
-    assert block["each DP rank"] == ("ZeRO 1: 1/4 of the fp32 optimizer state (over DP); the experts' over "
+    assert block["each DP rank"] == ("ZeRO 1: 1/4 of the optimizer state (over DP); the experts' over "
                                      "expert-DP: 1/2")
     # TP x PP of a dense model: TP inside a host, the tied output layer's copy of the embedding on the last stage
     proc = launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="4", LAUNCH_WITH="mpiexec", TP="2", PP="2",
@@ -374,6 +374,13 @@ def test_dry_run_shows_the_layout_each_dimension_spans_and_what_each_rank_holds(
     assert block["stage 1 (ranks 4-7)"] == ("layers 2-3, the final norm and the output layer (a copy of the word "
                                            "embedding, tied)")
     assert "experts" not in " ".join(block)
+    # a deep pipeline shows its ends
+    hostfile.write_text("".join(f"n{i}\n" for i in range(16)))
+    block = layout_block(launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="4", LAUNCH_WITH="mpiexec", TP="4",
+                                     PP="16", MODEL_ARCH="70B", SAVE=str(tmp_path / "r"))))
+    assert block["pipeline-parallel groups"] == "4 of 16 ranks, e.g. 0,4,...,60 (every 4); each across 16 hosts"
+    assert (block["stage 1 (ranks 4-7)"], block["stages 2..13"]) == ("layers 5-9", "5 layers each, in order")
+    assert block["stage 15 (ranks 60-63)"] == "layers 75-79, the final norm and the output layer"
 
 
 def test_run_directory_names_pipeline_and_expert_parallel_sizes(tmp_path):
@@ -387,14 +394,20 @@ def test_run_directory_names_pipeline_and_expert_parallel_sizes(tmp_path):
     assert settings["SAVE"].endswith("-tp1-fp32") and "-pp" not in settings["SAVE"]
 
 
+def _slow(env, message):  # each is a new process (~5 s on the shared box): one in the fast tier
+    return pytest.param(env, message, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("env, message", [
     (dict(PP="3"), "PP=3 does not divide NLAYERS=4 (every stage holds the same number of layers)"),
-    (dict(NGPU_PER_HOST="3", PP="2"), "TP=1 x PP=2 = 2 does not divide the world size 3"),
-    (dict(NGPU_PER_HOST="2", NUM_EXPERTS="3", MOE_TOPK="2", EP="2"), "EP=2 does not divide NUM_EXPERTS=3"),
-    (dict(NGPU_PER_HOST="2", NUM_EXPERTS="4", MOE_TOPK="2", EP="4"), "EP=4 does not divide the data-parallel size 2"),
-    (dict(NGPU_PER_HOST="2", SP="2"), "SP=2: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use 1, "
-                                      "and for long sequences cut activation memory with --tensor-model-parallel-size"),
-    (dict(NGPU_PER_HOST="2", PP="2", ZERO_STAGE="2"), "PP=2 runs with --zero-stage 0 or 1, not 2"),
+    _slow(dict(NGPU_PER_HOST="3", PP="2"), "TP=1 x PP=2 = 2 does not divide the world size 3"),
+    _slow(dict(NGPU_PER_HOST="2", NUM_EXPERTS="3", MOE_TOPK="2", EP="2"), "EP=2 does not divide NUM_EXPERTS=3"),
+    _slow(dict(NGPU_PER_HOST="2", NUM_EXPERTS="4", MOE_TOPK="2", EP="4"),
+          "EP=4 does not divide the data-parallel size 2"),
+    _slow(dict(NGPU_PER_HOST="2", SP="2"), "SP=2: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use "
+                                           "1, and for long sequences cut activation memory with "
+                                           "--tensor-model-parallel-size"),
+    _slow(dict(NGPU_PER_HOST="2", PP="2", ZERO_STAGE="2"), "PP=2 runs with --zero-stage 0 or 1, not 2"),
 ])
 def test_a_layout_that_does_not_factor_is_one_line_through_the_script(tmp_path, env, message):
     """The run plan's rules (derivations.py), said in the variables, by the real script before any work."""

@@ -47,12 +47,13 @@ def _holds_of_stage(a, stage: int, stages: int) -> str:
     return ", ".join(parts)
 
 
-def _zero_share(zero_stage: int, data: int, expert_data: int, moe: bool) -> str:
+def _zero_share(zero_stage: int, data: int, expert_data: int, moe: bool, precision: str) -> str:
+    state = "optimizer state" if precision == "fp32" else "optimizer state and fp32 master weights"
     if zero_stage == 0 or data == 1:
-        return "its whole optimizer state (no partition)"
-    what = {1: "optimizer state", 2: "optimizer state and gradients", 3: "optimizer state, gradients and weights"}
+        return f"its whole {state} (no partition)"
+    what = {1: state, 2: f"{state}, gradients", 3: f"{state}, gradients and weights"}[zero_stage]
     experts = f"; the experts' over expert-DP: 1/{expert_data}" if moe and expert_data != data else ""
-    return f"ZeRO {zero_stage}: 1/{data} of the fp32 {what[zero_stage]} (over DP){experts}"
+    return f"ZeRO {zero_stage}: 1/{data} of the {what} (over DP){experts}"
 
 
 def layout_rows(plan, per_host: int, hosts: int) -> List[Tuple[str, str]]:
@@ -73,7 +74,11 @@ def layout_rows(plan, per_host: int, hosts: int) -> List[Tuple[str, str]]:
         rows.append((f"{name}-parallel groups",
                      f"{len(of)} of {size} rank{'s' if size > 1 else ''}, e.g. {spell_ranks(of[0])}; "
                      f"{_span(of, per_host, hosts)}"))
-    for stage in range(pp):
+    shown = range(pp) if pp <= 8 else (0, 1, pp - 2, pp - 1)  # a deep pipeline: its ends
+    for stage in shown:
+        if pp > 8 and stage == pp - 2:
+            rows.append((f"stages 2..{pp - 3}", f"{derivations.layers_per_stage(a.num_layers, pp)} layers each, "
+                                                  "in order"))
         ranks = sorted(g[stage] for g in groups["pp"])
         label = f"stage {stage} (rank{'s' if len(ranks) > 1 else ''} {spell_ranks(ranks)})" if pp > 1 else "every rank"
         rows.append((label, _holds_of_stage(a, stage, pp)))
@@ -90,5 +95,5 @@ def layout_rows(plan, per_host: int, hosts: int) -> List[Tuple[str, str]]:
             experts = f"EP rank e: experts {per_rank}e..{per_rank}e+{per_rank - 1}"
         rows.append(("each EP rank", f"{experts} of each MoE layer ({a.num_experts} experts; EP rank = position in "
                                      f"its expert group, e.g. ranks {spell_ranks(groups['ep'][0])})"))
-    rows.append(("each DP rank", _zero_share(plan.engine.zero_stage, dp, edp, moe)))
+    rows.append(("each DP rank", _zero_share(plan.engine.zero_stage, dp, edp, moe, plan.engine.precision)))
     return rows
