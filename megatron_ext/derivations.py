@@ -134,3 +134,21 @@ def train_iterations(train_iters: Optional[int], train_samples: Optional[int], t
     trained = iters * per_iter
     return iters, [f"{given} -> --train-iters = {formula} = {iters} ({trained} {unit} trained, "
                    f"{total - trained} dropped by rounding)"]
+
+
+def rank_groups(world_size: int, tensor: int = 1, pipeline: int = 1, expert: int = 1) -> dict:
+    """The ranks of every parallel group of a layout, as megatron-core forms them when the trainer
+    initialises it (its ``RankGenerator`` with ``initialize_model_parallel``'s default order, TP
+    fastest, PP slowest): ``{"tp"|"pp"|"dp"|"ep"|"edp": [[rank, ...], ...]}``, where ``edp`` is
+    expert-data-parallel. The sizes must already be valid (``data_parallel_size``,
+    ``expert_data_parallel_size``)."""
+    import inspect
+
+    from megatron.core import parallel_state as ps
+
+    order = inspect.signature(ps.initialize_model_parallel).parameters["order"].default
+    data = data_parallel_size(world_size, tensor, pipeline)
+    dense = ps.RankGenerator(tp=tensor, ep=1, dp=data, pp=pipeline, cp=1, order=order)
+    experts = ps.RankGenerator(tp=tensor, ep=expert, dp=data // expert, pp=pipeline, cp=1, order=order)
+    return {"tp": dense.get_ranks("tp"), "pp": dense.get_ranks("pp"), "dp": dense.get_ranks("dp"),
+            "ep": experts.get_ranks("ep"), "edp": experts.get_ranks("dp")}

@@ -202,7 +202,8 @@ def _model_shape(a) -> None:
     tp = a.tensor_model_parallel_size
     if a.ds_sequence_parallel_size != 1:
         raise ArgumentsError(f"--ds-sequence-parallel-size {a.ds_sequence_parallel_size}: sequence parallelism "
-                             "(DeepSpeed-Ulysses) is not supported yet; use 1")
+                             "(DeepSpeed-Ulysses) is not supported yet; use 1, and for long sequences cut activation memory with "
+                             "--tensor-model-parallel-size, --pipeline-model-parallel-size or --recompute-activations")
     derivations.layers_per_stage(a.num_layers, a.pipeline_model_parallel_size)
     if a.num_attention_heads % tp:
         raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
