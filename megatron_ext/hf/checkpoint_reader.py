@@ -42,6 +42,7 @@ import torch
 from megatron_ext import checkpoint_layout as layout
 from megatron_ext.hf import HFError
 from megatron_ext.hf import tensor_parallel as tp_layout
+from megatron_ext.training.universal import conversion_info
 
 
 @dataclasses.dataclass
@@ -113,7 +114,6 @@ def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWe
 
 
 def _tp_info(client: dict, names) -> dict:
-    from megatron_ext.training.universal import conversion_info
 
     return conversion_info(client, list(names))
 

@@ -24,6 +24,18 @@ from typing import Dict, List, Optional, Tuple
 from megatron_ext.argtypes import TRUE_WORDS, close_hint
 from megatron_ext.launcher.demo import data_file_list as demo_data_file_list
 from megatron_ext.launcher.presets import MODEL_PRESETS, preset_name
+from megatron_ext.arguments import ArgumentsError
+from megatron_ext.arguments import build_parser
+from megatron_ext.arguments import normalise_argv
+from megatron_ext.launcher.layout import layout_rows
+from megatron_ext.models.features.moe_mtp import VALUE_TYPES
+from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.plan import build_plan
+from megatron_ext.plan import parse_or_problem
+from megatron_ext.planning import launch_problem
+from megatron_ext.platform.accelerator import _accel, accelerator_name
+from megatron_ext.registry import UnknownPluginError
+from megatron_ext.schedules import SCHEDULES
 
 DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh default
 # With no DATA_FILE_LIST the launcher runs the demo; these replace the documented defaults there
@@ -123,7 +135,6 @@ def _hosts(hostfile: Optional[str]) -> List[str]:
 
 def detect_accelerators() -> Tuple[str, int]:
     """(accelerator name, devices on this host) through DeepSpeed's accelerator abstraction."""
-    from megatron_ext.platform.accelerator import _accel, accelerator_name
 
     name = accelerator_name()
     return name, (1 if name == "cpu" else max(1, _accel().device_count()))
@@ -266,9 +277,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         note("TRAIN_ITERS", DEMO_TRAIN_ITERS, "default (demo)")
 
     # --- optimizer and learning rate ---------------------------------------------------------
-    from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.registry import UnknownPluginError
-    from megatron_ext.schedules import SCHEDULES
 
     opt_raw, opt_src = e.get("OPT", "OPTIMIZER", "OPTIM")
     try:
@@ -405,7 +413,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     # --- the run plan: the trainer's own parser and plan (extra arguments last: they win) -------
     if check_files is None:
         check_files = not demo or os.path.isfile(data_file_list)
-    from megatron_ext.arguments import build_parser
 
     parser = build_parser(prog="train_alcf.sh")
     args = _parse_extra(parser, f.argv + list(extra_args))
@@ -421,7 +428,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
         args.load = given_load or args.save
         plan = _plan(args, world, check_files, f)
-    from megatron_ext.planning import launch_problem
 
     refusal = launch_problem(plan)  # the memory plan: what cannot fit is not launched (--allow-oversubscribe)
     run_dir = os.path.abspath(args.save)
@@ -451,14 +457,11 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
 
 
 def _normalised(argv: List[str]) -> List[str]:
-    from megatron_ext.arguments import normalise_argv
 
     return [a.split("=", 1)[0] for a in normalise_argv(list(argv))]
 
 
 def _plan(args, world: int, check_files: bool, f: "_Flags"):
-    from megatron_ext.arguments import ArgumentsError
-    from megatron_ext.plan import build_plan
 
     try:
         return build_plan(args, world, check_files=check_files)
@@ -528,7 +531,6 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 def _moe_mtp_flags(e: _Env, note, f: "_Flags") -> None:
     import argparse
 
-    from megatron_ext.models.features.moe_mtp import VALUE_TYPES
 
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:
         value, src = e.number(names, None, kind=kind, minimum=minimum)
@@ -552,7 +554,6 @@ def _moe_mtp_flags(e: _Env, note, f: "_Flags") -> None:
 
 def _parse_extra(parser, argv):
     """Parse with the trainer's parser; a bad extra argument becomes one LaunchError line."""
-    from megatron_ext.plan import parse_or_problem
 
     args, problem = parse_or_problem(parser, argv)
     if problem is not None:
@@ -621,7 +622,6 @@ def settings_table(launch: Launch) -> str:
         lines.append("  note: the demo corpus is built at launch; its tokenizer and data files are checked then")
     if launch.refusal:
         lines.append(f"  note: the launch would be refused: {launch.refusal}")
-    from megatron_ext.launcher.layout import layout_rows
 
     rows = launch.plan.rows()
     layout = layout_rows(launch.plan, int(launch.env["NGPU_PER_HOST"]), int(launch.env["NHOSTS"]))

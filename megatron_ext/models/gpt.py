@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from megatron_ext.models import features, parallel
 from megatron_ext.models.specs import mtp_layers_with_groups
 from megatron_ext.platform import cpu_compat
+from megatron_ext.parametrizations import parametrization_for
+from megatron_ext.platform.accelerator import has_gpu
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -20,7 +22,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def transformer_config(args, parametrization):
-    from megatron_ext.platform.accelerator import has_gpu
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     kwargs = dict(
@@ -71,7 +72,6 @@ def build_model(args, vocab_size: int, parametrization=None):
     ``args`` select). ``vocab_size`` is the unpadded size."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_ext.parametrizations import parametrization_for
 
     parametrization = parametrization or parametrization_for(args)
     padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)

@@ -27,6 +27,7 @@ import functools
 from typing import Callable, Dict, Iterator, Tuple
 
 import torch
+from megatron_ext.platform.accelerator import current_device
 
 
 def splits_model() -> bool:
@@ -147,7 +148,6 @@ def parameter_counts(model) -> Tuple[int, int]:
     shards, pipeline stages and expert-parallel ranks; replicas counted once."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.platform.accelerator import current_device
 
     replica = embedding_replica(model)
     tp_rank = ps.get_tensor_model_parallel_rank()

@@ -14,6 +14,7 @@ from megatron_ext.planning.layout import Layout, runnable
 from megatron_ext.planning.memory import Setup, estimate
 from megatron_ext.planning.report import Assessment
 from megatron_ext.planning.throughput import step_time
+from megatron_ext.registry import EngineSettings
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 ZERO_STAGES = (0, 1, 2, 3)
@@ -90,7 +91,6 @@ def _with(args, **changes):
 
 
 def optimizer_problem(setup: Setup) -> Optional[str]:
-    from megatron_ext.registry import EngineSettings
 
     plugin = setup.optimizer
     if plugin is None:

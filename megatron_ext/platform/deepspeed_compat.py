@@ -36,6 +36,7 @@ import sys
 from typing import Callable, Hashable, Iterable
 
 import torch
+from megatron_ext.platform.cpu_compat import torch_with
 
 PATCHED_VERSION = "0.19.8"
 _applied = False
@@ -159,7 +160,6 @@ def universal_param_groups_paired_by(key: Callable[[dict], Hashable], local_keys
     keys are not distinct (another trainer's) keep DeepSpeed's pairing by position."""
     from deepspeed.runtime import base_optimizer
 
-    from megatron_ext.platform.cpu_compat import torch_with
 
     cls = base_optimizer.ZeROOptimizer
     original = cls.load_hp_checkpoint_state_from_checkpoint_dir

@@ -35,6 +35,11 @@ from megatron_ext.checkpoint_layout import (
     universal_state_file,
 )
 from megatron_ext.models.features import attention_backend
+from megatron_ext.models.parallel import holds_spread_experts
+from megatron_ext.models.parallel import splits_model
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.platform.deepspeed_compat import universal_param_groups_paired_by
+from megatron_ext.training.universal import read_record
 
 
 class CheckpointLoadError(ValueError):
@@ -135,7 +140,6 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.models.parallel import holds_spread_experts
 
     load_dir = args.load
     client = _client(load_dir, tag)
@@ -213,7 +217,6 @@ def _names_of_every_rank(model) -> Optional[set]:
     gathered from every rank (one collective); None when every rank holds the whole model."""
     import torch
 
-    from megatron_ext.models.parallel import splits_model
 
     if not splits_model():
         return None
@@ -284,8 +287,6 @@ def universal_state_warning(engine, args, tag: str) -> Optional[str]:
     """After a universal load with optimizer state: the optimizer's own warning (hook
     ``universal_checkpoint_loaded``: it re-created what cannot be resharded), else one naming the
     state the conversion did not carry (from its record), else None."""
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training.universal import read_record
 
     warning = optimizer_hooks.universal_checkpoint_loaded(engine.basic_optimizer)
     if warning:
@@ -302,7 +303,6 @@ def universal_groups_by_role(engine):
     """While DeepSpeed loads a universal checkpoint: each param group takes the saved group of its
     role (experts spread over ranks apart), not the one at its position (``deepspeed_compat``); the
     names of its parameters and its index stay this layout's."""
-    from megatron_ext.platform.deepspeed_compat import universal_param_groups_paired_by
 
     return universal_param_groups_paired_by(lambda group: (group.get("role"), bool(group.get("moe"))),
                                             local_keys=("param_names", "group_index"))

@@ -17,6 +17,13 @@ from megatron_ext.checkpoint_layout import (LATEST, TRACKER_FILE, own_checkpoint
                                             rank_experts_name, read_latest, tag_for)
 from megatron_ext.fileio import DISCARD_PREFIX, TMP_PREFIX, discard_folder, publish_folder, write_text_atomically
 from megatron_ext.training.universal import universal_checkpoint_info
+from megatron_ext.checkpoint_layout import load_states
+from megatron_ext.models.parallel import holds_spread_experts
+from megatron_ext.models.parallel import is_expert_parameter
+from megatron_ext.platform.accelerator import _accel, has_gpu
+from megatron_ext.schedules.common.scheduler import LRSchedule, ScheduleResumeError
+from megatron_ext.training import checkpoint_loading as loading
+from megatron_ext.training.metrics import print_rank0
 
 CHECKPOINT_VERSION = 3.0
 
@@ -24,7 +31,6 @@ CHECKPOINT_VERSION = 3.0
 def rng_state() -> Dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ext.platform.accelerator import _accel, has_gpu
 
     state = {
         "random": random.getstate(),
@@ -43,7 +49,6 @@ def set_rng_state(state: Dict[str, Any], tensor_parallel: bool = True) -> None:
     change a saved stream belongs to another TP rank: ranks would share dropout masks)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ext.platform.accelerator import _accel, has_gpu
 
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
@@ -116,8 +121,7 @@ def save_rank_experts(model, tag_dir: str) -> bool:
     first expert-data-parallel rank, per pipeline stage). Returns whether the layout has them."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.models.parallel import is_expert_parameter
-    from megatron_ext.training.mpu import MegatronCoreMPU
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
 
     if ps.get_expert_model_parallel_world_size() == 1:
         return False
@@ -132,8 +136,7 @@ def load_rank_experts(model, tag_dir: str) -> None:
     """This expert-parallel rank's experts (``save_rank_experts``), after DeepSpeed loaded the module."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.checkpoint_layout import load_states
-    from megatron_ext.training.mpu import MegatronCoreMPU
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
 
     name = rank_experts_name(ps.get_expert_model_parallel_rank(), MegatronCoreMPU.get_model_parallel_rank())
     experts = load_states(os.path.join(tag_dir, name))
@@ -184,7 +187,6 @@ def _continual_pretraining_note(client: Dict[str, Any], args) -> str:
     """``--finetune`` (continual pretraining): the LR the checkpoint was at against the max LR this
     run warms up to; a checkpoint that had already cooled down is pointed out (the ALCF guide's
     advice: continue from a checkpoint taken at the max LR, before the cooldown)."""
-    from megatron_ext.schedules.common.scheduler import LRSchedule, ScheduleResumeError
 
     state = client.get("lr_scheduler") or {}
     try:
@@ -206,9 +208,6 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.models.parallel import holds_spread_experts
-    from megatron_ext.training import checkpoint_loading as loading
-    from megatron_ext.training.metrics import print_rank0
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
     load_optim = not (args.no_load_optim or args.finetune)

@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 from megatron_ext.registry import EngineSettings
+from megatron_ext.optimizers import OPTIMIZERS
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -80,7 +81,6 @@ def fp32_gradient_accumulation(args, engine: EngineSettings) -> Optional[str]:
     """``--accumulate-allreduce-grads-in-fp32``: None when it applies (bf16 weights at ZeRO 1 without
     offload, DeepSpeed 0.19.8's bf16 optimizer, and an optimizer that runs under it), else why not
     (fp32 runs accumulate in fp32 anyway; elsewhere DeepSpeed accumulates in the weights' precision)."""
-    from megatron_ext.optimizers import OPTIMIZERS
 
     if not getattr(args, "accumulate_allreduce_grads_in_fp32", False) or engine.precision == "fp32":
         return "fp32"

@@ -25,6 +25,14 @@ import torch
 
 from megatron_ext.argtypes import positive_int
 from megatron_ext.training import hellaswag
+from megatron_ext.data.gpt_data import build_corpus_validation_sets
+from megatron_ext.data.gpt_data import make_loader
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.training import pipeline
+from megatron_ext.training.loss import captured_logits, dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
+from megatron_ext.training.loss import dp_sum
+from megatron_ext.training.loss import lm_losses
+from megatron_ext.training.metrics import print_rank0
 
 MC_SPLIT = "mc_eval"  # the metrics.jsonl split of multiple-choice records
 CORPUS_SPLIT = "validation_per_corpus"  # the metrics.jsonl split of per-corpus validation records
@@ -129,10 +137,6 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     schedule and the last stage scores them."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.data.gpt_data import make_loader
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training import pipeline
-    from megatron_ext.training.loss import captured_logits, dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
 
     iters = args.eval_iters if iters is None else iters
     if dataset is None or iters == 0:
@@ -193,13 +197,11 @@ class CorpusValidation:
         a = plan.args
         if not a.eval_per_corpus:
             return None
-        from megatron_ext.data.gpt_data import build_corpus_validation_sets
 
         samples = a.eval_per_corpus_iters * a.global_batch_size
         return cls(build_corpus_validation_sets(a, plan.tokenizer, plan.data_sources, samples), a.eval_per_corpus_iters)
 
     def run(self, engine, args, device, iteration: int, consumed: int, metrics) -> dict:
-        from megatron_ext.training.metrics import print_rank0
 
         losses, ppls, accuracies = {}, {}, {}
         for name, dataset in self.datasets.items():
@@ -434,8 +436,6 @@ def model_token_log_probs(engine, device) -> TokenLogProbs:
     invisible to earlier positions). The model's per-token loss with labels is exactly
     -log p(label): its vocabulary-parallel cross entropy, correct under tensor parallelism."""
 
-    from megatron_ext.training import pipeline
-    from megatron_ext.training.loss import lm_losses
 
     def run(sequences: List[List[int]]) -> Optional[List[List[float]]]:
         width = max(len(s) for s in sequences) - 1
@@ -478,9 +478,6 @@ class MultipleChoiceEval:
     def run(self, engine, device, iteration: int, consumed: int, metrics) -> dict:
         from megatron.core import parallel_state as ps
 
-        from megatron_ext.optimizers.common import hooks as optimizer_hooks
-        from megatron_ext.training.loss import dp_sum
-        from megatron_ext.training.metrics import print_rank0
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         token_log_probs = model_token_log_probs(engine, device)

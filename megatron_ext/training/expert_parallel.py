@@ -11,18 +11,18 @@ group. With ZeRO 0 DeepSpeed averages expert gradients over the whole data-paral
 right: the all-to-all already summed every data-parallel rank's tokens into them.
 """
 from __future__ import annotations
+from megatron_ext.models.parallel import holds_spread_experts
+from megatron_ext.platform import deepspeed_compat
 
 
 def wire_expert_parallel(model, args) -> None:
     """Before the optimizer and engine are built: let DeepSpeed treat the experts as its own (on a
     pipeline stage without MoE layers there are none: its engine stays a plain one)."""
-    from megatron_ext.models.parallel import holds_spread_experts
 
     if not holds_spread_experts(model):
         return
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.platform import deepspeed_compat
 
     deepspeed_compat.adopt_expert_groups(model, ps.get_expert_model_parallel_group(),
                                          ps.get_expert_data_parallel_group(), args.num_experts)

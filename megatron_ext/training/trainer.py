@@ -30,6 +30,22 @@ from megatron_ext.training.loss import dp_mean, lm_loss
 from megatron_ext.training.metrics import MetricsWriter, format_log_line, print_rank0, startup_table
 from megatron_ext.training.moe_mtp_metrics import AuxiliaryLosses
 from megatron_ext.training.run_mode import RunMode, Training
+from megatron_ext.data.gpt_data import build_datasets
+from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
+from megatron_ext.models.features import moe_mtp
+from megatron_ext.models.features.mla import attention_widths
+from megatron_ext.models.gpt import build_model
+from megatron_ext.models.parallel import parameter_counts
+from megatron_ext.optimizers import build_optimizer
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.platform import accelerator
+from megatron_ext.platform import accelerator, init_distributed
+from megatron_ext.training import checkpointing
+from megatron_ext.training.evaluation import CorpusValidation, MultipleChoiceEval
+from megatron_ext.training.evaluation import evaluate # loss + next-token accuracy (training/evaluation.py)
+from megatron_ext.training.expert_parallel import wire_expert_parallel
+from megatron_ext.training.lr_finder import LRFinder # --lr-finder (training/lr_finder.py)
+from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
 
 @dataclasses.dataclass
@@ -44,7 +60,6 @@ class TrainResult:
 
 def mode_for(plan) -> RunMode:
     if plan.args.lr_finder:
-        from megatron_ext.training.lr_finder import LRFinder  # --lr-finder (training/lr_finder.py)
 
         return LRFinder(plan.args)
     return Training(plan)
@@ -62,7 +77,6 @@ def set_seeds(seed: int) -> None:
 def flops_per_iteration(args, num_params: int) -> float:
     """Training FLOPs of one iteration: 6 per (active) parameter per token plus attention scores
     and their weighted sum of values (query-key and value widths: ``mla.attention_widths``)."""
-    from megatron_ext.models.features.mla import attention_widths
 
     tokens = args.global_batch_size * args.seq_length
     attention = 6 * args.num_layers * args.seq_length * sum(attention_widths(args))
@@ -87,14 +101,7 @@ def start_session(plan) -> Session:
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.data.gpt_data import build_datasets
-    from megatron_ext.models.gpt import build_model
-    from megatron_ext.models.parallel import parameter_counts
-    from megatron_ext.optimizers import build_optimizer
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.platform import accelerator, init_distributed
-    from megatron_ext.training.expert_parallel import wire_expert_parallel
-    from megatron_ext.training.mpu import MegatronCoreMPU
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
 
     args = plan.args
     dist = init_distributed(args.distributed_backend)
@@ -121,13 +128,6 @@ def start_session(plan) -> Session:
 
 def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     """Run ``plan`` (``megatron_ext.plan.build_plan``) in ``mode`` (default: what its flags ask)."""
-    from megatron_ext.models.features import moe_mtp
-    from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.platform import accelerator
-    from megatron_ext.training import checkpointing
-    from megatron_ext.training.evaluation import CorpusValidation, MultipleChoiceEval
-    from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
     args = plan.args
     mode = mode or mode_for(plan)
@@ -281,8 +281,6 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
 
 
 def _save(engine, optimizer, args, iteration, consumed, scheduler) -> str:
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training import checkpointing
 
     with optimizer_hooks.evaluation_weights(optimizer, engine):
         path = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
@@ -291,7 +289,6 @@ def _save(engine, optimizer, args, iteration, consumed, scheduler) -> str:
 
 
 def _log_eval(engine, dataset, args, device, iteration, consumed, metrics, split) -> Optional[float]:
-    from megatron_ext.training.evaluation import evaluate  # loss + next-token accuracy (training/evaluation.py)
 
     result = evaluate(engine, dataset, args, device)
     if result is None:
