@@ -56,6 +56,10 @@ from megatron_ext.megatron_deepspeed.scheduler import STATE_KEY, fork_scheduler_
 
 FORK, OURS = "Megatron-DeepSpeed", "megatron_ext"
 FORK_MODELS = ("GPTModel", "GPTModelPipe")  # the fork's model classes: --no-pipeline-parallel, or its default
+# DeepSpeed 0.19.8's MoE save fails on the fork's models (docs/megatron_deepspeed.md, traps): there is no fork
+# DeepSpeed-MoE checkpoint to verify a conversion on
+FORK_MOE_UNTESTED = ("not converted: with DeepSpeed 0.19.8 the fork cannot save DeepSpeed-MoE checkpoints (its MoE "
+                     "save fails on the fork's universal_checkpoint_info), so no conversion of one could be verified")
 STAGING_PREFIX = ".convert."
 CHECKPOINT_VERSION = 3.0
 
@@ -117,7 +121,7 @@ def inspect_source(path: str) -> Source:
         raise ConvertError(f"{tag_dir}: saved with ZeRO 0 (no optimizer partitions); DeepSpeed's universal "
                            "conversion needs a --zero-stage 1 or 2 checkpoint")
     if project_api.expert_states_files(tag_dir):
-        raise ConvertError(f"{tag_dir}: a DeepSpeed-MoE checkpoint (expert files); not supported")
+        raise ConvertError(f"{tag_dir}: a DeepSpeed-MoE checkpoint (expert files); {FORK_MOE_UNTESTED}")
     src = Source(tag_dir, side, client, models)
     if side == FORK and isinstance(client.get("module"), dict):
         src.model_order = list(flatten(client["module"]))
@@ -200,7 +204,7 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
     if os.path.exists(target):
         raise ConvertError(f"{target} already exists; remove it or choose another --output")
     if src.side != FORK:
-        _refuse_ours_to_fork(src)
+        _refuse_ours_to_fork(src, fork_model, optimizer_groups)
     log = sys.stderr if verbose else io.StringIO()
     parameters = len(_param_shapes(src.model_files))  # every stage's
     direction = "Megatron-DeepSpeed -> megatron_ext" if src.side == FORK else "megatron_ext -> Megatron-DeepSpeed"
@@ -236,7 +240,7 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
 
     fork_args = src.client["args"]
     if max(_as_list(getattr(fork_args, "num_experts", [1]))) > 1:
-        raise ConvertError(f"{src.tag_dir}: a DeepSpeed-MoE run (--num-experts); not supported")
+        raise ConvertError(f"{src.tag_dir}: a DeepSpeed-MoE run (--num-experts); {FORK_MOE_UNTESTED}")
     shapes = _param_shapes(src.model_files)  # every stage's
     rename = _renames(shapes, to_core=True, pipe=src.pipe)
     staged_in = os.path.join(staging, "in", os.path.basename(src.tag_dir))
@@ -374,7 +378,7 @@ def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
 # -- ours -> fork --------------------------------------------------------------------------------
 
 
-def _refuse_ours_to_fork(src: Source) -> None:
+def _refuse_ours_to_fork(src: Source, fork_model: Optional[str], groups: Optional[str]) -> None:
     """What of our models the fork has no counterpart for: one line before anything is written."""
     oa = src.client["args"]
     problem = project_api.model_feature_refusal(oa)  # (the records of megatron_ext/models/features)
@@ -382,6 +386,10 @@ def _refuse_ours_to_fork(src: Source) -> None:
         raise ConvertError(f"{src.tag_dir}: {problem}")
     if oa.get("position_embedding_type") not in ("rope", "learned_absolute"):
         raise ConvertError(f"{src.tag_dir}: position embeddings {oa.get('position_embedding_type')} unknown to the fork")
+    if (oa.get("num_experts") or 1) > 1 and (fork_model == "GPTModelPipe" or groups == "roles"):
+        raise ConvertError(f"{src.tag_dir}: an MoE model converts for the fork's GPTModel with its own optimizer "
+                           f"groups only (--fork-model GPTModelPipe / --optimizer-groups roles with DeepSpeed-MoE: not "
+                           "verified)")
 
 
 def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbose: bool,
@@ -401,6 +409,7 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     pipe = names.PipeLayout(int(oa["num_layers"]), tied=not oa.get("untie_embeddings_and_output_weights", True)) \
         if fork_model == "GPTModelPipe" else None
     rename = _renames(project_api.universal_parameters(staged_out), to_core=False, pipe=pipe)
+    experts = (oa.get("num_experts") or 1) > 1
     _rename_params(staged_out, rename)
 
     consumed = int(src.client["consumed_samples"])
@@ -413,7 +422,7 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
         if groups == "roles":
             return [{"role": g["role"], "lr": next_lr * g.get("lr_mult", 1.0),
                      "weight_decay": next_wd * g.get("wd_mult", 1.0)} for g in ours_groups]
-        return _fork_groups(ours_groups, next_lr, next_wd)
+        return _fork_groups(ours_groups, next_lr, next_wd, experts=experts)
 
     layout = _set_optimizer_groups(staged_out, layout_of)
 
@@ -435,6 +444,13 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     if style not in FORK_STYLES:
         notes.append(f"the fork's own scheduler has no --lr-decay-style {style}: continue it with "
                      "MEGATRON_EXT_PLUGINS=all")
+    if experts:
+        topk = oa.get("moe_router_topk") or 2
+        notes.append(f"DeepSpeed-MoE: continue it with --num-experts {oa['num_experts']} --topk {topk} --expert-interval 1 "
+                     "--moe-expert-parallel-size 1 --create-moe-param-group --disable-moe-token-dropping"
+                     f"{' --disable-moe-top2-2nd-expert-sampling' if topk == 2 else ''} (as ours computes it: no "
+                     "capacity, no random second expert); at expert parallel 1, as DeepSpeed 0.19.8's universal load "
+                     "gives each rank's experts by their local index (at EP > 1 every rank would load experts 0..)")
     summary = _summary(src, OURS, FORK, staged_out, {"placeholders": set(), "not_carried": set(converted["not_carried"])},
                        len(layout), "the fork's fields, and megatron_ext's for the plug-ins")
     summary["notes"] = notes
@@ -446,8 +462,10 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
 FORK_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "infinite-cosine", "infinite-inv-square-root")
 
 
-def _fork_groups(ours_groups, next_lr: float, next_wd: float) -> List[Dict[str, Any]]:
-    """The fork's two groups (decay, then no decay) for the fork's own optimizers."""
+def _fork_groups(ours_groups, next_lr: float, next_wd: float, experts: bool = False) -> List[Dict[str, Any]]:
+    """The fork's two groups (decay, then no decay) for the fork's own optimizers; with ``experts``, the
+    group DeepSpeed splits the experts' matrices into after them (``--create-moe-param-group``: a copy of
+    the decay group, named after the expert-parallel size, 1: see the notes)."""
     for g in ours_groups:
         if g.get("lr_mult", 1.0) != 1.0 or (g.get("wd_mult", 1.0) not in (0.0, 1.0)):
             raise ConvertError(f"the checkpoint's param group '{g.get('role')}' has LR / weight-decay multipliers "
@@ -459,6 +477,9 @@ def _fork_groups(ours_groups, next_lr: float, next_wd: float) -> List[Dict[str, 
         layout.append({"name": "wd_no_scale_lr", "wd_mult": 1.0, "lr_mult": 1.0, "lr": next_lr, "weight_decay": next_wd})
     if any(g.get("wd_mult", 1.0) == 0 for g in ours_groups):
         layout.append({"name": "no_wd_no_scale_lr", "wd_mult": 0.0, "lr_mult": 1.0, "lr": next_lr, "weight_decay": 0.0})
+    if experts:
+        layout.append({"name": "ep_size_1", "moe": True, "wd_mult": 1.0, "lr_mult": 1.0, "lr": next_lr,
+                       "weight_decay": next_wd})
     return layout
 
 
@@ -483,7 +504,7 @@ def fork_args_from_ours(oa: Dict[str, Any], client: Dict[str, Any]) -> argparse.
         lr_decay_style=oa.get("lr_decay_style"), optimizer=oa.get("optimizer"), weight_decay=oa.get("weight_decay"),
         consumed_train_samples=int(client["consumed_samples"]), consumed_valid_samples=0,
         consumed_train_tokens=int(client.get("tokens") or 0), iteration=int(client["iteration"]),
-        converted_from=OURS,
+        num_experts=[oa.get("num_experts") or 1], topk=oa.get("moe_router_topk") or 1, converted_from=OURS,
     )
     return argparse.Namespace(**fields)
 

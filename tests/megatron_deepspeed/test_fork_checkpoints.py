@@ -135,6 +135,33 @@ def test_our_checkpoint_continues_in_the_forks_pipeline_model_at_pp2(fork, fork_
         assert continued.lrs[it] == pytest.approx(reference[it + 1][1], rel=1e-12)
 
 
+# top-2 (DeepSpeed's gate renormalises the two probabilities, megatron-core's softmax over the top two
+# does the same); no capacity on the fork's side (ours drops no tokens), no random second expert, no aux loss
+OURS_MOE = ["--num-experts", "2", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0"]
+FORK_MOE = ["--num-experts", "2", "--topk", "2", "--expert-interval", "1", "--moe-expert-parallel-size", "1",
+            "--create-moe-param-group", "--disable-moe-token-dropping", "--disable-moe-top2-2nd-expert-sampling",
+            "--moe-loss-coeff", "0"]
+
+
+def test_our_moe_checkpoint_continues_in_the_forks_deepspeed_moe(fork, fork_alone, tmp_path):
+    """Our megatron-core MoE -> the fork's DeepSpeed-MoE (router -> gate.wg, local_experts.E ->
+    deepspeed_experts.E, the experts' own param group after the fork's two). Swapped experts, a lost
+    expert group (DeepSpeed pairs groups by position) or another gate would change every loss."""
+    save = os.path.join(fork.work, "ours-moe")
+    _, reference = fork.run_ours([*SAME_RUN, *OURS_MOE, "--save", save, "--save-interval", "10"])
+    load = os.path.join(fork.work, "ours-moe-to-fork")
+    summary = fork.megatron_ext("convert", os.path.join(save, "global_step10"), "--output", load).stdout
+    assert "3 optimizer groups in the fork layout" in summary and " ".join(FORK_MOE[:10]) in summary
+    continued = fork.run([*SAME_RUN[:4], *FORK_MOE, "--load", load, "--universal-checkpoint"])
+    _assert_continues({it: (loss, None) for it, loss in continued.losses.items()},
+                      {it: loss for it, (loss, _) in reference.items()}, range(11, 21))
+
+    proc = fork.megatron_ext("convert", os.path.join(save, "global_step10"), "--output", str(tmp_path / "out"),
+                             "--fork-model", "GPTModelPipe", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"megatron-ext convert: error: {save}/global_step10: an MoE model converts for the fork's GPTModel")
+
+
 def test_convert_refuses_what_it_cannot_convert_in_one_line(fork, tmp_path):
     bad = tmp_path / "not-a-checkpoint"
     bad.mkdir()
