@@ -32,9 +32,12 @@ stage, is taken from the first), the names through ``names.PipeLayout``, and its
 checked to be all there and readable first. Ours -> fork writes ``GPTModel``'s names, or with
 ``fork_model="GPTModelPipe"`` the pipeline model's, which the fork then loads at any pipeline size.
 
-The output loads with ``--load DIR --universal-checkpoint`` in either trainer, at any data-, tensor-
-and (pipeline model) pipeline-parallel size. Not converted: ZeRO 0 and 3, DeepSpeed-MoE; each is
-refused in one line before anything is written.
+Our MoE goes to the fork's DeepSpeed-MoE (router -> gate, experts by index, the experts' own param
+group after the fork's two), where DeepSpeed-MoE computes the same model (the MoE feature's
+record refuses the rest). The output loads with ``--load DIR --universal-checkpoint`` in either
+trainer, at any data-, tensor- and (pipeline model) pipeline-parallel size. Not converted: ZeRO 0
+and 3, the fork's DeepSpeed-MoE checkpoints (FORK_MOE_UNTESTED); each is refused in one line
+before anything is written.
 """
 from __future__ import annotations
 
