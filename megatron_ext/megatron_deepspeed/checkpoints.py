@@ -139,7 +139,7 @@ def _pipeline_model(tag_dir: str, client, models: List[str]):
     fa = client["args"]
     pipe = names.PipeLayout(int(fa.num_layers), moe=max(_as_list(getattr(fa, "num_experts", [1]))) > 1,
                             tied=not fa.untie_embeddings_and_output_weights)
-    tp = project_api.parallel_dimensions(client)[0]
+    tp = int(fa.tensor_model_parallel_size)
     saved = {project_api.layer_of(path): path for path in project_api.layer_states_files(tag_dir)}
     params = [n for path in models for g in _states(path).get("param_shapes") or [] for n in g]
     positions = {int(n.split(".", 1)[0]) for n in params if n[:1].isdigit()}
@@ -628,7 +628,8 @@ def _summary(src: Source, source: str, target: str, out: str, record, groups: in
              flags: str = "") -> Dict[str, Any]:
     params, carried = project_api.converted_listing(out)
     client = src.client
-    tp, pp, _ = project_api.parallel_dimensions(client)
+    tp, pp, _ = project_api.parallel_dimensions(client) if source == OURS else \
+        (client["args"].tensor_model_parallel_size, client["args"].pipeline_model_parallel_size, 1)
     return {"source": src.tag_dir, "from": source, "to": target, "iteration": src.iteration,
             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
             "model": "GPTModelPipe" if src.pipe else "GPTModel" if source == FORK else "GPTModel (megatron-core)",
