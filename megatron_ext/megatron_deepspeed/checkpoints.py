@@ -381,7 +381,7 @@ def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
 # -- ours -> fork --------------------------------------------------------------------------------
 
 
-def _refuse_ours_to_fork(src: Source, fork_model: Optional[str], groups: Optional[str]) -> None:
+def _refuse_ours_to_fork(src: Source, fork_model: Optional[str] = None, groups: Optional[str] = None) -> None:
     """What of our models the fork has no counterpart for: one line before anything is written."""
     oa = src.client["args"]
     problem = project_api.model_feature_refusal(oa)  # (the records of megatron_ext/models/features)
