@@ -201,6 +201,14 @@ def dp_rank_of(path: str) -> int:
     raise CheckpointFileError(f"{path}: not a ZeRO 3 model-states or optimizer-partition file")
 
 
+def layer_of(path: str) -> Tuple[int, Optional[int]]:
+    """(position in the pipeline's layer list, TP rank or None) of a pipeline layer file."""
+    match = LAYER_STATES.fullmatch(os.path.basename(path))
+    if not match:
+        raise CheckpointFileError(f"{path}: not a pipeline layer file")
+    return int(match.group("layer")), None if match.group("tp") is None else int(match.group("tp"))
+
+
 def tp_ranks(tag_dir: str) -> List[int]:
     return sorted({tp_rank_of(f) for f in model_states_files(tag_dir)})
 

@@ -347,7 +347,7 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
                                   f"{detail}{hint}") from None
         drop_placeholders(staged_out, record)
         _every_param_group(staged_in, staged_out)
-        _link_tied_output(staged_out, facts["client"])
+        link_tied_output(staged_out, facts["client"])
         params, carried = converted_listing(staged_out)
         summary = {
             "source": tag_dir, "output": output_dir,
@@ -452,7 +452,7 @@ def _every_param_group(staged_in: str, out: str) -> None:
         torch.save(state, path)
 
 
-def _link_tied_output(out: str, client: Dict[str, Any]) -> None:
+def link_tied_output(out: str, client: Dict[str, Any]) -> None:
     """A tied output layer IS the word embedding: ``zero/output_layer.weight`` names its folder, which
     a pipeline-parallel run's last stage loads its copy from."""
     saved = client.get("args") or {}

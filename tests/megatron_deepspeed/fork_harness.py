@@ -143,14 +143,15 @@ class Fork:
 
     def run(self, flags: List[str], *, plugins: Optional[str] = None, via: str = "env", iters: int = 20,
             zero_stage: int = 1, nproc: int = 1, pipeline_model: bool = False, bf16: bool = False,
-            micro: int = MICRO, check: bool = True, timeout: int = 600) -> Run:
+            micro: int = MICRO, tied: bool = False, check: bool = True, timeout: int = 600) -> Run:
         """``pretrain_gpt_alcf.py`` on the tiny model and the test corpus, ``flags`` last (they win).
         ``plugins``: None (the fork alone) or a mode; ``via``: how they are switched on: ``env``
         (MEGATRON_EXT_PLUGINS and the start-up hook), ``module`` (``python -m
         megatron_ext.megatron_deepspeed``) or ``install`` (an entry point calling ``install()``).
         ``pipeline_model``: the fork's GPTModelPipe (its default) instead of ``--no-pipeline-parallel``;
         ``bf16``: ``--bf16`` and a DeepSpeed config with bf16 on; ``micro``: the micro-batch size (the
-        global batch stays GLOBAL: 2 for two data-parallel ranks)."""
+        global batch stays GLOBAL: 2 for two data-parallel ranks); ``tied``: the output layer tied to
+        the word embedding (TINY's flag unties them, and the fork has no flag to tie them back)."""
         self._runs += 1
         out = os.path.join(self.work, f"run{self._runs}.jsonl")
         report = os.path.join(self.work, f"run{self._runs}.report.{{rank}}.json")
@@ -162,7 +163,8 @@ class Fork:
             target = ["-m", "megatron_ext.megatron_deepspeed", "--plugins", plugins, "pretrain_gpt_alcf.py"]
         elif plugins is not None and via == "install":
             target = [os.path.basename(self.entry_with_install())]
-        tiny = [f for f in TINY if not (pipeline_model and f == "--no-pipeline-parallel")]
+        dropped = {"--no-pipeline-parallel": pipeline_model, "--untie-embeddings-and-output-weights": tied}
+        tiny = [f for f in TINY if not dropped.get(f)]
         argv = [RECORDER, out, *target, *tiny, "--train-iters", str(iters), "--data-path", self.data_prefix,
                 "--tokenizer-model", os.path.join(self.root, "ALCF", "tokenizer.model"),
                 "--deepspeed_config", self.ds_config(zero_stage, bf16, micro), "--zero-stage", str(zero_stage),

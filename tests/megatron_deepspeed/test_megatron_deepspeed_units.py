@@ -60,6 +60,28 @@ def test_pipeline_model_names_get_the_right_roles():
         assert _role(core, (8,) if "norm" in role else (8, 8)) == role, name
 
 
+@pytest.mark.parametrize("tied, moe", [(False, False), (True, False), (False, True)])
+def test_a_whole_pipeline_model_maps_to_megatron_core_names_and_back(tied, moe):
+    """GPTModelPipe's positions: 1 the embedding, 2-4 the three layers, (MoE: 5 caches its loss), then
+    the final norm and the output layer; a tied embedding named by its tie key."""
+    layout = names.PipeLayout(3, moe=moe, tied=tied)
+    norm = 5 + moe
+    pipe = {("tied_modules.embed." if tied else "1.") + "word_embeddings.weight": "embedding.word_embeddings.weight",
+            "2.input_layernorm.weight": "decoder.layers.0.input_layernorm.weight",
+            "4.self_attention.query_key_value.weight": "decoder.layers.2.self_attention.linear_qkv.weight",
+            f"{norm}.weight": "decoder.final_layernorm.weight"}
+    if not tied:
+        pipe[f"{norm + 1}.lm_head.weight"] = "output_layer.weight"
+    if moe:
+        pipe["3.mlp.deepspeed_moe.experts.deepspeed_experts.1.dense_h_to_4h.weight"] = \
+            "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert names.rename_map(pipe, pipe=layout) == pipe
+    assert names.rename_map(pipe.values(), to_core=False, pipe=layout) == {core: n for n, core in pipe.items()}
+    for stray in (f"{norm + 2}.lm_head.weight", "5.input_layernorm.weight" if not moe else "6.input_layernorm.weight"):
+        with pytest.raises(names.UnknownParameterError):
+            names.rename_map([stray], pipe=layout)
+
+
 def test_a_zero_3_partitioned_matrix_is_hidden_not_a_norm():
     """Under ZeRO 3 the fork's parameters are empty 1-D placeholders; DeepSpeed keeps the shape."""
     placeholder = torch.nn.Parameter(torch.empty(0))

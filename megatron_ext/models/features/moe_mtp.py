@@ -291,10 +291,37 @@ def idle_expert_parameters(expert_parameters: int, args) -> int:
     return int(expert_parameters * (1 - args.moe_router_topk / args.num_experts))
 
 
-def _in_use(saved) -> List[str]:
-    experts, mtp = saved_value(saved, "num_experts", 1), saved_value(saved, "mtp_num_layers", 0)
-    return [flag for flag, used in ((f"--num-experts {experts}", experts > 1), (f"--mtp-num-layers {mtp}", mtp > 0))
-            if used]
+def _not_in_the_fork(saved) -> List[str]:
+    """What of the MoE / MTP settings the fork's DeepSpeed-MoE cannot compute (convert, ours -> fork):
+    its experts are --ffn-hidden-size wide in every layer (--expert-interval 1), routed by DeepSpeed's
+    softmax top-1 gate (weight: the expert's probability: ours with --moe-router-pre-softmax) or top-2
+    gate (the two probabilities renormalised: ours without it); no shared experts, expert bias, groups,
+    scaling or Sinkhorn, no MTP."""
+    value = lambda name, default=None: saved_value(saved, name, default)  # noqa: E731
+    uses = [f"--mtp-num-layers {value('mtp_num_layers')}"] if value("mtp_num_layers", 0) > 0 else []
+    if value("num_experts", 1) <= 1:
+        return uses
+    topk, pre_softmax = value("moe_router_topk", 2), bool(value("moe_router_pre_softmax", False))
+    freq = value("moe_layer_freq", 1)
+    checks = (
+        (f"--moe-router-topk {topk}", topk > 2),
+        (f"--moe-router-topk 2 {'with' if pre_softmax else 'without'} --moe-router-pre-softmax", topk == 2 and pre_softmax),
+        (f"--moe-router-score-function {value('moe_router_score_function')}",
+         value("moe_router_score_function", "softmax") != "softmax"),
+        (f"--moe-router-load-balancing-type {value('moe_router_load_balancing_type')}",
+         value("moe_router_load_balancing_type") == "sinkhorn"),
+        (f"--moe-ffn-hidden-size {value('moe_ffn_hidden_size')}",
+         value("moe_ffn_hidden_size", value("ffn_hidden_size")) != value("ffn_hidden_size")),
+        (f"--moe-layer-freq {freq}", freq != 1),
+        (f"--moe-first-k-dense {value('moe_first_k_dense')}", value("moe_first_k_dense", 0) > 0),
+        (f"--moe-shared-expert-intermediate-size {value('moe_shared_expert_intermediate_size')}",
+         bool(value("moe_shared_expert_intermediate_size"))),
+        ("--moe-router-enable-expert-bias", bool(value("moe_router_enable_expert_bias"))),
+        (f"--moe-router-num-groups {value('moe_router_num_groups')}", bool(value("moe_router_num_groups"))),
+        (f"--moe-router-topk-scaling-factor {value('moe_router_topk_scaling_factor')}",
+         value("moe_router_topk_scaling_factor", 1.0) != 1.0),
+    )
+    return uses + [flag for flag, used in checks if used]
 
 
 FEATURE = Feature(
@@ -304,6 +331,7 @@ FEATURE = Feature(
     config_kwargs=config_kwargs, summary=summary, row="MoE / MTP",
     # export-hf: MoE as MixtralForCausalLM or DeepseekV3ForCausalLM where one computes it (hf/config_mapping.py
     # names what does not fit); MTP layers are left out (a training aid: the next-token logits do not use them)
-    convert=Support(_in_use, "a mixture-of-experts / multi-token-prediction model has no Megatron-DeepSpeed "
-                             "counterpart here"),
+    # convert: DeepSpeed-MoE computes the plain top-1 / top-2 softmax MoE (_not_in_the_fork)
+    convert=Support(_not_in_the_fork, "no counterpart in Megatron-DeepSpeed's DeepSpeed-MoE (top-1 or top-2 softmax "
+                                      "gates over --ffn-hidden-size experts in every layer)"),
 )
