@@ -21,6 +21,16 @@ from megatron_ext import registry
 from megatron_ext.argtypes import (choice_ci, close_hint, finite_float, fraction, nonneg_float, nonneg_int,
                                    normalise_argv, one_line_errors, positive_float, positive_int)
 from megatron_ext.data.tokenizers import FLAGSCALE_TYPES
+from megatron_ext.models import features
+from megatron_ext.models.llama_moe_names import add_llama_moe_names
+from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.parametrizations import PARAMETRIZATIONS
+from megatron_ext.parametrizations.common.base import init_std
+from megatron_ext.planning.arguments import add_plan_arguments
+from megatron_ext.schedules import SCHEDULES
+from megatron_ext.schedules.common.scheduler import add_schedule_arguments
+from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
+from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
 MODEL_STYLES = {
     # Llama-style: swiglu, rmsnorm, rotary, no bias, untied embeddings, no dropout.
@@ -102,8 +112,6 @@ def _split(value: str) -> str:
 
 
 def add_init_arguments(g) -> None:
-    from megatron_ext.parametrizations import PARAMETRIZATIONS
-    from megatron_ext.parametrizations.common.base import init_std
 
     g.add_argument("--init-method-std", type=init_std, default=0.02,
                    help="std of the weight init, or 'auto' = sqrt(2/(5*hidden)) (default 0.02); under mup/completep "
@@ -152,15 +160,6 @@ def given_no_op_flags(args) -> List[str]:
 
 def build_parser(prog: str = "megatron_ext.train") -> MegatronArgumentParser:
     registry.load_plugins()
-    from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.parametrizations import PARAMETRIZATIONS
-    from megatron_ext.schedules import SCHEDULES
-    from megatron_ext.models import features
-    from megatron_ext.models.llama_moe_names import add_llama_moe_names
-    from megatron_ext.planning.arguments import add_plan_arguments
-    from megatron_ext.schedules.common.scheduler import add_schedule_arguments
-    from megatron_ext.training.evaluation import add_corpus_eval_arguments, add_mc_eval_arguments
-    from megatron_ext.training.lr_finder import add_lr_finder_arguments
 
     p = MegatronArgumentParser(
         prog=prog,

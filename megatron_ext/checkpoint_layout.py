@@ -9,8 +9,10 @@ A run's ``--save`` directory holds:
   model-states files, and per parameter ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``, plus
   ``zero/optimizer_state.pt``) and ``latest_universal`` naming it.
 
-A tag folder holds what DeepSpeed 0.19.8 writes (``TP``: the tensor-parallel rank, two digits;
-``DP``: the data-parallel rank):
+A tag folder holds what DeepSpeed 0.19.8 writes (``TP``: the model-parallel rank, two digits: the
+tensor-parallel rank, or with our trainer's pipeline stages ``stage x TP size + tensor-parallel
+rank``, as DeepSpeed's ``checkpoint_parallel_dimensions`` in each file say; ``DP``: the
+data-parallel rank):
 
 * ZeRO 0, 1, 2: one ``mp_rank_<TP>_model_states.pt`` per TP rank (the module, and the client
   state: iteration, consumed samples, args, LR schedule, RNG); ZeRO 1/2 add one
@@ -26,6 +28,11 @@ A tag folder holds what DeepSpeed 0.19.8 writes (``TP``: the tensor-parallel ran
   (``layer_<LL>-model_states.pt`` when the topology has no tensor-parallel axis).
 * DeepSpeed-MoE (the fork's ``--num-experts``): ``[layer_<L>_]expert_<E>_mp_rank_<TP>_model_states.pt``
   and ``expp_rank_<R>_mp_rank_<TP>_optim_states.pt``.
+* Our trainer's expert parallelism (megatron-core experts spread over ranks; DeepSpeed writes the
+  module from data-parallel rank 0 only, which holds expert-parallel rank 0's experts): one
+  ``expert_ep_rank_<R>_mp_rank_<TP>_experts.pt`` per expert-parallel rank and model-parallel rank
+  (that rank's experts, under their global names); at ZeRO 0 DeepSpeed also writes the optimizer of
+  each expert-parallel rank, ``expp_rank_<R>_mp_rank_<TP>_optim_states.pt``.
 
 Every read goes through ``load_states``: any failure (missing, truncated, not a torch file) is
 one ``CheckpointFileError`` line naming the file.
@@ -80,6 +87,7 @@ OPTIM_STATES = re.compile(rf"(?:{_PRECISION})?{_ZERO}(?P<dp>\d+)_{_MP}(?P<tp>\d+
 LAYER_STATES = re.compile(rf"{re.escape(LAYER_PREFIX)}(?P<layer>\d+)(?:-model_(?P<tp>\d+))?{re.escape(LAYER_SUFFIX)}")
 EXPERT_STATES = re.compile(rf"(?:{re.escape(LAYER_PREFIX)}(?P<layer>\d+)_)?expert_(?P<expert>\d+)_{_MP}(?P<tp>\d+){_MODEL}")
 EXPERT_OPTIM_STATES = re.compile(rf"expp_rank_(?P<ep>\d+)_{_MP}(?P<tp>\d+){_OPTIM}")
+RANK_EXPERTS = re.compile(rf"expert_ep_rank_(?P<ep>\d+)_{_MP}(?P<tp>\d+)_experts\.pt")
 # for messages: what a checkpoint folder must hold
 MODEL_STATES_NAMES = (f"{MODEL_PREFIX}*{MODEL_SUFFIX} or {ZERO_PREFIX}*_{MODEL_PREFIX}*{MODEL_SUFFIX} (ZeRO 3)")
 
@@ -106,6 +114,11 @@ def model_states_name(tp_rank: int = 0, zero3_dp_rank: Optional[int] = None) -> 
 def optim_states_name(tp_rank: int, dp_rank: int, bf16: bool = False) -> str:
     """The ZeRO optimizer partition of a TP and DP rank, as DeepSpeed names it."""
     return f"{BF16_ZERO_PREFIX if bf16 else ZERO_PREFIX}{dp_rank}_{MODEL_PREFIX}{tp_rank:02d}{OPTIM_SUFFIX}"
+
+
+def rank_experts_name(ep_rank: int, tp_rank: int) -> str:
+    """Our trainer's file of one expert-parallel rank's experts (at one model-parallel rank)."""
+    return f"expert_ep_rank_{ep_rank:02d}_{MODEL_PREFIX}{tp_rank:02d}_experts.pt"
 
 
 def layer_states_name(layer: int, tp_rank: Optional[int] = None) -> str:
@@ -146,6 +159,23 @@ def expert_states_files(tag_dir: str) -> List[str]:
     return _matching(tag_dir, EXPERT_STATES, EXPERT_OPTIM_STATES)
 
 
+def rank_experts_files(tag_dir: str) -> List[str]:
+    """Our trainer's per-expert-parallel-rank expert files."""
+    return _matching(tag_dir, RANK_EXPERTS)
+
+
+def parallel_dimensions(client: Dict[str, Any]) -> Tuple[int, int, int]:
+    """(tensor-parallel, pipeline-parallel, expert-parallel size) a checkpoint was written at: the
+    pipeline and tensor sizes DeepSpeed records (older checkpoints: its model-parallel size, which
+    was the tensor-parallel size), the expert-parallel size from the saved flags."""
+    from_deepspeed = client.get(_ds.CHECKPOINT_PARALLEL_DIMS) or {}
+    saved = client.get("args") if isinstance(client.get("args"), dict) else {}
+    tp = from_deepspeed.get(_ds.CHECKPOINT_TP_DEGREE) or saved.get("tensor_model_parallel_size") \
+        or client.get("mp_world_size") or 1
+    pp = from_deepspeed.get(_ds.CHECKPOINT_PP_DEGREE) or saved.get("pipeline_model_parallel_size") or 1
+    return int(tp), int(pp), int(saved.get("expert_model_parallel_size") or 1)
+
+
 def is_zero3(tag_dir: str) -> bool:
     """Written at ZeRO 3 (its model states are per DP rank)."""
     return bool(_matching(tag_dir, ZERO3_MODEL_STATES))
@@ -169,6 +199,14 @@ def dp_rank_of(path: str) -> int:
         if match:
             return int(match.group("dp"))
     raise CheckpointFileError(f"{path}: not a ZeRO 3 model-states or optimizer-partition file")
+
+
+def layer_of(path: str) -> Tuple[int, Optional[int]]:
+    """(position in the pipeline's layer list, TP rank or None) of a pipeline layer file."""
+    match = LAYER_STATES.fullmatch(os.path.basename(path))
+    if not match:
+        raise CheckpointFileError(f"{path}: not a pipeline layer file")
+    return int(match.group("layer")), None if match.group("tp") is None else int(match.group("tp"))
 
 
 def tp_ranks(tag_dir: str) -> List[int]:
@@ -206,9 +244,11 @@ def is_universal(tag_dir: str) -> bool:
 
 
 def universal_parameters(tag_dir: str) -> List[str]:
-    """The parameter names of a universal checkpoint (its ``zero/<name>/`` folders)."""
+    """The parameter names of a universal checkpoint (its ``zero/<name>/`` folders; not the links
+    naming another parameter's folder: a tied output layer's, for a pipeline stage that holds a copy)."""
     zero = universal_parameters_dir(tag_dir)
-    return sorted(p for p in os.listdir(zero) if os.path.isdir(os.path.join(zero, p)))
+    return sorted(p for p in os.listdir(zero)
+                  if os.path.isdir(os.path.join(zero, p)) and not os.path.islink(os.path.join(zero, p)))
 
 
 def universal_state_file(tag_dir: str, parameter: str, state: str = "fp32") -> str:

@@ -15,6 +15,7 @@ def _command_modules():
 
 
 def main(argv=None) -> int:
+    # the platform package brings torch: importing the CLI (to list its commands) does not need it
     from megatron_ext.platform.known_warnings import silence_known_warnings
 
     silence_known_warnings()

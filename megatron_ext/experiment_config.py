@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ext.argtypes import close_hint
 from megatron_ext.flag_spelling import FlagSpelling, FlagValueError
+from megatron_ext.arguments import build_parser
+from megatron_ext.fileio import read_yaml_mapping
 
 JOB_SECTIONS = ("system", "model", "data")
 # experiment.* keys with a meaning of their own (the others are variables for ${experiment.x})
@@ -104,7 +106,6 @@ class Experiment:
 
 
 def _load_yaml(path: str) -> dict:
-    from megatron_ext.fileio import read_yaml_mapping
 
     try:
         return read_yaml_mapping(path)
@@ -240,7 +241,6 @@ def _experiment(path, job_where, exp, job, raw_tree, resolved, parser, problems:
     env = {str(k): "" if v is None else str(v) for k, v in envs.items()}
 
     if parser is None:
-        from megatron_ext.arguments import build_parser
 
         parser = build_parser()
     argv, sources = job_flags(job_where, job, parser, notes, problems)

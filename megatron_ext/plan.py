@@ -24,6 +24,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from megatron_ext import derivations
 from megatron_ext.arguments import MODEL_STYLES, ArgumentsError, build_parser, given_no_op_flags
 from megatron_ext.registry import EngineSettings
+from megatron_ext import registry
+from megatron_ext.checkpoint_layout import CheckpointFileError, client_state, read_latest
+from megatron_ext.data.data_checks import check_data_files
+from megatron_ext.data.gpt_data import data_sources, tokenizer_for
+from megatron_ext.models import features
+from megatron_ext.models.gpt import padded_vocab_size
+from megatron_ext.parametrizations import parametrization_for
+from megatron_ext.planning import plan_rows
+from megatron_ext.platform.accelerator import has_gpu
+from megatron_ext.platform.distributed import discover
+from megatron_ext.schedules.common.scheduler import build_schedule
+from megatron_ext.training.checkpoint_loading import check_load_dir
+from megatron_ext.training.deepspeed_config import build_deepspeed_config, engine_settings, fp32_gradient_accumulation
+from megatron_ext.training.evaluation import check_corpus_eval, mc_examples_for
+from megatron_ext.training.lr_finder import validate_lr_finder_args
 
 
 class ResolvedArgs(argparse.Namespace):
@@ -66,7 +81,6 @@ class RunPlan:
 
     def rows(self) -> List[Tuple[str, Any]]:
         """What the run will be, as (label, value) rows: the start-up block and the launcher's dry run."""
-        from megatron_ext.models import features
 
         a = self.args
         feature_rows = features.summary_rows(a)  # (megatron_ext/models/features)
@@ -74,6 +88,11 @@ class RunPlan:
             ("world size", self.world_size),
             ("data-parallel size", self.data_parallel_size),
             ("tensor-parallel size", a.tensor_model_parallel_size),
+            *((("pipeline-parallel size", f"{a.pipeline_model_parallel_size} ({a.num_layers // a.pipeline_model_parallel_size}"
+                 " layers a stage)"),) if a.pipeline_model_parallel_size > 1 else ()),
+            *((("expert-parallel size", f"{a.expert_model_parallel_size} ({a.num_experts // a.expert_model_parallel_size}"
+                f" experts a rank, expert-data-parallel size {a.expert_data_parallel_size})"),)
+              if a.expert_model_parallel_size > 1 else ()),
             ("ZeRO stage", self.engine.zero_stage),
             ("precision", self.engine.precision),
             ("micro batch", a.micro_batch_size),
@@ -95,7 +114,6 @@ class RunPlan:
             rows.append(("document boundaries", ", ".join(documents)))
         if a.vocab_size_unpadded is not None:
             rows.append(("vocabulary", f"{a.vocab_size_unpadded} (padded {a.padded_vocab_size})"))
-        from megatron_ext.planning import plan_rows
 
         return rows + plan_rows(self)  # memory per device by term, step time, run length (docs/memory_plan.md)
 
@@ -116,7 +134,6 @@ def parse_plan(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if world_size is None:
-        from megatron_ext.platform.distributed import discover
 
         world_size = discover().world_size
     try:
@@ -180,7 +197,6 @@ def build_plan(args: argparse.Namespace, world_size: int, check_files: bool = Tr
         mc_examples = _mc_eval(a, tokenizer, sources, notes)
     except (ValueError, OSError) as e:  # ArgumentsError, and the one-line errors of the parts used here
         raise ArgumentsError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
-    from megatron_ext.parametrizations import parametrization_for
 
     parametrization = parametrization_for(a)
     a.freeze()
@@ -197,9 +213,9 @@ def _model_shape(a) -> None:
     tp = a.tensor_model_parallel_size
     if a.ds_sequence_parallel_size != 1:
         raise ArgumentsError(f"--ds-sequence-parallel-size {a.ds_sequence_parallel_size}: sequence parallelism "
-                             "(DeepSpeed-Ulysses) is not supported yet; use 1")
-    if a.pipeline_model_parallel_size != 1:
-        raise ArgumentsError("--pipeline-model-parallel-size: pipeline parallelism is not supported yet; use 1")
+                             "(DeepSpeed-Ulysses) is not supported yet; use 1, and for long sequences cut activation memory with "
+                             "--tensor-model-parallel-size, --pipeline-model-parallel-size or --recompute-activations")
+    derivations.layers_per_stage(a.num_layers, a.pipeline_model_parallel_size)
     if a.num_attention_heads % tp:
         raise ArgumentsError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
                              f"{a.num_attention_heads}")
@@ -231,14 +247,16 @@ def _model_shape(a) -> None:
 def _model_features(a) -> None:
     """Each model feature's defaults, checks and derived fields (megatron_ext/models/features:
     --attention-backend, --multi-latent-attention, --num-experts...), on the final model shape."""
-    from megatron_ext.models import features
 
     features.validate(a)
 
 
 def _batch(a, world_size: int) -> None:
     a.world_size = world_size
-    a.data_parallel_size = derivations.data_parallel_size(world_size, a.tensor_model_parallel_size)
+    a.data_parallel_size = derivations.data_parallel_size(world_size, a.tensor_model_parallel_size,
+                                                          a.pipeline_model_parallel_size)
+    a.expert_data_parallel_size = derivations.expert_data_parallel_size(
+        a.data_parallel_size, a.expert_model_parallel_size, a.num_experts)
     a.global_batch_size, a.gradient_accumulation_steps = derivations.batch_sizes(
         a.micro_batch_size, a.global_batch_size, a.gradient_accumulation_steps, a.data_parallel_size)
 
@@ -260,7 +278,6 @@ def _data_flags(a) -> None:
     if a.mock_data and a.vocab_size is None and a.tokenizer_model is None:
         a.vocab_size = 1024
     if a.num_workers is None:
-        from megatron_ext.platform.accelerator import has_gpu
 
         a.num_workers = 2 if has_gpu() else 0
 
@@ -270,7 +287,6 @@ def _resume_own_checkpoint(a, notes: List[str]) -> None:
     ``--universal-checkpoint``) re-queued with the same command would start over from PRETRAINED
     every time: when --save already holds a checkpoint this run wrote (its saved --load is this
     --load), the run resumes from it instead, and says so. ``--restart-from-load`` starts over."""
-    from megatron_ext.checkpoint_layout import CheckpointFileError, client_state, read_latest
 
     if not (a.load and a.save and (a.finetune or a.universal_checkpoint) and not a.restart_from_load):
         return
@@ -306,7 +322,6 @@ def _deepspeed(a, check_files: bool, notes: List[str]) -> Tuple[Dict[str, Any], 
     """The DeepSpeed config (flags, then the user's JSON: its keys win) and the engine it gives. The
     engine rules are checked on the MERGED config: a user JSON that sets the ZeRO stage or offload
     is what runs. Without ``check_files`` a --deepspeed-config not written yet is left out."""
-    from megatron_ext.training.deepspeed_config import build_deepspeed_config, engine_settings, fp32_gradient_accumulation
 
     if a.deepspeed_config and not os.path.isfile(a.deepspeed_config):
         if check_files:
@@ -314,13 +329,18 @@ def _deepspeed(a, check_files: bool, notes: List[str]) -> Tuple[Dict[str, Any], 
         config = build_deepspeed_config(argparse.Namespace(**{**vars(a), "deepspeed_config": None}))
     else:
         config = build_deepspeed_config(a)
-    engine = engine_settings(config, a.tensor_model_parallel_size)
+    engine = engine_settings(config, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                             a.expert_model_parallel_size)
     a.zero_stage = engine.zero_stage
     a.cpu_optimizer = engine.cpu_offload
     a.bf16, a.fp16 = engine.precision == "bf16", engine.precision == "fp16"  # the model's dtype follows
     a.universal_checkpoint = bool(config.get("checkpoint", {}).get("load_universal", False))
     if engine.cpu_offload and engine.zero_stage == 0:
         raise ArgumentsError("--cpu-optimizer needs --zero-stage 1, 2 or 3")
+    layout = derivations.layout_engine_problem(engine.pipeline_parallel, engine.expert_parallel, engine.zero_stage,
+                                               engine.precision, engine.cpu_offload)
+    if layout:
+        raise ArgumentsError(layout)
     why_not = fp32_gradient_accumulation(a, engine)
     if a.accumulate_allreduce_grads_in_fp32 and why_not not in (None, "fp32"):
         notes.append(f"--accumulate-allreduce-grads-in-fp32: not applied: {why_not}")
@@ -334,9 +354,6 @@ def _deepspeed(a, check_files: bool, notes: List[str]) -> Tuple[Dict[str, Any], 
 def _files(a, check_files: bool, notes: List[str]):
     """The data sources and the tokenizer; the vocabulary sizes the model and checkpoints use. The
     data files are checked against each other, the vocabulary and the splits the run reads."""
-    from megatron_ext.data.data_checks import check_data_files
-    from megatron_ext.data.gpt_data import data_sources, tokenizer_for
-    from megatron_ext.models.gpt import padded_vocab_size
 
     a.vocab_size_unpadded = a.padded_vocab_size = None
     if not check_files:
@@ -356,7 +373,6 @@ def _files(a, check_files: bool, notes: List[str]):
 
 def _paths(a) -> None:
     """Folders and files the run will read or write, checked before any work."""
-    from megatron_ext.training.checkpoint_loading import check_load_dir
 
     if a.load:
         check_load_dir(a)
@@ -369,7 +385,6 @@ def _paths(a) -> None:
 
 def _check_plugins(a, engine: EngineSettings) -> Dict[str, Any]:
     """Every family's selected plug-in: its flags, its own checks and the engine it supports."""
-    from megatron_ext import registry
 
     selected = {}
     for family, reg in registry.families().items():
@@ -381,19 +396,16 @@ def _check_plugins(a, engine: EngineSettings) -> Dict[str, Any]:
 
 
 def _schedule(a):
-    from megatron_ext.schedules.common.scheduler import build_schedule
 
     return build_schedule(a)  # the whole curve (and the weight-decay flags) servable before any work starts
 
 
 def _mc_eval(a, tokenizer, sources, notes):
-    from megatron_ext.training.evaluation import check_corpus_eval, mc_examples_for
 
     check_corpus_eval(a, sources)  # --eval-per-corpus
     return mc_examples_for(a, tokenizer, notes)
 
 
 def _lr_finder(a) -> None:
-    from megatron_ext.training.lr_finder import validate_lr_finder_args
 
     validate_lr_finder_args(a)

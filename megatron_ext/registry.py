@@ -83,6 +83,8 @@ class EngineSettings:
     cpu_offload: bool = False
     tensor_parallel: int = 1
     precision: str = "fp32"  # fp32, bf16, fp16
+    pipeline_parallel: int = 1
+    expert_parallel: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,10 @@ class EngineSupport:
     precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")
     # whether it runs under DeepSpeed's bf16 optimizer (bf16 weights, fp32 gradient accumulation)
     bf16_optimizer: bool = True
+    # pipeline parallelism (megatron-core's schedules: one stage's parameters per rank) and expert
+    # parallelism (each rank holds some experts; their gradients reduce over the expert-data-parallel group)
+    pipeline_parallel: bool = True
+    expert_parallel: bool = True
     reason: str = ""
 
     def problem(self, who: str, engine: EngineSettings) -> Optional[str]:
@@ -107,6 +113,10 @@ class EngineSupport:
             return f"{who} does not support --cpu-optimizer (ZeRO-Offload){why}"
         if engine.tensor_parallel > 1 and not self.tensor_parallel:
             return f"{who} does not support --tensor-model-parallel-size > 1{why}"
+        if engine.pipeline_parallel > 1 and not self.pipeline_parallel:
+            return f"{who} does not support --pipeline-model-parallel-size > 1{why}"
+        if engine.expert_parallel > 1 and not self.expert_parallel:
+            return f"{who} does not support --expert-model-parallel-size > 1{why}"
         if engine.precision not in self.precisions:
             return f"{who} does not support --{engine.precision}{why}"
         return None
@@ -117,6 +127,10 @@ class EngineSupport:
             parts.append("no CPU offload")
         if not self.tensor_parallel:
             parts.append("no tensor parallel")
+        if not self.pipeline_parallel:
+            parts.append("no pipeline parallel")
+        if not self.expert_parallel:
+            parts.append("no expert parallel")
         if tuple(self.precisions) != ("fp32", "bf16", "fp16"):
             parts.append("/".join(self.precisions))
         if not self.bf16_optimizer:

@@ -2,14 +2,21 @@
 train."""
 import os
 import sys
+from megatron_ext.checkpoint_layout import CheckpointFileError
+from megatron_ext.data.data_checks import DataFileError
+from megatron_ext.plan import parse_plan
+from megatron_ext.planning import launch_problem
+from megatron_ext.platform.known_warnings import silence_known_warnings
+from megatron_ext.schedules.common.scheduler import ScheduleResumeError
+from megatron_ext.training.checkpoint_loading import CheckpointLoadError
+from megatron_ext.training.signals import StartupInterrupted, interruptible_startup
+from megatron_ext.training.trainer import pretrain
 
 
 def main(argv=None) -> int:
     """The process entry point: ``run``, then leave torch.distributed."""
-    from megatron_ext.platform.known_warnings import silence_known_warnings
 
     silence_known_warnings()
-    from megatron_ext.training.signals import StartupInterrupted, interruptible_startup
 
     try:
         with interruptible_startup():
@@ -25,21 +32,14 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """Plan and train in this process (the process group stays open: tests run many in one)."""
-    from megatron_ext.plan import parse_plan
 
     plan = parse_plan(argv)
-    from megatron_ext.planning import launch_problem
 
     problem = launch_problem(plan)  # a run whose memory estimate exceeds the device: one line, before any work
     if problem is not None:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron_ext.train: error: {problem}", file=sys.stderr, flush=True)
         return 2
-    from megatron_ext.data.data_checks import DataFileError
-    from megatron_ext.schedules.common.scheduler import ScheduleResumeError
-    from megatron_ext.checkpoint_layout import CheckpointFileError
-    from megatron_ext.training.checkpoint_loading import CheckpointLoadError
-    from megatron_ext.training.trainer import pretrain
 
     try:
         pretrain(plan)

@@ -217,6 +217,20 @@ def layouts(*names):
             for name in names]
 
 
+def run_layouts(runs, nproc, folder, timeout=900):
+    """Several trainer runs (lists of flags) in one torchrun of ``nproc`` ranks
+    (``tests/layout_runs.py``): the ranks start once for all of them."""
+    path = os.path.join(str(folder), "runs.json")
+    with open(path, "w") as f:
+        json.dump([list(map(str, run)) for run in runs], f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), os.path.join(REPO, "tests", "layout_runs.py"), path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"layout runs failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def run_metrics(flags, path, nproc=1):
     """Train with ``flags`` writing ``path``; its train records by iteration (and the process)."""
     proc = run_trainer(list(flags) + ["--metrics-file", str(path)], nproc=nproc)

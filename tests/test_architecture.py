@@ -130,6 +130,48 @@ def test_no_import_circles_in_the_package():
     assert _cycles(_imports(_modules())) == []
 
 
+# Packages whose function-level imports are explained once, in their ``__init__`` docstring.
+LAZY_PACKAGES = ("megatron_ext.commands.", "megatron_ext.megatron_deepspeed.")
+
+
+def _unexplained_function_imports(module: str, source: str):
+    """Package imports inside a function with no reason next to them: a comment on the import's
+    line, or on the line above its block of imports (docs/architecture.md)."""
+    if module.startswith(LAZY_PACKAGES):
+        return []
+    lines, tree = source.splitlines(), ast.parse(source)
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+        if not (getattr(node, "level", 0) or any(n.startswith("megatron_ext") for n in names)):
+            continue
+        if "#" in lines[node.end_lineno - 1]:
+            continue
+        above = node.lineno - 2
+        while above >= 0 and lines[above].strip().startswith(("from ", "import ")) or (
+                above >= 0 and not lines[above].strip()):
+            above -= 1
+        if above < 0 or not lines[above].strip().startswith("#"):
+            found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    mods = _modules()
+    assert [where for module, path in sorted(mods.items())
+            for where in _unexplained_function_imports(module, open(path).read())] == []
+
+
+def test_the_import_check_finds_an_unexplained_one():
+    source = ("def f():\n    from megatron_ext.plan import build_plan\n\n"
+              "def g():\n    # a reason\n    from megatron_ext.plan import parse_plan\n")
+    assert _unexplained_function_imports("megatron_ext.x", source) == ["megatron_ext.x:2"]
+    assert _unexplained_function_imports("megatron_ext.commands.x", source) == []
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -56,7 +56,7 @@ def test_batch_arithmetic_and_training_length():
     (["--mock-data"], "no training length"),
     (["--train-iters", "5"], "no training data"),
     (BASE + ["--bf16", "--fp16"], "mutually exclusive"),
-    (BASE + ["--pipeline-model-parallel-size", "2"], "pipeline parallelism is not supported"),
+    (BASE + ["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2 = 2 does not divide the world size 1"),
     (BASE + ["--save-interval", "5"], "--save-interval needs --save"),
     (BASE + ["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 is larger than --lr 0.1"),
     (BASE + ["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], "not both"),

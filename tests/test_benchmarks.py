@@ -77,3 +77,29 @@ def test_megatron_deepspeed_benchmark_runs_in_a_tiny_form(tmp_path):
     assert result["iterations"] == {"fork": 3, "fork+plugins": 3, "ours": 3}  # iterations 2..4 of each run
     assert all(result[f"{ratio}_{name}"] > 0 for ratio in ("ours_speedup", "plugin_cost") for name in ("wall", "CPU"))
     assert "ours vs the fork" in proc.stdout and "plug-ins in the fork" in proc.stdout
+
+
+@pytest.mark.slow
+def test_parallel_layouts_benchmark_runs_in_a_tiny_form(tmp_path):
+    """EP 2 of the MoE against the same MoE at data parallelism, 3 iterations on 2 gloo ranks: both
+    layouts are measured in the run and the ratios are of those measurements (no timing asserted)."""
+    out = tmp_path / "layouts.json"
+    proc = subprocess.run([sys.executable, "benchmarks/parallel_layouts.py", "--layouts", "ep2-moe", "--iters", "3",
+                           "--warmup", "1", "--out", str(out)], capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["layouts"]
+    assert list(rows) == ["dp2-moe", "ep2-moe"] and rows["ep2-moe"]["baseline"] == "dp2-moe"
+    for r in rows.values():
+        assert r["tokens_per_second"] > 0 and len(r["peak_bytes_per_rank"]) == 2
+        assert all(p > 0 for p in r["peak_bytes_per_rank"])
+    ep, dp = rows["ep2-moe"], rows["dp2-moe"]
+    assert ep["speed_ratio"] == ep["tokens_per_second"] / dp["tokens_per_second"]
+    assert ep["memory_ratio"] == max(ep["peak_bytes_per_rank"]) / max(dp["peak_bytes_per_rank"])
+    assert "ep2-moe" in proc.stdout and "base" in proc.stdout
+
+
+def test_parallel_layouts_benchmark_refuses_a_warmup_that_leaves_nothing_to_time():
+    proc = subprocess.run([sys.executable, "benchmarks/parallel_layouts.py", "--iters", "3", "--warmup", "3"],
+                          capture_output=True, text=True, cwd=REPO, env=_env(), timeout=60)
+    assert proc.returncode == 2 and "--warmup 3 leaves no iteration of --iters 3 to time" in proc.stderr

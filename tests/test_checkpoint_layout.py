@@ -71,6 +71,8 @@ def test_every_kind_of_file_is_told_apart(tmp_path):
     assert sorted(layout.dp_rank_of(f) for f in layout.optim_states_files(zero3)) == list(range(11))
 
     assert len(layout.layer_states_files(pipe)) == 6 and layout.tp_ranks(pipe) == [0, 1]  # not counted as model states
+    assert [layout.layer_of(f) for f in layout.layer_states_files(pipe)][-1] == (2, 1)
+    assert layout.layer_of(layout.layer_states_name(12)) == (12, None)
     assert layout.model_states_files(moe) == [os.path.join(moe, "mp_rank_00_model_states.pt")]
     assert len(layout.expert_states_files(moe)) == 3 and layout.optim_states_files(moe) == []
 

@@ -275,6 +275,22 @@ def test_data_parallel_mc_accuracy_equals_one_rank(corpus, dp1):
             assert two[it][key] == one[it][key], (it, key)
 
 
+@pytest.mark.slow
+def test_pipeline_parallel_evaluation_equals_one_rank(corpus, dp1):
+    """PP 2: validation (loss and accuracy) and multiple-choice scores come from the last stage
+    through megatron-core's forward-only schedule (docs/parallelism.md)."""
+    run_trainer(train_args(corpus, "pp2") + ["--pipeline-model-parallel-size", "2"], nproc=2)
+    for split, keys in (("validation", ("accuracy",)), ("mc_eval", ("mc_accuracy", "acc", "acc_norm",
+                                                                    "mc_examples"))):
+        one = read_metrics(dp1[1], split)
+        two = read_metrics(corpus["folder"] / "pp2.jsonl", split)
+        assert sorted(two) == sorted(one) == [0, 10, 20], split
+        for it in one:
+            assert all(two[it][key] == one[it][key] for key in keys), (split, it)
+            if split == "validation":
+                assert two[it]["lm_loss"] == pytest.approx(one[it]["lm_loss"], rel=1e-5), it
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, before any work
 # --------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from conftest import REPO, _env, error_lines, read_metrics, run_in_process
 LAUNCHER_VARS = """DATA_FILE_LIST TOKENIZER_TYPE TOKENIZER_MODEL DATA_CACHE_PATH TRAIN_TOKENS TRAIN_ITERS TRAIN_ITER
 MICRO_BATCH GRAD_ACC_STEPS GLOBAL_BATCH LR LR_DECAY_STYLE LR_WARMUP_FRAC LR_WARMUP_FRACTION LR_DECAY_ITERS OPT
 OPTIMIZER OPTIM ADAM_BETA1 ADAM_BETA2 ADAM_EPS WEIGHT_DECAY CLIP_GRAD MODEL_ARCH NLAYERS NUM_LAYERS HIDDEN HEADS
-NHEADS NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ SEQ_LEN ROPE_THETA NO_LLAMA TP PP SP ZERO_STAGE DTYPE
+NHEADS NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ SEQ_LEN ROPE_THETA NO_LLAMA TP PP SP EP EP_PARALLEL_SIZE ZERO_STAGE DTYPE
 USE_ACTIVATION_CHECKPOINTING ACT_CKPT_NUM_LAYERS CPU_OPTIMIZER LOAD SAVE SAVE_INTERVAL OVERRIDE_CKPT_OPT_PARAM
 EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL TRAIN_SPLIT VAL_SPLIT TEST_SPLIT NO_TENSORBOARD WANDB_MODE WB_PROJECT
 WANDB_PROJECT LAUNCH_WITH LAUNCH_CMD HOSTFILE PBS_NODEFILE NGPU_PER_HOST EXEC DS_CONFIG DRY_RUN DEMO_DIR SEED
-MASTER_PORT""".split()
+MASTER_PORT NUM_EXPERTS MOE_TOPK""".split()
 
 
 def launch(env=None, extra=(), dry_run=True, timeout=120, shell=False):
@@ -329,3 +329,114 @@ def test_the_demo_corpus_is_tokenized_with_the_users_tokenizer_and_kept_per_toke
         built[kind] = result["data_file_list"]
         assert prepare(str(demo_dir), kind, model) == result  # the second time: reused
     assert len(set(built.values())) == 2 and not (demo_dir / "tokenizer.model").exists()
+
+
+# -- parallel layouts: PP, EP and SP (docs/parallelism.md) -----------------------------------------------------------
+def layout_block(proc):
+    """The dry run's layout block as {label: value}."""
+    lines = proc.stdout.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("parallel layout"))
+    block = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        label, value = line[2:].split(" : ", 1)
+        block[label.strip()] = value
+    return block
+
+
+def test_dry_run_shows_the_layout_each_dimension_spans_and_what_each_rank_holds(tmp_path):
+    """8 ranks on 2 hosts x 4: PP 2 x DP 4 with EP 2 of an 8-expert MoE (megatron-core's order: TP
+    fastest, PP slowest, so a pipeline crosses the hosts and the experts stay inside one)."""
+    hostfile = tmp_path / "nodes"
+    hostfile.write_text("x1000c0s0b0n0\nx1000c0s0b0n1\n")
+    proc = launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="4", LAUNCH_WITH="mpiexec", PP="2", EP="2",
+                       MODEL_ARCH="deepseek-v3-tiny", SAVE=str(tmp_path / "r")))
+    args, _, _ = resolved(proc)
+    assert (args.pipeline_model_parallel_size, args.expert_model_parallel_size, args.data_parallel_size) == (2, 2, 4)
+    block = layout_block(proc)
+    assert block["layout"] == "TP 1 x PP 2 x DP 4 = 8 ranks on 2 host(s) x 4; EP 2 x expert-DP 2 inside DP"
+    assert block["pipeline-parallel groups"] == "4 of 2 ranks, e.g. 0,4; each across 2 hosts"
+    assert block["expert-parallel groups"] == "4 of 2 ranks, e.g. 0-1; each inside one host"
+    assert block["data-parallel groups"] == "2 of 4 ranks, e.g. 0-3; each inside one host"
+    assert block["expert-data-parallel groups"] == "4 of 2 ranks, e.g. 0,2; each inside one host"
+    assert block["stage 0 (ranks 0-3)"] == "layers 0-1, the word embedding"
+    assert block["stage 1 (ranks 4-7)"] == "layers 2-3, the final norm and the output layer, 1 MTP layer(s)"
+    assert block["each EP rank"].startswith("EP rank 0: experts 0-3; EP rank 1: experts 4-7 of each MoE layer")
+    assert block["each DP rank"] == ("ZeRO 1: 1/4 of the optimizer state (over DP); the experts' over "
+                                     "expert-DP: 1/2")
+    # TP x PP of a dense model: TP inside a host, the tied output layer's copy of the embedding on the last stage
+    proc = launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="4", LAUNCH_WITH="mpiexec", TP="2", PP="2",
+                       SAVE=str(tmp_path / "r")), extra=["--tie-embeddings-and-output-weights"])
+    block = layout_block(proc)
+    assert block["tensor-parallel groups"] == "4 of 2 ranks, e.g. 0-1; each inside one host"
+    assert block["each TP rank"].startswith("1/2 of every weight matrix")
+    assert block["stage 1 (ranks 4-7)"] == ("layers 2-3, the final norm and the output layer (a copy of the word "
+                                           "embedding, tied)")
+    assert "experts" not in " ".join(block)
+    # a deep pipeline shows its ends
+    hostfile.write_text("".join(f"n{i}\n" for i in range(16)))
+    block = layout_block(launch(dict(PBS_NODEFILE=str(hostfile), NGPU_PER_HOST="4", LAUNCH_WITH="mpiexec", TP="4",
+                                     PP="16", MODEL_ARCH="70B", SAVE=str(tmp_path / "r"))))
+    assert block["pipeline-parallel groups"] == "4 of 16 ranks, e.g. 0,4,...,60 (every 4); each across 16 hosts"
+    assert (block["stage 1 (ranks 4-7)"], block["stages 2..13"]) == ("layers 5-9", "5 layers each, in order")
+    assert block["stage 15 (ranks 60-63)"] == "layers 75-79, the final norm and the output layer"
+
+
+def test_run_directory_names_pipeline_and_expert_parallel_sizes(tmp_path):
+    _, command, settings = resolved(launch(dict(NGPU_PER_HOST="2", PP="2")))
+    assert settings["SAVE"].endswith("-tp1-pp2-fp32")
+    _, _, settings = resolved(launch(dict(NGPU_PER_HOST="2", EP="2", NUM_EXPERTS="4", MOE_TOPK="2")))
+    assert settings["SAVE"].endswith("-tp1-ep2-fp32-moe4x2")
+    _, _, settings = resolved(launch(dict(NGPU_PER_HOST="2", EP_PARALLEL_SIZE="2", NUM_EXPERTS="4", MOE_TOPK="2")))
+    assert settings["SAVE"].endswith("-tp1-ep2-fp32-moe4x2")  # the fork's MoE examples' name for EP
+    _, _, settings = resolved(launch(dict(NGPU_PER_HOST="2")))  # PP 1, EP 1: the names earlier runs have
+    name = os.path.basename(settings["SAVE"])
+    assert name.endswith("-tp1-fp32") and "-pp" not in name and "-ep" not in name
+
+
+def _slow(env, message):  # each is a new process (~5 s on the shared box): one in the fast tier
+    return pytest.param(env, message, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(PP="3"), "PP=3 does not divide NLAYERS=4 (every stage holds the same number of layers)"),
+    _slow(dict(NGPU_PER_HOST="3", PP="2"), "TP=1 x PP=2 = 2 does not divide the world size 3"),
+    _slow(dict(NGPU_PER_HOST="2", NUM_EXPERTS="3", MOE_TOPK="2", EP="2"), "EP=2 does not divide NUM_EXPERTS=3"),
+    _slow(dict(NGPU_PER_HOST="2", NUM_EXPERTS="4", MOE_TOPK="2", EP="4"),
+          "EP=4 does not divide the data-parallel size 2"),
+    _slow(dict(NGPU_PER_HOST="2", SP="2"), "SP=2: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use "
+                                           "1, and for long sequences cut activation memory with "
+                                           "--tensor-model-parallel-size"),
+    _slow(dict(NGPU_PER_HOST="2", PP="2", ZERO_STAGE="2"), "PP=2 runs with --zero-stage 0 or 1, not 2"),
+])
+def test_a_layout_that_does_not_factor_is_one_line_through_the_script(tmp_path, env, message):
+    """The run plan's rules (derivations.py), said in the variables, by the real script before any work."""
+    proc = launch({**env, "SAVE": str(tmp_path / "run")}, shell=True)
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2", "ep2"])
+def test_pipeline_and_expert_parallel_launches_train(tmp_path, hf_corpus, layout):
+    """A real launch on 2 CPU ranks: PP 2 of a dense model, EP 2 of a 4-expert top-2 MoE; each trains
+    a few iterations and saves the layout's checkpoint files."""
+    run = tmp_path / "run"
+    env = dict(DATA_FILE_LIST=hf_corpus["data_list"], TOKENIZER_TYPE="HFTokenizer", TOKENIZER_MODEL=hf_corpus["tokenizer"],
+               DATA_CACHE_PATH=str(tmp_path / "cache"), NGPU_PER_HOST="2", NLAYERS="2", HIDDEN="64", HEADS="4",
+               NUM_KV_HEAD="4", FFN_HIDDEN_SIZE="128", SEQ="32", MICRO_BATCH="2", GLOBAL_BATCH="4", TRAIN_ITERS="4",
+               LR="0.001", EVAL_ITERS="0", SAVE_INTERVAL="4", LOG_INTERVAL="1", SAVE=str(run),
+               **(dict(PP="2") if layout == "pp2" else dict(EP="2", NUM_EXPERTS="4", MOE_TOPK="2")))
+    proc = launch(env, dry_run=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("(1 layers a stage)" if layout == "pp2" else "(2 experts a rank, expert-data-parallel size 1)") \
+        in proc.stdout
+    train = read_metrics(run / "metrics.jsonl")
+    assert sorted(train) == [1, 2, 3, 4] and all(0 < r["lm_loss"] < 20 for r in train.values()), train
+    files = os.listdir(run / "global_step4")
+    # the second stage's / second EP rank's own file (docs/parallelism.md, "What each rank holds")
+    wanted = "mp_rank_01_model_states.pt" if layout == "pp2" else "expert_ep_rank_01_mp_rank_00_experts.pt"
+    assert wanted in files, files

@@ -192,13 +192,13 @@ def test_plan_prints_every_term_with_its_formula_and_the_time():
     assert "989 TFLOPS" in out and "40%" in out
 
 
-def test_plan_json_is_the_record_and_pipeline_layouts_are_planned_but_marked(tmp_path):
+def test_plan_json_is_the_record_and_pipeline_layouts_are_planned(tmp_path):
     proc = plan_cmd(*SMALL, "--device", "h100", "--world-size", "8", "--pipeline-model-parallel-size", "2",
                     "--global-batch-size", "16", "--json")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["layout"] == {"tp": 1, "pp": 2, "ep": 1, "sp": 1, "dp": 4, "world_size": 8}
-    assert record["runnable"] is False and any("not runnable today" in n for n in record["notes"])
+    assert record["runnable"] is True and not any("not runnable today" in n for n in record["notes"])
     assert record["memory"]["peak_bytes"] == pytest.approx(sum(t["bytes"] for t in record["memory"]["terms"]))
     assert record["fits"] is True and record["refusal"] is None
     # 1F1B: the first stage holds PP micro-batches of activations, the last one one
@@ -221,9 +221,12 @@ def test_search_proposes_only_runnable_layouts_ranked_by_throughput():
     assert layouts and found["fitting"] >= len(layouts) and found["not_runnable"] > 0
     speeds = [x["time"]["tokens_per_second"] for x in layouts]
     assert speeds == sorted(speeds, reverse=True)
+    assert any(x["layout"]["pp"] > 1 for x in layouts)  # our trainer's pipeline parallelism (docs/parallelism.md)
     for x in layouts:
         lay = x["layout"]
-        assert (lay["pp"], lay["ep"], lay["sp"]) == (1, 1, 1) and lay["tp"] * lay["dp"] == 256
+        assert (lay["ep"], lay["sp"]) == (1, 1) and lay["tp"] * lay["pp"] * lay["dp"] == 256
+        assert lay["pp"] == 1 or x["zero_stage"] in (0, 1)  # DeepSpeed's rule with pipeline stages
+        assert lay["pp"] == 1 or x["zero_stage"] > 0  # bf16 with pipeline stages needs ZeRO >= 1
         assert x["fits"] and x["memory"]["peak_bytes"] <= 0.9 * x["device"]["memory_bytes"]
         assert x["micro_batch"] * x["gradient_accumulation"] * lay["dp"] == 1024
         assert f"TP={lay['tp']}" in x["variables"] and "MODEL_ARCH=70B" in x["variables"]
@@ -329,3 +332,11 @@ def test_a_sweep_rejects_a_variant_that_cannot_fit(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "variant micro_batch_size=64" in err and "exceeds the device's" in err
+
+
+def test_search_proposes_expert_parallel_layouts_for_a_mixture_of_experts():
+    proc = plan_cmd("--model", "openseek-small", "--devices", "16", "--device", "h100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    layouts = json.loads(proc.stdout)["layouts"]
+    assert any(x["layout"]["ep"] > 1 for x in layouts)
+    assert all(x["layout"]["tp"] == 1 and (x["layout"]["ep"] == 1 or x["zero_stage"] in (1, 2)) for x in layouts)

@@ -89,7 +89,11 @@ def test_the_built_in_records_keep_their_order_and_names_are_unique():
     ({"qk_layernorm": True, "multi_latent_attention": True}, "export_hf", None),
     ({"num_experts": 8, "mtp_num_layers": 1}, "export_hf", None),
     ({"attention_backend": "sdpa"}, "convert", None),
-    ({"num_experts": 8, "mtp_num_layers": 1}, "convert", "--num-experts 8, --mtp-num-layers 1: a mixture-of-experts"),
+    ({"num_experts": 8, "mtp_num_layers": 1}, "convert", "--mtp-num-layers 1: no counterpart in Megatron-DeepSpeed's"),
+    ({"num_experts": 8, "moe_router_topk": 2, "ffn_hidden_size": 64}, "convert", None),  # DeepSpeed-MoE's top-2
+    ({"num_experts": 8, "moe_router_topk": 2, "moe_router_pre_softmax": True, "moe_router_score_function": "sigmoid",
+      "ffn_hidden_size": 64, "moe_ffn_hidden_size": 32}, "convert",
+     "--moe-router-topk 2 with --moe-router-pre-softmax, --moe-router-score-function sigmoid, --moe-ffn-hidden-size 32: "),
     ({"multi_latent_attention": True, "qk_layernorm": True}, "convert", "--multi-latent-attention, --qk-layernorm: "),
     ({"qk_layernorm": True, "attention_backend": "te"}, "convert", "--attention-backend te: "),
 ])

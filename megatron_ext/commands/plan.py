@@ -268,7 +268,8 @@ def _single(opts, plan, device, sizes, notes, plt) -> int:
         memory = device.memory / report.local_ranks(layout.world)
     assessment = report.Assessment(setup, estimate(setup), step_time(setup, device, a.train_iters, a.mfu,
                                                                      a.peak_tflops), device, memory)
-    runner, why_not = runnable(layout, setup.zero_stage, moe=bool(a.num_experts))
+    runner, why_not = runnable(layout, setup.zero_stage, moe=bool(a.num_experts), precision=setup.precision,
+                               cpu_offload=setup.cpu_offload)
     _, vocab_note = vocabulary(a, layout.tp)
     notes = notes + list(plan.notes) + ([vocab_note] if vocab_note and not any("vocabulary" in n for n in notes) else [])
     if runner is None:

@@ -9,11 +9,16 @@ import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+from megatron_ext.data.data_checks import DataFileError
+from megatron_ext.data.data_checks import splits_read
+from megatron_ext.data.data_list import blend_of
+from megatron_ext.data.data_list import check_sources_exist, parse_data_file_list, parse_data_path
+from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.platform.accelerator import has_gpu
 
 
 def data_sources(args):
     """The (weight, prefix, corpus) list the flags name; None for mock data. Validates files."""
-    from megatron_ext.data.data_list import check_sources_exist, parse_data_file_list, parse_data_path
 
     if args.mock_data:
         return None
@@ -37,7 +42,6 @@ def tokenizer_for(args, sources):
     """The tokenizer the flags name (a stand-in for mock data without a tokenizer)."""
     if sources is None and args.tokenizer_model is None and args.vocab_file is None:
         return MockTokenizer(args.vocab_size)
-    from megatron_ext.data.tokenizers import build_tokenizer
 
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size)
 
@@ -58,7 +62,6 @@ def dataset_config(args, tokenizer, sources):
     """megatron-core's GPTDatasetConfig for ``sources`` (None: mock data), from the flags."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    from megatron_ext.data.data_list import blend_of
 
     return GPTDatasetConfig(
         random_seed=args.seed,
@@ -80,7 +83,6 @@ def build_datasets(args, tokenizer, sources):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    from megatron_ext.data.data_checks import splits_read
 
     config = dataset_config(args, tokenizer, sources)
     for i, read in enumerate(splits_read(args)):
@@ -94,7 +96,6 @@ def build_datasets(args, tokenizer, sources):
 def check_batch_tokens(batch, vocab_size: int) -> None:
     """Every token of a batch must be a token of the model's vocabulary (a larger id would fail deep
     inside the embedding); one line naming the id. The run plan checks the files, this every batch."""
-    from megatron_ext.data.data_checks import DataFileError
 
     largest = int(batch["tokens"].numpy().max())  # the loader's host tensor: no device work
     if largest >= vocab_size:
@@ -167,7 +168,6 @@ class PretrainingBatchSampler:
 def make_loader(dataset, args, consumed: int, total: Optional[int] = None):
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.platform.accelerator import has_gpu
 
     if dataset is None:
         return None

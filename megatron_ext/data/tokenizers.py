@@ -11,6 +11,7 @@ import os
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_ext.optional import require
+from megatron_ext.data.hub import resolve
 
 # Looked up, in this order, in HF vocabularies (and SentencePiece models without an eos id).
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -118,7 +119,6 @@ class HFTokenizer(Tokenizer):
     def __init__(self, model_path: str, eod_token: Optional[str] = None):
         """``eod_token``: the end-of-document token (FlagScale's types name theirs; see
         ``FLAGSCALE_TYPES``), else the first of ``EOS_CANDIDATES`` in the vocabulary."""
-        from megatron_ext.data.hub import resolve
 
         path = resolve(model_path, "--tokenizer-model")  # a local path, or a cached hub snapshot
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")) and any(
@@ -261,7 +261,6 @@ def _configured_eos(model_path: str) -> Optional[str]:
     """The eos_token of a tokenizer folder's tokenizer_config.json (None without one)."""
     import json
 
-    from megatron_ext.data.hub import resolve
 
     path = resolve(model_path, "--tokenizer-model")
     config = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else None

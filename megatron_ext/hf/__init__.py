@@ -22,6 +22,8 @@ tokenizers).
 nothing here imports them at module import time.
 """
 from megatron_ext.optional import MissingExtra, require  # noqa: F401 (the hf modules take require from here)
+from megatron_ext.argtypes import one_line_errors
+from megatron_ext.data.hub import HubError
 
 
 class HFError(ValueError):
@@ -32,7 +34,6 @@ def command_parser(prog: str, description: str):
     """argparse with one-line errors and exit code 2 (no usage dump)."""
     import argparse
 
-    from megatron_ext.argtypes import one_line_errors
 
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     return one_line_errors(parser)
@@ -45,7 +46,6 @@ def run_command(prog: str, work, describe) -> int:
     import sys
     import warnings
 
-    from megatron_ext.data.hub import HubError
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice lines are not ours to print
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -42,6 +42,7 @@ import torch
 from megatron_ext import checkpoint_layout as layout
 from megatron_ext.hf import HFError
 from megatron_ext.hf import tensor_parallel as tp_layout
+from megatron_ext.training.universal import conversion_info
 
 
 @dataclasses.dataclass
@@ -101,10 +102,7 @@ def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWe
     if layout.is_universal(tag_dir):
         state, source, dtype = _read_universal(tag_dir), "fp32 weights of a universal checkpoint", torch.float32
     else:
-        shards, source, dtype = _read_native(tag_dir, files, args, notes, say)
-        info = _tp_info(client, shards[0])
-        # shard tensors are dropped as they are merged: at most one tensor is held twice
-        state = {name: tp_layout.merge(name, [s.pop(name) for s in shards], info) for name in list(shards[0])}
+        state, source, dtype = _read_stages(tag_dir, client, args, notes, say)
     info = _tp_info(client, state)
     for name, tensor in state.items():
         if tp_layout.layout(name, info) == tp_layout.VOCAB and tensor.shape[0] != vocab:
@@ -116,7 +114,6 @@ def read(path: str, say: Callable[[str], None] = lambda _: None) -> CheckpointWe
 
 
 def _tp_info(client: dict, names) -> dict:
-    from megatron_ext.training.universal import conversion_info
 
     return conversion_info(client, list(names))
 
@@ -139,10 +136,44 @@ def _tensors(module: dict) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in module.items() if torch.is_tensor(v)}  # megatron-core's _extra_state entries are None
 
 
-def _read_native(tag_dir: str, files: List[str], args, notes: List[str], say: Callable[[str], None]):
-    """(per TP rank: name -> tensor, source line, dtype)."""
+def _read_stages(tag_dir: str, client: dict, args, notes: List[str], say: Callable[[str], None]):
+    """(name -> whole tensor, source line, dtype) of a native checkpoint: each pipeline stage's
+    tensor-parallel shards merged, the stages joined (a later stage's copy of the word embedding
+    left out), and with expert parallelism each expert-parallel rank's experts from its own file."""
+    import re
 
-    ranks = layout.tp_ranks(tag_dir)
+    from deepspeed.checkpoint.constants import PIPELINE_REPLICATED_PARAMETER_PATTERNS
+
+    tp, pp, ep = layout.parallel_dimensions(client)
+    mp_ranks = layout.tp_ranks(tag_dir)
+    if len(mp_ranks) != tp * pp:
+        raise HFError(f"{tag_dir}: {len(mp_ranks)} model-states files for tensor-parallel size {tp} x pipeline-parallel "
+                      f"size {pp}: the checkpoint is incomplete")
+    replicas = _tp_info(client, []).get(PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
+    state: Dict[str, torch.Tensor] = {}
+    for stage in range(pp):
+        shards, source, dtype = _read_native(tag_dir, mp_ranks[stage * tp:(stage + 1) * tp], args, notes, say)
+        info = _tp_info(client, shards[0])
+        for name in list(shards[0]):  # shard tensors are dropped as they are merged: one held twice at most
+            tensor = tp_layout.merge(name, [s.pop(name) for s in shards], info)
+            if stage == 0 or not any(re.match(p, name) for p in replicas):
+                state.setdefault(name, tensor)
+    if ep > 1:
+        if dtype != torch.float32 or "model-states" not in source:
+            raise HFError(f"{tag_dir}: an expert-parallel {_name(dtype) if dtype != torch.float32 else 'mixed-precision'} "
+                          "checkpoint keeps its experts' fp32 master weights partitioned per expert group; convert it "
+                          "first (megatron-ext to-universal) and export the universal checkpoint")
+        for path in layout.rank_experts_files(tag_dir):
+            state.update({name: t.float() for name, t in _load_states(path).items()})
+    if pp > 1 or ep > 1:
+        source += f", PP={pp}, EP={ep}"
+    return state, source, dtype
+
+
+def _read_native(tag_dir: str, ranks: List[int], args, notes: List[str], say: Callable[[str], None]):
+    """(per TP rank of ``ranks`` (one pipeline stage's model-parallel ranks): name -> tensor, source
+    line, dtype)."""
+
     tp = len(ranks)
     stage = int(getattr(args, "zero_stage", 0) or 0)
     partitions = layout.optim_states_files(tag_dir)

@@ -20,6 +20,13 @@ import torch
 
 from megatron_ext.hf import HFError
 from megatron_ext.hf import tensor_parallel as tp_layout
+from megatron_ext.arguments import build_parser
+from megatron_ext.checkpoint_layout import LATEST, TRACKER_FILE, model_states_name, tag_for
+from megatron_ext.fileio import write_text_atomically
+from megatron_ext.models.gpt import padded_vocab_size
+from megatron_ext.plan import plan_or_problem
+from megatron_ext.training.checkpointing import CHECKPOINT_VERSION
+from megatron_ext.training.universal import universal_checkpoint_info
 
 # megatron-core's linear layers carry an (empty) extra state that strict loading expects
 _LINEAR_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -28,8 +35,6 @@ _LINEAR_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 def trainer_args(flags: List[str], world_size: int) -> argparse.Namespace:
     """The trainer's own parsing of ``flags`` (``--mock-data`` stands in for data, files are not
     checked); HFError with its one-line message for a combination it refuses."""
-    from megatron_ext.arguments import build_parser
-    from megatron_ext.plan import plan_or_problem
 
     plan, problem = plan_or_problem(build_parser(), flags + ["--mock-data", "--train-iters", "1"], world_size,
                                     check_files=False)
@@ -44,11 +49,6 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
     iteration 0 at ``args.tensor_model_parallel_size``; returns the files written."""
     import deepspeed
 
-    from megatron_ext.checkpoint_layout import LATEST, TRACKER_FILE, model_states_name, tag_for
-    from megatron_ext.fileio import write_text_atomically
-    from megatron_ext.models.gpt import padded_vocab_size
-    from megatron_ext.training.checkpointing import CHECKPOINT_VERSION
-    from megatron_ext.training.universal import universal_checkpoint_info
 
     tp = args.tensor_model_parallel_size
     args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args.make_vocab_size_divisible_by, tp)

@@ -21,6 +21,10 @@ from typing import Dict, List, Optional, Tuple
 
 from megatron_ext.hf import HFError
 from megatron_ext.models import features
+from megatron_ext.hf import require
+from megatron_ext.models.features.mla import yarn_fixed_settings
+from megatron_ext.models.features.moe_mtp import moe_layer_pattern
+from megatron_ext.parametrizations import parametrization_for
 
 LLAMA, MIXTRAL, GPT2, MISTRAL = "LlamaForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM"
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
@@ -37,14 +41,12 @@ def _get(args, name, default=None):
 
 
 def moe_pattern(args) -> Optional[List[int]]:
-    from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
     return moe_layer_pattern(args) if _get(args, "num_experts") else None
 
 
 def multipliers(args) -> Tuple[float, float, float]:
     """(logit multiplier, residual-branch multiplier, factor on q) of the saved parametrization."""
-    from megatron_ext.parametrizations import parametrization_for
 
     if not getattr(args, "parametrization", None):
         return 1.0, 1.0, 1.0
@@ -163,7 +165,6 @@ def _rope_parameters(args) -> Dict:
 def hf_config(args, architecture: str, *, vocab_size: int, tie: bool, bos: Optional[int], eos: Optional[int],
               dtype: str):
     """The ``transformers`` config of ``architecture`` for the saved flags ``args``."""
-    from megatron_ext.hf import require
 
     transformers = require("transformers")
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, bos_token_id=bos, eos_token_id=eos,
@@ -219,7 +220,6 @@ def _mla_rope_parameters(args) -> Dict:
     params = {"rope_type": "default", "rope_theta": float(int(args.rope_theta))}
     factor = float(_get(args, "rotary_scaling_factor", 1.0))
     if _get(args, "rope_type", "yarn") == "yarn" and factor != 1.0:
-        from megatron_ext.models.features.mla import yarn_fixed_settings
 
         params.update(rope_type="yarn", factor=factor, **yarn_fixed_settings(),
                       mscale=float(_get(args, "mscale", 1.0)), mscale_all_dim=float(_get(args, "mscale_all_dim", 0.0)))

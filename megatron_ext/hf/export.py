@@ -26,6 +26,10 @@ import torch
 
 from megatron_ext.fileio import staged_folder
 from megatron_ext.hf import HFError, require
+from megatron_ext.hf import checkpoint_reader, config_mapping, tokenizer_export, weight_mapping
+from megatron_ext.hf import reference_model
+from megatron_ext.hf.config_mapping import multipliers
+from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -118,8 +122,6 @@ def write_safetensors(state: Dict[str, torch.Tensor], out_dir: str, max_shard_si
 
 def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
     """Run the export; returns a summary (also written to ``megatron_ext_export.json``)."""
-    from megatron_ext.hf import checkpoint_reader, config_mapping, tokenizer_export, weight_mapping
-    from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
     transformers = require("transformers")
     require("safetensors")
@@ -190,8 +192,6 @@ def export(options: ExportOptions, say: Callable[[str], None] = print) -> Dict:
 def verify(folder: str, args, state: Dict[str, torch.Tensor], dtype: torch.dtype, say) -> Dict:
     """Logits of ``transformers.AutoModelForCausalLM`` on ``folder`` (fp32) against our own model
     on the same weights, and a short ``generate``; HFError when they differ by more than the tolerance."""
-    from megatron_ext.hf import reference_model
-    from megatron_ext.hf.config_mapping import multipliers
 
     transformers = require("transformers")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)

@@ -34,6 +34,11 @@ import torch
 from megatron_ext.hf import HFError, require
 from megatron_ext.hf.export import DTYPES, VERIFY_TOLERANCE, check_output_dir, staged, write_record
 from megatron_ext.hf.tokenizer_export import TOKENIZER_FILES
+from megatron_ext.data import hub
+from megatron_ext.data.tokenizers import HFTokenizer
+from megatron_ext.hf import checkpoint_writer, config_mapping, weight_mapping
+from megatron_ext.hf import reference_model
+from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
 RECORD = "megatron_ext_import.json"
 ARGS_FILE = "megatron_ext_args.txt"
@@ -121,10 +126,6 @@ def _copy_tokenizer(folder: str, dest: str) -> List[str]:
 
 def import_hf(options: ImportOptions, say: Callable[[str], None] = print) -> Dict:
     """Run the import; returns a summary (also written to ``megatron_ext_import.json``)."""
-    from megatron_ext.data.tokenizers import HFTokenizer
-    from megatron_ext.data import hub
-    from megatron_ext.hf import checkpoint_writer, config_mapping, weight_mapping
-    from megatron_ext.progress import Progress, folder_bytes, tensor_bytes
 
     transformers = require("transformers")
     if options.dtype is not None and options.dtype not in DTYPES:
@@ -240,7 +241,6 @@ def _write_launch_files(staging: str, out_dir: str, model_flags: List[str]) -> D
 
 def verify(folder: str, args, state: Dict[str, torch.Tensor], say) -> Dict:
     """Logits of the source model (transformers, fp32) against our model on the imported weights."""
-    from megatron_ext.hf import reference_model
 
     transformers = require("transformers")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)

@@ -41,6 +41,13 @@ from typing import Callable, Dict, List, Optional
 from megatron_ext.argtypes import close_hint
 from megatron_ext.hf import HFError, require
 from megatron_ext.training import hellaswag
+from megatron_ext.hf import checkpoint_reader
+from megatron_ext.hf.checkpoint_reader import saved_args
+from megatron_ext.hf.export import ExportOptions, export
+from megatron_ext.hf.export import RECORD
+from megatron_ext.hf.tokenizer_export import training_tokenizer
+from megatron_ext.training.evaluation import HELLASWAG, _joined, read_mc_file
+from megatron_ext.training.evaluation import read_mc_file
 
 RESULT_PREFIX = "lm_eval_"
 # The fields a built-in task reads from every row of a --task-data file (checked before loading).
@@ -143,7 +150,6 @@ def write_mc_task(mc_file: str, prefix: str, folder: str) -> str:
     """A task over the trainer's --eval-mc-file set: its examples as the trainer reads them (a file in
     HellaSwag's full format: lm-eval's hellaswag task's context and endings; otherwise the context
     after ``prefix``, the end-of-document token's text). Returns the task name."""
-    from megatron_ext.training.evaluation import HELLASWAG, _joined, read_mc_file
 
     examples = read_mc_file(os.path.abspath(mc_file))
     lm_eval_rule = examples[0].rule == HELLASWAG
@@ -207,8 +213,6 @@ def _load_tasks(manager, tasks: List[str]) -> None:
 
 def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> Dict:
     _offline()
-    from megatron_ext.hf import checkpoint_reader
-    from megatron_ext.hf.export import ExportOptions, export
 
     require("lm_eval", extra="eval")
     import lm_eval
@@ -226,7 +230,6 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> Dict:
         if not os.path.isdir(path):
             raise HFError(f"--include-path {path}: no such directory")
     for mc in options.mc_file:
-        from megatron_ext.training.evaluation import read_mc_file
 
         try:
             read_mc_file(os.path.abspath(mc))  # bad lines stop here, before the export
@@ -286,7 +289,6 @@ def run_eval(options: EvalOptions, say: Callable[[str], None] = print) -> Dict:
 
 def _export_or_reuse(folder: str, tag_dir: str, options: EvalOptions, export, ExportOptions, say) -> str:
     """Export into ``folder``, or reuse it when it already holds this checkpoint's export."""
-    from megatron_ext.hf.export import RECORD
 
     record = os.path.join(folder, RECORD)
     if os.path.isfile(record):
@@ -302,8 +304,6 @@ def _export_or_reuse(folder: str, tag_dir: str, options: EvalOptions, export, Ex
 
 def _check_tokenizer(tag_dir: str, options: EvalOptions) -> None:
     """lm_eval reads text: the checkpoint must come with its tokenizer (found before any export)."""
-    from megatron_ext.hf.checkpoint_reader import saved_args
-    from megatron_ext.hf.tokenizer_export import training_tokenizer
 
     tok, _, reason = training_tokenizer(saved_args(tag_dir), tokenizer_model=options.tokenizer_model)
     if tok is None:

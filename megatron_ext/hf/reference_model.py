@@ -13,6 +13,8 @@ from typing import Dict, Optional
 import torch
 
 from megatron_ext.hf import HFError
+from megatron_ext.models.gpt import build_model
+from megatron_ext.platform import cpu_compat
 
 
 def single_process() -> None:
@@ -21,7 +23,6 @@ def single_process() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_ext.platform import cpu_compat
 
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
@@ -34,12 +35,11 @@ def single_process() -> None:
 def build(args, state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None):
     """Our GPTModel (TP=1, fp32, eval mode) holding ``state`` (whole tensors, vocabulary unpadded;
     rounded to ``dtype`` first when given, to compare with a Hugging Face copy stored in it)."""
-    from megatron_ext.models.gpt import build_model
 
     single_process()
     flags = dict(vars(args))
-    flags.update(tensor_model_parallel_size=1, bf16=False, fp16=False, mtp_num_layers=None,
-                 mtp_loss_scaling_factor=None, recompute_activations=False)
+    flags.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                 bf16=False, fp16=False, mtp_num_layers=None, mtp_loss_scaling_factor=None, recompute_activations=False)
     flags = types.SimpleNamespace(**flags)
     vocab = args.vocab_size_unpadded
     model = build_model(flags, vocab)

@@ -26,6 +26,9 @@ import shutil
 from typing import List, Optional
 
 from megatron_ext.hf import HFError, require
+from megatron_ext.data.hub import resolve
+from megatron_ext.data.tokenizers import GPT2BPETokenizer, HFTokenizer, SentencePieceTokenizer
+from megatron_ext.data.tokenizers import build_tokenizer
 
 # Copied from a tokenizer folder when present (the files transformers' tokenizers read).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -51,7 +54,6 @@ def training_tokenizer(args, tokenizer_type: Optional[str] = None, tokenizer_mod
                        vocab_file: Optional[str] = None, merge_file: Optional[str] = None):
     """(tokenizer object, type name, source) the run trained with, or (None, None, reason) for
     runs on synthetic token ids; overrides replace the saved flags (moved files)."""
-    from megatron_ext.data.tokenizers import build_tokenizer
 
     kind = tokenizer_type or getattr(args, "tokenizer_type", None)
     model = tokenizer_model or getattr(args, "tokenizer_model", None)
@@ -70,8 +72,6 @@ def training_tokenizer(args, tokenizer_type: Optional[str] = None, tokenizer_mod
 
 def write(tok, out_dir: str, source: str) -> List[str]:
     """Write Hugging Face tokenizer files for our tokenizer ``tok`` into ``out_dir``; returns their names."""
-    from megatron_ext.data.tokenizers import GPT2BPETokenizer, HFTokenizer, SentencePieceTokenizer
-    from megatron_ext.data.hub import resolve
 
     if isinstance(tok, HFTokenizer):
         folder = resolve(source, "--tokenizer-model")

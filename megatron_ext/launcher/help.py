@@ -33,7 +33,9 @@ VARIABLES = (
     ("NLAYERS (NUM_LAYERS), HIDDEN, HEADS (NHEADS), NUM_KV_HEAD, FFN_HIDDEN_SIZE", "preset", "the model shape"),
     ("SEQ (SEQ_LEN), ROPE_THETA", "preset", "--seq-length, --rope-theta"),
     ("NO_LLAMA", "unset: llama style", "set: --model-style gpt2"),
-    ("TP, PP, SP", "1, 1, 1", "--tensor-model-parallel-size (PP and SP must be 1)"),
+    ("TP, PP, EP (EP_PARALLEL_SIZE), SP", "1, 1, 1, 1", "--tensor-model-parallel-size, --pipeline-model-parallel-size, "
+     "--expert-model-parallel-size, --ds-sequence-parallel-size (SP must be 1: not supported yet); "
+     "docs/parallelism.md"),
     ("ZERO_STAGE", "1", "--zero-stage"),
     ("DTYPE", "bf16 (fp32 on CPU)", "--bf16 / --fp16 / fp32"),
     ("USE_ACTIVATION_CHECKPOINTING, ACT_CKPT_NUM_LAYERS", "off, 1", "--recompute-activations --recompute-num-layers"),

@@ -24,6 +24,18 @@ from typing import Dict, List, Optional, Tuple
 from megatron_ext.argtypes import TRUE_WORDS, close_hint
 from megatron_ext.launcher.demo import data_file_list as demo_data_file_list
 from megatron_ext.launcher.presets import MODEL_PRESETS, preset_name
+from megatron_ext.arguments import ArgumentsError
+from megatron_ext.arguments import build_parser
+from megatron_ext.arguments import normalise_argv
+from megatron_ext.launcher.layout import layout_rows
+from megatron_ext.models.features.moe_mtp import VALUE_TYPES
+from megatron_ext.optimizers import OPTIMIZERS
+from megatron_ext.plan import build_plan
+from megatron_ext.plan import parse_or_problem
+from megatron_ext.planning import launch_problem
+from megatron_ext.platform.accelerator import _accel, accelerator_name
+from megatron_ext.registry import UnknownPluginError
+from megatron_ext.schedules import SCHEDULES
 
 DEFAULT_TRAIN_TOKENS = 2_000_000_000_000  # Megatron-DeepSpeed's train_alcf.sh default
 # With no DATA_FILE_LIST the launcher runs the demo; these replace the documented defaults there
@@ -123,7 +135,6 @@ def _hosts(hostfile: Optional[str]) -> List[str]:
 
 def detect_accelerators() -> Tuple[str, int]:
     """(accelerator name, devices on this host) through DeepSpeed's accelerator abstraction."""
-    from megatron_ext.platform.accelerator import _accel, accelerator_name
 
     name = accelerator_name()
     return name, (1 if name == "cpu" else max(1, _accel().device_count()))
@@ -163,6 +174,7 @@ FLAG_VARIABLES = {
     "--train-iters": "TRAIN_ITERS", "--train-tokens": "TRAIN_TOKENS", "--micro-batch-size": "MICRO_BATCH",
     "--global-batch-size": "GLOBAL_BATCH", "--gradient-accumulation-steps": "GRAD_ACC_STEPS",
     "--tensor-model-parallel-size": "TP", "--pipeline-model-parallel-size": "PP", "--zero-stage": "ZERO_STAGE",
+    "--expert-model-parallel-size": "EP", "--ds-sequence-parallel-size": "SP", "--num-experts": "NUM_EXPERTS",
     "--num-attention-heads": "HEADS", "--num-key-value-heads": "NUM_KV_HEAD", "--hidden-size": "HIDDEN",
     "--num-layers": "NLAYERS", "--seq-length": "SEQ",
 }
@@ -236,9 +248,11 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     # --- parallelism and precision -----------------------------------------------------------
     number("TP", "--tensor-model-parallel-size", 1, minimum=1)
     number("PP", "--pipeline-model-parallel-size", 1, minimum=1)
-    sp, _ = e.number("SP", 1, minimum=1)
-    if sp != 1:  # no trainer flag yet: DeepSpeed-Ulysses is not wired in
-        raise LaunchError(f"SP={sp}: sequence parallelism (DeepSpeed-Ulysses) is not supported yet; use SP=1")
+    # EP: no variable in ALCF's helpers.sh; the fork's MoE examples call it EP_PARALLEL_SIZE (their
+    # EP_SIZE is the expert count, so it is not read here)
+    number(("EP", "EP_PARALLEL_SIZE"), "--expert-model-parallel-size", 1, minimum=1)
+    # SP is helpers.sh's --ds-sequence-parallel-size; the run plan refuses it above 1 (one home)
+    number("SP", "--ds-sequence-parallel-size", 1, minimum=1)
     number("ZERO_STAGE", "--zero-stage", 1, allowed=(0, 1, 2, 3))
     dtype, dtype_src = e.get("DTYPE")
     dtype = (dtype or ("fp32" if on_cpu else "bf16")).lower()
@@ -263,9 +277,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         note("TRAIN_ITERS", DEMO_TRAIN_ITERS, "default (demo)")
 
     # --- optimizer and learning rate ---------------------------------------------------------
-    from megatron_ext.optimizers import OPTIMIZERS
-    from megatron_ext.registry import UnknownPluginError
-    from megatron_ext.schedules import SCHEDULES
 
     opt_raw, opt_src = e.get("OPT", "OPTIMIZER", "OPTIM")
     try:
@@ -378,7 +389,7 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     if base_width is not None:
         f.add("--mup-base-hidden", str(base_width), "MUP_BASE_WIDTH")
         note("MUP_BASE_WIDTH", f"{base_width} (--parametrization {'completep' if depth_base else 'mup'})", s)
-    f.argv += _moe_mtp_flags(e, note)
+    _moe_mtp_flags(e, note, f)
     if e.flag("CPU_OPTIMIZER"):
         f.add("--cpu-optimizer", None, "CPU_OPTIMIZER")
         note("CPU_OPTIMIZER", "1", "CPU_OPTIMIZER")
@@ -402,7 +413,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
     # --- the run plan: the trainer's own parser and plan (extra arguments last: they win) -------
     if check_files is None:
         check_files = not demo or os.path.isfile(data_file_list)
-    from megatron_ext.arguments import build_parser
 
     parser = build_parser(prog="train_alcf.sh")
     args = _parse_extra(parser, f.argv + list(extra_args))
@@ -418,7 +428,6 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
         args.save = os.path.join(repo, "checkpoints", run_name(arch, plan, preset))
         args.load = given_load or args.save
         plan = _plan(args, world, check_files, f)
-    from megatron_ext.planning import launch_problem
 
     refusal = launch_problem(plan)  # the memory plan: what cannot fit is not launched (--allow-oversubscribe)
     run_dir = os.path.abspath(args.save)
@@ -448,14 +457,11 @@ def resolve(environ: Dict[str, str], extra_args: List[str], repo: str,
 
 
 def _normalised(argv: List[str]) -> List[str]:
-    from megatron_ext.arguments import normalise_argv
 
     return [a.split("=", 1)[0] for a in normalise_argv(list(argv))]
 
 
 def _plan(args, world: int, check_files: bool, f: "_Flags"):
-    from megatron_ext.arguments import ArgumentsError
-    from megatron_ext.plan import build_plan
 
     try:
         return build_plan(args, world, check_files=check_files)
@@ -470,7 +476,10 @@ def run_name(arch: str, plan, preset: dict) -> str:
     return (f"{arch}{'-custom' if custom else ''}-ws{plan.world_size}-ds-stage{plan.engine.zero_stage}"
             f"-nl{a.num_layers}-hs{a.hidden_size}-mb{a.micro_batch_size}-gb{a.global_batch_size}"
             f"-seq{a.seq_length}-opt{a.optimizer}-lr{a.lr:g}-tp{a.tensor_model_parallel_size}"
-            f"-{plan.engine.precision}"
+            # PP / EP only when split, so that the names of earlier runs (and their resumes) stay
+            + (f"-pp{a.pipeline_model_parallel_size}" if a.pipeline_model_parallel_size > 1 else "")
+            + (f"-ep{a.expert_model_parallel_size}" if a.expert_model_parallel_size > 1 else "")
+            + f"-{plan.engine.precision}"
             # another expert count or MTP depth is another model: never resume the wrong one
             + (f"-moe{a.num_experts}x{a.moe_router_topk}" if a.num_experts else "")
             + (f"-mtp{a.mtp_num_layers}" if a.mtp_num_layers else ""))
@@ -519,16 +528,14 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 )
 
 
-def _moe_mtp_flags(e: _Env, note) -> List[str]:
+def _moe_mtp_flags(e: _Env, note, f: "_Flags") -> None:
     import argparse
 
-    from megatron_ext.models.features.moe_mtp import VALUE_TYPES
 
-    flags: List[str] = []
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:
         value, src = e.number(names, None, kind=kind, minimum=minimum)
         if value is not None:
-            flags += [flag, str(value)]  # str: a float's shortest exact spelling
+            f.add(flag, str(value), names[0])  # str: a float's shortest exact spelling
             note(names[0], value, src)
     for name, flag in MOE_MTP_WORDS:
         raw, _ = e.get(name)
@@ -538,17 +545,15 @@ def _moe_mtp_flags(e: _Env, note) -> List[str]:
             VALUE_TYPES[flag](raw)
         except argparse.ArgumentTypeError as err:
             raise LaunchError(f"{name}={raw!r}: {err}") from None
-        flags += [flag, raw]
+        f.add(flag, raw, name)
         note(name, raw, name)
     if e.flag("MOE_ROUTER_PRE_SOFTMAX"):
-        flags.append("--moe-router-pre-softmax")
+        f.add("--moe-router-pre-softmax", None, "MOE_ROUTER_PRE_SOFTMAX")
         note("MOE_ROUTER_PRE_SOFTMAX", "1", "MOE_ROUTER_PRE_SOFTMAX")
-    return flags
 
 
 def _parse_extra(parser, argv):
     """Parse with the trainer's parser; a bad extra argument becomes one LaunchError line."""
-    from megatron_ext.plan import parse_or_problem
 
     args, problem = parse_or_problem(parser, argv)
     if problem is not None:
@@ -617,9 +622,13 @@ def settings_table(launch: Launch) -> str:
         lines.append("  note: the demo corpus is built at launch; its tokenizer and data files are checked then")
     if launch.refusal:
         lines.append(f"  note: the launch would be refused: {launch.refusal}")
+
     rows = launch.plan.rows()
-    pwidth = max(len(k) for k, _ in rows)
+    layout = layout_rows(launch.plan, int(launch.env["NGPU_PER_HOST"]), int(launch.env["NHOSTS"]))
+    pwidth = max(len(k) for k, _ in rows + layout)
     lines += ["-" * 100, "run plan (what the trainer will do):"]
     lines += [f"  {k:<{pwidth}} : {v}" for k, v in rows]
+    lines += ["-" * 100, "parallel layout (ranks as megatron-core groups them; what each rank holds):"]
+    lines += [f"  {k:<{pwidth}} : {v}" for k, v in layout]
     lines += ["-" * 100, "command:", "  " + shlex.join(launch.command), "=" * 100]
     return "\n".join(lines)

@@ -15,6 +15,10 @@ Three ways to switch them on:
 lamb, adamw..., its infinite and constant-plus-cooldown schedules, its LR finder included); ``new``:
 only names the fork lacks (e.g. ``--optimizer shampoo|lion``, ``--lr-decay-style wsd``,
 ``--parametrization mup``); ``off``: nothing changes.
+
+The modules of this package import the rest of megatron_ext inside their functions: in the fork's
+process ``megatron`` is the fork's own package, and nothing of ours that imports megatron-core may
+load before the fork has imported it (``project_api.py`` is the one door into the package).
 """
 from megatron_ext.megatron_deepspeed.activation import ENV_VAR, MODES, install
 

@@ -27,7 +27,7 @@ import copy
 import math
 from typing import Dict, List
 
-from megatron_ext.megatron_deepspeed import project_api
+from megatron_ext.megatron_deepspeed import layouts, project_api
 from megatron_ext.megatron_deepspeed.ownership import Ownership
 
 
@@ -227,3 +227,4 @@ def check(args, owner: Ownership) -> None:
         project_api.validate_lr_finder(view)
     if not math.isfinite(float(view.lr or 0.0)):
         raise ValueError(f"--lr must be finite, got {view.lr}")
+    layouts.check(args, owner)

@@ -24,9 +24,20 @@ RNG and argument records differ. DeepSpeed's universal format (one folder per pa
    data-parallel rank's RNG state, the argument record each trainer checks on load;
 5. the result renamed into place in one step, then ``latest_universal`` naming it.
 
-The output loads with ``--load DIR --universal-checkpoint`` in either trainer, at any data- and
-tensor-parallel size. Not converted: pipeline (``GPTModelPipe``) checkpoints, ZeRO 0 and 3,
-DeepSpeed-MoE; each is refused in one line before anything is written.
+The fork's pipeline model (``GPTModelPipe``, its default without ``--no-pipeline-parallel``) names
+its parameters by position in its layer list (``3.self_attention...``, ``tied_modules.embed...``)
+and keeps the weights in one file per layer and TP rank: a pipeline checkpoint goes through the
+same converter (its ZeRO partitions hold every weight; a tied embedding, on the first and the last
+stage, is taken from the first), the names through ``names.PipeLayout``, and its layer files are
+checked to be all there and readable first. Ours -> fork writes ``GPTModel``'s names, or with
+``fork_model="GPTModelPipe"`` the pipeline model's, which the fork then loads at any pipeline size.
+
+Our MoE goes to the fork's DeepSpeed-MoE (router -> gate, experts by index, the experts' own param
+group after the fork's two), where DeepSpeed-MoE computes the same model (the MoE feature's
+record refuses the rest). The output loads with ``--load DIR --universal-checkpoint`` in either
+trainer, at any data-, tensor- and (pipeline model) pipeline-parallel size. Not converted: ZeRO 0
+and 3, the fork's DeepSpeed-MoE checkpoints (FORK_MOE_UNTESTED); each is refused in one line
+before anything is written.
 """
 from __future__ import annotations
 
@@ -47,6 +58,11 @@ from megatron_ext.megatron_deepspeed.arguments import our_view
 from megatron_ext.megatron_deepspeed.scheduler import STATE_KEY, fork_scheduler_state
 
 FORK, OURS = "Megatron-DeepSpeed", "megatron_ext"
+FORK_MODELS = ("GPTModel", "GPTModelPipe")  # the fork's model classes: --no-pipeline-parallel, or its default
+# DeepSpeed 0.19.8's MoE save fails on the fork's models (docs/megatron_deepspeed.md, traps): there is no fork
+# DeepSpeed-MoE checkpoint to verify a conversion on
+FORK_MOE_UNTESTED = ("not converted: with DeepSpeed 0.19.8 the fork cannot save DeepSpeed-MoE checkpoints (its MoE "
+                     "save fails on the fork's universal_checkpoint_info), so no conversion of one could be verified")
 STAGING_PREFIX = ".convert."
 CHECKPOINT_VERSION = 3.0
 
@@ -61,6 +77,8 @@ class Source:
     side: str
     client: Dict[str, Any]
     model_files: List[str]
+    pipe: Optional[names.PipeLayout] = None  # the fork's GPTModelPipe (weights in its layer files)
+    model_order: List[str] = dataclasses.field(default_factory=list)  # the fork's parameter names, model order
 
     @property
     def iteration(self) -> int:
@@ -91,9 +109,6 @@ def inspect_source(path: str) -> Source:
     except project_api.CheckpointFileError as e:
         raise ConvertError(str(e)) from None
     models = project_api.model_states_files(tag_dir)
-    if project_api.layer_states_files(tag_dir) or not models:
-        raise ConvertError(f"{tag_dir}: a pipeline (GPTModelPipe) checkpoint; convert one saved with "
-                           "--no-pipeline-parallel")
     first = project_api.client_state_file(tag_dir)
     try:
         client = project_api.load_states(first)
@@ -109,11 +124,46 @@ def inspect_source(path: str) -> Source:
         raise ConvertError(f"{tag_dir}: saved with ZeRO 0 (no optimizer partitions); DeepSpeed's universal "
                            "conversion needs a --zero-stage 1 or 2 checkpoint")
     if project_api.expert_states_files(tag_dir):
-        raise ConvertError(f"{tag_dir}: a DeepSpeed-MoE checkpoint (expert files); not supported")
-    if side == FORK and not isinstance(client.get("module"), dict):
-        raise ConvertError(f"{first}: no module state (a pipeline checkpoint?); convert one saved with "
-                           "--no-pipeline-parallel")
-    return Source(tag_dir, side, client, models)
+        raise ConvertError(f"{tag_dir}: a DeepSpeed-MoE checkpoint (expert files); {FORK_MOE_UNTESTED}")
+    src = Source(tag_dir, side, client, models)
+    if side == FORK and isinstance(client.get("module"), dict):
+        src.model_order = list(flatten(client["module"]))
+    elif side == FORK:
+        src.pipe, src.model_order = _pipeline_model(tag_dir, client, models)
+    return src
+
+
+def _pipeline_model(tag_dir: str, client, models: List[str]):
+    """(the layout, the parameter names in model order) of a fork GPTModelPipe checkpoint, once every
+    layer file its parameters need is there (at each TP rank) and readable."""
+    fa = client["args"]
+    pipe = names.PipeLayout(int(fa.num_layers), moe=max(_as_list(getattr(fa, "num_experts", [1]))) > 1,
+                            tied=not fa.untie_embeddings_and_output_weights)
+    tp = int(fa.tensor_model_parallel_size)
+    saved = {project_api.layer_of(path): path for path in project_api.layer_states_files(tag_dir)}
+    params = [n for path in models for g in _states(path).get("param_shapes") or [] for n in g]
+    positions = {int(n.split(".", 1)[0]) for n in params if n[:1].isdigit()}
+    if any(n.startswith(names.PIPE_TIED) for n in params):  # the tied module: saved by its first stage only
+        positions.add(names.PIPE_EMBEDDING)
+    files = {}
+    for position in sorted(positions):
+        for rank in range(tp):
+            path = saved.get((position, rank)) or (saved.get((position, None)) if tp == 1 else None)
+            if path is None:
+                raise ConvertError(f"{tag_dir}: pipeline layer file {project_api.layer_states_name(position, rank)} "
+                                   "missing (the checkpoint is incomplete)")
+            files.setdefault(position, path)
+    # a layer file's keys are its layer's parameter names (the tied module's under its tie key)
+    tied = (names.PIPE_EMBEDDING,) if pipe.tied else ()
+    return pipe, [f"{names.PIPE_TIED if position in tied else f'{position}.'}{key}"
+                  for position, path in sorted(files.items()) for key in _states(path)]
+
+
+def _states(path: str):
+    try:
+        return project_api.load_states(path)
+    except project_api.CheckpointFileError as e:
+        raise ConvertError(str(e)) from None
 
 
 def flatten(state, prefix: str = "") -> "OrderedDict[str, Any]":
@@ -132,9 +182,10 @@ def flatten(state, prefix: str = "") -> "OrderedDict[str, Any]":
 
 
 def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, workers: int = 1,
-            verbose: bool = False) -> Dict[str, Any]:
+            verbose: bool = False, fork_model: Optional[str] = None) -> Dict[str, Any]:
     """Convert the checkpoint at ``path`` (a run directory or a ``global_stepN`` folder) for the
-    other trainer, into ``load_dir/<tag>_universal`` (+ ``load_dir/latest_universal``)."""
+    other trainer, into ``load_dir/<tag>_universal`` (+ ``load_dir/latest_universal``).
+    ``fork_model``: ours -> fork, the model class of the fork run that loads it (FORK_MODELS)."""
     src = inspect_source(path)
     load_dir = os.path.abspath(load_dir)
     if os.path.commonpath([load_dir, src.tag_dir]) == src.tag_dir:
@@ -146,21 +197,26 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
     if optimizer_groups == "fork" and src.side == FORK:
         raise ConvertError("--optimizer-groups fork: the target is megatron_ext, whose optimizers keep one group "
                            "per role")
+    if fork_model not in (None, *FORK_MODELS):
+        raise ConvertError(f"--fork-model {fork_model}: choose {' or '.join(FORK_MODELS)}")
+    if fork_model is not None and src.side == FORK:
+        raise ConvertError(f"--fork-model {fork_model}: the target is megatron_ext (the source is the fork's "
+                           f"{'GPTModelPipe' if src.pipe else 'GPTModel'})")
     name = project_api.universal_tag_for(os.path.basename(src.tag_dir.rstrip(os.sep)))
     target = os.path.join(load_dir, name)
     if os.path.exists(target):
         raise ConvertError(f"{target} already exists; remove it or choose another --output")
     if src.side != FORK:
-        _refuse_ours_to_fork(src)
+        _refuse_ours_to_fork(src, fork_model, optimizer_groups)
     log = sys.stderr if verbose else io.StringIO()
-    parameters = sum(len(group) for group in src.client.get("param_shapes") or [])
+    parameters = len(_param_shapes(src.model_files))  # every stage's
     direction = "Megatron-DeepSpeed -> megatron_ext" if src.side == FORK else "megatron_ext -> Megatron-DeepSpeed"
     with project_api.staged_folder(target, STAGING_PREFIX) as staged_out:
 
         def converted():  # parameters DeepSpeed's converter has finished (zero/<name>/fp32.pt), bytes written
             zero = os.path.join(staged_out, "zero")
-            done = sum(os.path.isfile(os.path.join(zero, p, "fp32.pt")) for p in os.listdir(zero)) \
-                if os.path.isdir(zero) else 0
+            done = sum(os.path.isfile(os.path.join(zero, p, "fp32.pt")) for p in project_api.universal_parameters(
+                staged_out)) if os.path.isdir(zero) else 0
             return done, project_api.folder_bytes(zero)
 
         with contextlib.redirect_stdout(log), project_api.progress("convert").stage(
@@ -168,7 +224,8 @@ def convert(path: str, load_dir: str, optimizer_groups: Optional[str] = None, wo
             if src.side == FORK:
                 summary = _fork_to_ours(src, os.path.dirname(staged_out), staged_out, workers, log)
             else:
-                summary = _ours_to_fork(src, staged_out, optimizer_groups or "fork", workers, verbose)
+                summary = _ours_to_fork(src, staged_out, optimizer_groups or "fork", workers, verbose,
+                                        fork_model or "GPTModel")
         with open(os.path.join(staged_out, project_api.CONVERSION_RECORD), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     latest = os.path.join(load_dir, project_api.LATEST_UNIVERSAL)
@@ -186,9 +243,9 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
 
     fork_args = src.client["args"]
     if max(_as_list(getattr(fork_args, "num_experts", [1]))) > 1:
-        raise ConvertError(f"{src.tag_dir}: a DeepSpeed-MoE run (--num-experts); not supported")
-    order = list(flatten(src.client["module"]))  # model order of the fork's names
-    rename = _renames([n for group in src.client[c.PARAM_SHAPES] for n in group], to_core=True)
+        raise ConvertError(f"{src.tag_dir}: a DeepSpeed-MoE run (--num-experts); {FORK_MOE_UNTESTED}")
+    shapes = _param_shapes(src.model_files)  # every stage's
+    rename = _renames(shapes, to_core=True, pipe=src.pipe)
     staged_in = os.path.join(staging, "in", os.path.basename(src.tag_dir))
     os.makedirs(staged_in)
     record = {"placeholders": set(), "not_carried": set()}
@@ -209,10 +266,11 @@ def _fork_to_ours(src: Source, staging: str, staged_out: str, workers: int, log)
     _run_converter(staged_in, staged_out, workers, log)
     project_api.drop_placeholders(staged_out, record)
     _rename_params(staged_out, rename)
-    roles = _role_order([rename[n] for n in order if n in rename], src.client, rename)
+    roles = _role_order([rename[n] for n in src.model_order if n in rename], {rename[n]: s for n, s in shapes.items()})
     _set_optimizer_groups(staged_out, lambda _: [{"role": role} for role in roles])
 
     ours = our_args_from_fork(fork_args, src.client)
+    project_api.link_tied_output(staged_out, {"args": ours})  # for our pipeline stages' copy
     schedule, schedule_note = _our_schedule(src.client, fork_args)
     for path in project_api.model_states_files(staged_out):
         state = project_api.load_states(path, mmap=False)  # rewritten in place
@@ -306,6 +364,14 @@ def _schedule_fields(fa) -> Dict[str, Any]:
     return fields
 
 
+def _param_shapes(model_files: List[str]) -> "OrderedDict[str, Any]":
+    """Every parameter's (TP shard) shape, from the model-states files of every stage."""
+    from deepspeed.checkpoint import constants as c
+
+    return OrderedDict((n, s) for path in model_files for g in _states(path).get(c.PARAM_SHAPES) or []
+                       for n, s in g.items())
+
+
 def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
     return {"random": fork_state["random_rng_state"], "numpy": fork_state["np_rng_state"],
             "torch": fork_state["torch_rng_state"], "accelerator": fork_state.get("cuda_rng_state"),
@@ -315,7 +381,7 @@ def _our_rng(fork_state: Dict[str, Any]) -> Dict[str, Any]:
 # -- ours -> fork --------------------------------------------------------------------------------
 
 
-def _refuse_ours_to_fork(src: Source) -> None:
+def _refuse_ours_to_fork(src: Source, fork_model: Optional[str] = None, groups: Optional[str] = None) -> None:
     """What of our models the fork has no counterpart for: one line before anything is written."""
     oa = src.client["args"]
     problem = project_api.model_feature_refusal(oa)  # (the records of megatron_ext/models/features)
@@ -323,9 +389,14 @@ def _refuse_ours_to_fork(src: Source) -> None:
         raise ConvertError(f"{src.tag_dir}: {problem}")
     if oa.get("position_embedding_type") not in ("rope", "learned_absolute"):
         raise ConvertError(f"{src.tag_dir}: position embeddings {oa.get('position_embedding_type')} unknown to the fork")
+    if (oa.get("num_experts") or 1) > 1 and (fork_model == "GPTModelPipe" or groups == "roles"):
+        raise ConvertError(f"{src.tag_dir}: an MoE model converts for the fork's GPTModel with its own optimizer "
+                           f"groups only (--fork-model GPTModelPipe / --optimizer-groups roles with DeepSpeed-MoE: not "
+                           "verified)")
 
 
-def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbose: bool) -> Dict[str, Any]:
+def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbose: bool,
+                  fork_model: str) -> Dict[str, Any]:
     torch = _torch()
     from deepspeed.checkpoint import constants as c
 
@@ -334,7 +405,14 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
         converted = project_api.to_universal(src.tag_dir, staged_out, workers=workers, verbose=verbose)
     except project_api.ConversionError as e:
         raise ConvertError(str(e)) from None
-    rename = _renames(project_api.universal_parameters(staged_out), to_core=False)
+    zero = project_api.universal_parameters_dir(staged_out)
+    for entry in os.listdir(zero):  # a tied output layer's link to the embedding: the fork ties by itself
+        if os.path.islink(os.path.join(zero, entry)):
+            os.unlink(os.path.join(zero, entry))
+    pipe = names.PipeLayout(int(oa["num_layers"]), tied=not oa.get("untie_embeddings_and_output_weights", True)) \
+        if fork_model == "GPTModelPipe" else None
+    rename = _renames(project_api.universal_parameters(staged_out), to_core=False, pipe=pipe)
+    experts = (oa.get("num_experts") or 1) > 1
     _rename_params(staged_out, rename)
 
     consumed = int(src.client["consumed_samples"])
@@ -347,7 +425,7 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
         if groups == "roles":
             return [{"role": g["role"], "lr": next_lr * g.get("lr_mult", 1.0),
                      "weight_decay": next_wd * g.get("wd_mult", 1.0)} for g in ours_groups]
-        return _fork_groups(ours_groups, next_lr, next_wd)
+        return _fork_groups(ours_groups, next_lr, next_wd, experts=experts)
 
     layout = _set_optimizer_groups(staged_out, layout_of)
 
@@ -359,7 +437,8 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
         state.update(module=None, args=fork_args, checkpoint_version=CHECKPOINT_VERSION, iteration=src.iteration,
                      tokens=int(src.client.get("tokens") or 0), lr_scheduler=fork_schedule,
                      rng_state=[_fork_rng(s) for s in (state.get("rng_state") or [])[:1]])
-        state[c.UNIVERSAL_CHECKPOINT_INFO] = fork_universal_info(fork_args, state.get(c.UNIVERSAL_CHECKPOINT_INFO) or {})
+        state[c.UNIVERSAL_CHECKPOINT_INFO] = fork_universal_info(fork_args, state.get(c.UNIVERSAL_CHECKPOINT_INFO) or {},
+                                                                 pipe is not None)
         state[c.PARAM_SHAPES] = [OrderedDict((rename.get(n, n), s) for n, s in g.items())
                                  for g in state.get(c.PARAM_SHAPES) or []]
         torch.save(state, path)
@@ -368,18 +447,28 @@ def _ours_to_fork(src: Source, staged_out: str, groups: str, workers: int, verbo
     if style not in FORK_STYLES:
         notes.append(f"the fork's own scheduler has no --lr-decay-style {style}: continue it with "
                      "MEGATRON_EXT_PLUGINS=all")
+    if experts:
+        topk = oa.get("moe_router_topk") or 2
+        notes.append(f"DeepSpeed-MoE: continue it with --num-experts {oa['num_experts']} --topk {topk} --expert-interval 1 "
+                     "--moe-expert-parallel-size 1 --create-moe-param-group --disable-moe-token-dropping"
+                     f"{' --disable-moe-top2-2nd-expert-sampling' if topk == 2 else ''} (as ours computes it: no "
+                     "capacity, no random second expert); at expert parallel 1, as DeepSpeed 0.19.8's universal load "
+                     "gives each rank's experts by their local index (at EP > 1 every rank would load experts 0..)")
     summary = _summary(src, OURS, FORK, staged_out, {"placeholders": set(), "not_carried": set(converted["not_carried"])},
                        len(layout), "the fork's fields, and megatron_ext's for the plug-ins")
     summary["notes"] = notes
     summary["group_layout"] = groups
+    summary["fork_model"] = fork_model
     return summary
 
 
 FORK_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "infinite-cosine", "infinite-inv-square-root")
 
 
-def _fork_groups(ours_groups, next_lr: float, next_wd: float) -> List[Dict[str, Any]]:
-    """The fork's two groups (decay, then no decay) for the fork's own optimizers."""
+def _fork_groups(ours_groups, next_lr: float, next_wd: float, experts: bool = False) -> List[Dict[str, Any]]:
+    """The fork's two groups (decay, then no decay) for the fork's own optimizers; with ``experts``, the
+    group DeepSpeed splits the experts' matrices into after them (``--create-moe-param-group``: a copy of
+    the decay group, named after the expert-parallel size, 1: see the notes)."""
     for g in ours_groups:
         if g.get("lr_mult", 1.0) != 1.0 or (g.get("wd_mult", 1.0) not in (0.0, 1.0)):
             raise ConvertError(f"the checkpoint's param group '{g.get('role')}' has LR / weight-decay multipliers "
@@ -391,6 +480,9 @@ def _fork_groups(ours_groups, next_lr: float, next_wd: float) -> List[Dict[str, 
         layout.append({"name": "wd_no_scale_lr", "wd_mult": 1.0, "lr_mult": 1.0, "lr": next_lr, "weight_decay": next_wd})
     if any(g.get("wd_mult", 1.0) == 0 for g in ours_groups):
         layout.append({"name": "no_wd_no_scale_lr", "wd_mult": 0.0, "lr_mult": 1.0, "lr": next_lr, "weight_decay": 0.0})
+    if experts:
+        layout.append({"name": "ep_size_1", "moe": True, "wd_mult": 1.0, "lr_mult": 1.0, "lr": next_lr,
+                       "weight_decay": next_wd})
     return layout
 
 
@@ -415,24 +507,33 @@ def fork_args_from_ours(oa: Dict[str, Any], client: Dict[str, Any]) -> argparse.
         lr_decay_style=oa.get("lr_decay_style"), optimizer=oa.get("optimizer"), weight_decay=oa.get("weight_decay"),
         consumed_train_samples=int(client["consumed_samples"]), consumed_valid_samples=0,
         consumed_train_tokens=int(client.get("tokens") or 0), iteration=int(client["iteration"]),
-        converted_from=OURS,
+        num_experts=[oa.get("num_experts") or 1], topk=oa.get("moe_router_topk") or 1, converted_from=OURS,
     )
     return argparse.Namespace(**fields)
 
 
-def fork_universal_info(fa: argparse.Namespace, ours_info: Dict[str, Any]) -> Dict[str, Any]:
-    """``universal_checkpoint_info`` as the fork's GPTModel writes it (for a later re-conversion)."""
+def fork_universal_info(fa: argparse.Namespace, ours_info: Dict[str, Any], pipeline: bool = False) -> Dict[str, Any]:
+    """``universal_checkpoint_info`` as the fork's GPTModel (``pipeline``: GPTModelPipe) writes it
+    (for a later re-conversion)."""
     from deepspeed.checkpoint import constants as c
 
-    layers = r"language_model.encoder.layers.\d+."
+    untied = fa.untie_embeddings_and_output_weights
+    if pipeline:
+        layers, final_norm = r"\d+.", r"\d+.weight"
+        vocabulary = [r"\d+.word_embeddings.weight", r"\d+.lm_head.weight"] if untied \
+            else [names.PIPE_TIED + "word_embeddings.weight"]
+    else:
+        layers, final_norm = r"language_model.encoder.layers.\d+.", "language_model.encoder.final_layernorm.weight"
+        vocabulary = ["language_model.embedding.word_embeddings.weight"] + (["language_model.output_layer.weight"]
+                                                                            if untied else [])
     info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             c.ORIGINAL_VOCAB_SIZE: ours_info.get(c.ORIGINAL_VOCAB_SIZE, fa.padded_vocab_size),
-            c.PADDED_VOCAB_SIZE: fa.padded_vocab_size,
-            c.VOCABULARY_PARAMETER_PATTERNS: ["language_model.embedding.word_embeddings.weight"]
-            + (["language_model.output_layer.weight"] if fa.untie_embeddings_and_output_weights else [])}
+            c.PADDED_VOCAB_SIZE: fa.padded_vocab_size, c.VOCABULARY_PARAMETER_PATTERNS: vocabulary}
+    if pipeline:
+        info[c.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [] if untied else list(vocabulary)
     if fa.tensor_model_parallel_size > 1:
         info[c.TP_REPLICATED_PARAMETER_PATTERNS] = [layers + "input_layernorm.weight", layers + "post_attention_layernorm.weight",
-                                                    "language_model.encoder.final_layernorm.weight"]
+                                                    final_norm]
         info[c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] = [layers + "mlp.dense_4h_to_h.weight", layers + "self_attention.dense.weight"]
     if fa.swiglu:
         info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [layers + "mlp.dense_h_to_4h.weight"]
@@ -452,9 +553,9 @@ def _as_list(value):
     return value if isinstance(value, (list, tuple)) else [value]
 
 
-def _renames(param_names, to_core: bool) -> Dict[str, str]:
+def _renames(param_names, to_core: bool, pipe: Optional[names.PipeLayout] = None) -> Dict[str, str]:
     try:
-        return names.rename_map(param_names, to_core=to_core)
+        return names.rename_map(param_names, to_core=to_core, pipe=pipe)
     except names.UnknownParameterError as e:
         raise ConvertError(str(e)) from None
 
@@ -494,12 +595,10 @@ def _rename_params(out: str, rename: Dict[str, str]) -> None:
             os.rename(os.path.join(zero, tmp), os.path.join(zero, tmp[1:]))
 
 
-def _role_order(core_names_in_model_order: List[str], client, rename) -> List[str]:
-    """Our trainer's param groups, in its order: one per role, by first appearance in the model."""
+def _role_order(core_names_in_model_order: List[str], shapes: Dict[str, Any]) -> List[str]:
+    """Our trainer's param groups, in its order: one per role, by first appearance in the model
+    (``shapes``: of every parameter, by its megatron-core name)."""
     torch = _torch()
-    from deepspeed.checkpoint import constants as c
-
-    shapes = {rename[n]: s for g in client[c.PARAM_SHAPES] for n, s in g.items()}
     roles: List[str] = []
     for core in core_names_in_model_order:
         role = project_api.param_role(core, torch.empty(tuple(shapes[core]), device="meta"))
@@ -529,16 +628,21 @@ def _summary(src: Source, source: str, target: str, out: str, record, groups: in
              flags: str = "") -> Dict[str, Any]:
     params, carried = project_api.converted_listing(out)
     client = src.client
+    tp, pp, _ = project_api.parallel_dimensions(client) if source == OURS else \
+        (client["args"].tensor_model_parallel_size, client["args"].pipeline_model_parallel_size, 1)
     return {"source": src.tag_dir, "from": source, "to": target, "iteration": src.iteration,
-            "tensor_model_parallel_size": client.get("mp_world_size"), "data_parallel_size": client.get("dp_world_size"),
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "model": "GPTModelPipe" if src.pipe else "GPTModel" if source == FORK else "GPTModel (megatron-core)",
+            "data_parallel_size": client.get("dp_world_size"),
             "parameters": len(params), "carried": carried, "not_carried": sorted(record["not_carried"]),
             "optimizer_groups": groups, "schedule": schedule, "model_flags": flags}
 
 
 def describe(s: Dict[str, Any]) -> str:
     load_dir = os.path.dirname(s["output"])
-    lines = [f"converted {s['from']} checkpoint {s['source']} (iteration {s['iteration']}, TP={s['tensor_model_parallel_size']}, "
-             f"DP={s['data_parallel_size']}) for {s['to']}",
+    lines = [f"converted {s['from']} checkpoint {s['source']} ({s['model']}, iteration {s['iteration']}, "
+             f"TP={s['tensor_model_parallel_size']}, PP={s['pipeline_model_parallel_size']}, DP={s['data_parallel_size']}) "
+             f"for {s['to']}{' ' + s['fork_model'] if s.get('fork_model') else ''}",
              f"wrote {s['output']}: {s['parameters']} parameters (fp32 weights; optimizer state "
              f"{', '.join(k for k in s['carried'] if k != 'fp32') or 'none'}; {s['optimizer_groups']} optimizer groups"
              f"{' in the fork layout' if s.get('group_layout') == 'fork' else ''}), "
@@ -552,6 +656,8 @@ def describe(s: Dict[str, Any]) -> str:
         lines.append(f"continue with: python -m megatron_ext.train --load {load_dir} --universal-checkpoint "
                      f"{s['model_flags']} [the run's other flags]   (add --finetune for weights only)")
     else:
+        model = ("at any --pipeline-model-parallel-size, without --no-pipeline-parallel"
+                 if s.get("fork_model") == "GPTModelPipe" else "with --no-pipeline-parallel")
         lines.append(f"continue in the fork's checkout with: --load {load_dir} --universal-checkpoint "
-                     "[the run's flags]   (add --finetune for weights only)")
+                     f"[the run's flags, {model}]   (add --finetune for weights only)")
     return "\n".join(lines)

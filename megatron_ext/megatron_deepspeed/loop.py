@@ -6,7 +6,10 @@
   ``forward_step`` with a model whose forward samples labels from its softmax, back-propagated and
   stepped by the DeepSpeed engine with clipping off and the LR schedule held; then the same
   micro-batches are handed to the fork's ``train_step``. Labels are drawn as our trainer draws
-  them (seed, iteration and the micro-batch's place in the global batch).
+  them (seed, iteration and the micro-batch's place in the global batch). On DeepSpeed's pipeline
+  engine (``GPTModelPipe``), which runs forward and backward only inside ``train_batch``, the
+  pass is one ``train_batch`` of the same micro-batches with the pipe's loss function replaced
+  by the sampled-label loss (on the last stage) and the LR schedule detached.
 * ``run_lr_finder``: our LR range test in place of the fork's inline one: the fork's
   ``train_step`` runs each iteration, our ``LRFinder`` sets every group's LR (times its
   ``lr_mult``), records the data-parallel mean loss, stops on divergence and writes its results;
@@ -54,6 +57,9 @@ def _loss_tokens(items, fork) -> float:
     torch.distributed.all_reduce(count, group=mpu.get_data_parallel_group())
     torch.distributed.broadcast(count, mpu.get_tensor_model_parallel_src_rank(),
                                 group=mpu.get_tensor_model_parallel_group())
+    if mpu.get_pipeline_model_parallel_world_size() > 1:  # stages without a data iterator count 0
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX,
+                                     group=mpu.get_pipeline_model_parallel_group())
     return float(count.item())
 
 
@@ -69,19 +75,51 @@ def curvature_pass(fork, session, forward_step_func, data_iterator, engine):
     optimizer.begin_curvature_pass(_loss_tokens(items, fork))
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     device = next(engine.module.parameters()).device
+    generators = (project_api.curvature_label_generator(device, args.seed, args.iteration, micro * dp_size + dp_rank)
+                  for micro in range(n))
     replay = iter(items) if items is not None else None
     try:
         with project_api.gradient_clipping_disabled(engine):
-            for micro in range(n):
-                engine.set_gradient_accumulation_boundary(micro == n - 1)
-                gen = project_api.curvature_label_generator(device, args.seed, args.iteration, micro * dp_size + dp_rank)
-                output, loss_func = forward_step_func(replay, _SampledLabelModel(engine, gen))
-                loss = loss_func(output)[0]
-                engine.backward(loss)
-            engine.step(lr_kwargs={"increment": 0})  # the schedule holds: this is not a training step
+            if _is_pipeline_engine(engine):
+                _pipeline_curvature_pass(engine, replay, generators)
+            else:
+                for micro, gen in enumerate(generators):
+                    engine.set_gradient_accumulation_boundary(micro == n - 1)
+                    output, loss_func = forward_step_func(replay, _SampledLabelModel(engine, gen))
+                    loss = loss_func(output)[0]
+                    engine.backward(loss)
+                engine.step(lr_kwargs={"increment": 0})  # the schedule holds: this is not a training step
     finally:
         optimizer.end_curvature_pass()
     return itertools.chain(items, data_iterator) if items is not None else None
+
+
+def _is_pipeline_engine(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def _pipeline_curvature_pass(engine, micro_batches, generators) -> None:
+    """The curvature pass as one ``train_batch`` of DeepSpeed's pipeline engine: the last stage's
+    loss is the sampled-label loss (``GPTModelPipe``'s logits are [s, b, V]: transposed to [b, s, V]
+    first, the layout the labels are drawn in without a pipeline; its MoE loss added, as its own
+    loss function does), and the engine steps with no LR scheduler, so the schedule holds."""
+    module = engine.module
+
+    def sampled_label_loss(output, labels):
+        losses = project_api.sampled_label_losses(output.transpose(0, 1), next(generators))
+        mask = labels[1].reshape(-1).float()
+        loss = torch.sum(losses.reshape(-1) * mask) / mask.sum()
+        moe_loss = getattr(module, "moe_loss", None)
+        return loss if moe_loss is None else loss + moe_loss
+
+    loss_fn, scheduler = module.loss_fn, engine.lr_scheduler
+    module.loss_fn, engine.lr_scheduler = sampled_label_loss, None
+    try:
+        engine.train_batch(data_iter=micro_batches)
+    finally:
+        module.loss_fn, engine.lr_scheduler = loss_fn, scheduler
 
 
 def run_lr_finder(fork, session, train_step, forward_step_func, model, optimizer, opt_param_scheduler,

@@ -17,6 +17,11 @@ Measured on the ALCF fork (``docs/megatron_deepspeed.md``): the same tensors, re
   transformer layers (``K.input_layernorm``, ``K.self_attention.query_key_value``...), the final
   norm as a bare ``K.weight`` and the unembedding ``K.lm_head.weight``.
 
+``PipeLayout`` places the names of a whole ``GPTModelPipe`` (``convert``): its layer list is, by
+position, 0 a cast of the inputs, 1 the embedding, then the transformer layers, then (MoE models) a
+function caching the MoE loss, the final norm, the output layer. A tied embedding is named by its
+tie key (``tied_modules.embed.word_embeddings.weight``) on both the first and the last stage.
+
 ``core_name`` translates one name (``None`` when it is not a GPT parameter we know); roles are
 then decided by the project's own rules on the megatron-core name, so a fork model gets exactly
 the roles (embedding, hidden, output, router, norm, final_norm, bias) our trainer gives its model.
@@ -24,6 +29,7 @@ the roles (embedding, hidden, output, router, norm, final_norm, bias) our traine
 from __future__ import annotations
 
 import re
+import dataclasses
 from typing import Dict, Iterable, List, Optional, Tuple
 
 _LAYER_PARTS = (
@@ -132,11 +138,69 @@ def core_names(named: Iterable[Tuple[str, object]]) -> List[Tuple[str, str, obje
     return out
 
 
-def rename_map(names: Iterable[str], to_core: bool = True) -> Dict[str, str]:
-    """``{name: translated}`` for a set of names (checkpoint conversion); unknown names raise."""
+PIPE_EMBEDDING = 1  # GPTModelPipe's layer list: 0 casts the inputs, 1 embeds, the transformer layers follow
+PIPE_TIED = "tied_modules.embed."
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeLayout:
+    """Where ``GPTModelPipe`` puts each parameter of a model (its positions follow from these three)."""
+
+    num_layers: int
+    moe: bool = False  # a function caching the MoE loss sits between the layers and the final norm
+    tied: bool = False  # the output layer is the embedding (one tied module on the first and last stage)
+
+    @property
+    def final_norm(self) -> int:
+        return PIPE_EMBEDDING + 1 + self.num_layers + int(self.moe)
+
+    @property
+    def output_layer(self) -> int:
+        return self.final_norm + 1
+
+    def core_name(self, name: str) -> Optional[str]:
+        """The megatron-core name of a ``GPTModelPipe`` parameter (or layer-file entry ``K.<key>``)."""
+        if name.startswith(PIPE_TIED):
+            rest = name[len(PIPE_TIED):]
+            return f"embedding.{rest}" if rest in ("word_embeddings.weight", "position_embeddings.weight") else None
+        m = _PIPE_LAYER.fullmatch(name)
+        if not m:
+            return None
+        index, rest = int(m.group(1)), m.group(2)
+        if index == PIPE_EMBEDDING or (self.tied and index == self.output_layer):
+            return f"embedding.{rest}" if rest in ("word_embeddings.weight", "position_embeddings.weight") else None
+        if index == self.final_norm and rest in ("weight", "bias"):
+            return f"decoder.final_layernorm.{rest}"
+        if index == self.output_layer and rest == "lm_head.weight":
+            return "output_layer.weight"
+        layer = index - PIPE_EMBEDDING - 1
+        part = _layer_part(rest) if 0 <= layer < self.num_layers else None
+        return f"decoder.layers.{layer}.{part}" if part else None
+
+    def fork_name(self, name: str) -> Optional[str]:
+        """The ``GPTModelPipe`` name of the megatron-core parameter ``name``."""
+        if name.startswith("embedding."):
+            return (PIPE_TIED if self.tied else f"{PIPE_EMBEDDING}.") + name[len("embedding."):]
+        if name.startswith("decoder.final_layernorm."):
+            return f"{self.final_norm}.{name[len('decoder.final_layernorm.'):]}"
+        if name == "output_layer.weight" and not self.tied:
+            return f"{self.output_layer}.lm_head.weight"
+        plain = fork_name(name)  # language_model.encoder.layers.N.<part>
+        m = _LAYER.fullmatch(plain or "")
+        if not m or int(m.group(1)) >= self.num_layers:
+            return None
+        return f"{int(m.group(1)) + PIPE_EMBEDDING + 1}.{m.group(2)}"
+
+
+def rename_map(names: Iterable[str], to_core: bool = True, pipe: Optional[PipeLayout] = None) -> Dict[str, str]:
+    """``{name: translated}`` for a set of names (checkpoint conversion); unknown names raise.
+    ``pipe``: the fork side is ``GPTModelPipe`` laid out so (else ``GPTModel``)."""
     out = {}
     for name in names:
-        new = core_name(name) if to_core else fork_name(name)
+        if pipe is not None:
+            new = pipe.core_name(name) if to_core else pipe.fork_name(name)
+        else:
+            new = core_name(name) if to_core else fork_name(name)
         if new is None:
             side = "Megatron-DeepSpeed" if to_core else "megatron-core"
             raise UnknownParameterError(f"checkpoint tensor {name}: not a {side} GPT parameter name we can translate")

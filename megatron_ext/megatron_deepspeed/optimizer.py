@@ -10,6 +10,14 @@ with the same multipliers), the groups are laid out exactly as the fork lays out
 decaying group, then one without decay, parameters in model order. DeepSpeed's ZeRO partitions
 are then the fork's, so a ZeRO checkpoint moves between the fork's own AdamW and ours both ways,
 and losses match the fork's to rounding. Matrix optimizers (Muon, Shampoo) keep one group per role.
+
+Every rank ends up with the same NUMBER of groups: DeepSpeed's ZeRO 1/2 reduces each group's
+gradient norm over the model-parallel group (tensor x pipeline), one all-reduce per group, so ranks
+with different counts wait on each other forever (DeepSpeed issue #1522). Pipeline stages hold
+different roles (the embedding on the first, the output layer and final norm on the last), so
+one group per role gives them different counts: the ranks with fewer groups split their largest
+groups in two, with the same options (an optimizer treats two groups with the same options as
+one), until every rank has as many as the rank with the most.
 """
 from __future__ import annotations
 
@@ -52,7 +60,12 @@ def build(models, args, parametrization, no_weight_decay_cond=None, scale_lr_con
     if not project_api.is_hybrid_matrix_optimizer(optimizer):
         merged = fork_layout(groups, optimizer.param_groups, named)
         if merged is not None:
-            optimizer = project_api.build_optimizer_from_groups(merged, args)
+            groups, optimizer = merged, None
+    most = _most_groups_on_any_rank(len(groups))
+    if most > len(groups):
+        groups, optimizer = split_to_count(groups, most), None
+    if optimizer is None:
+        optimizer = project_api.build_optimizer_from_groups(_copy(groups), args)
     return optimizer
 
 
@@ -88,8 +101,43 @@ def fork_layout(groups, built_groups, named: NamedAsCore):
 
 def _moe_groups(groups):
     """DeepSpeed's engine wants expert parameters in groups of their own marked ``moe`` (what the
-    fork's ``--create-moe-param-group`` does to its groups); our role groups are split the same way."""
+    fork's ``--create-moe-param-group`` does to its groups); our role groups are split the same way.
+    Each group keeps the names of its parameters (Muon splits QKV by name)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    name_of = {id(p): n for g in groups for p, n in zip(g["params"], g["param_names"])}
     plain = [{**{k: v for k, v in g.items() if k != "param_names"}, "name": g["role"]} for g in groups]
-    return split_params_into_different_moe_groups_for_optimizer(plain)
+    split = split_params_into_different_moe_groups_for_optimizer(plain)
+    return [{**g, "param_names": [name_of[id(p)] for p in g["params"]]} for g in split if g["params"]]
+
+
+def _most_groups_on_any_rank(count: int) -> int:
+    """The largest param-group count of all ranks (every rank builds its optimizer once, in the
+    same order, so this one all-reduce is met by all of them)."""
+    import torch
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return count
+    from deepspeed.accelerator import get_accelerator
+
+    most = torch.tensor([count], dtype=torch.int64, device=get_accelerator().current_device_name())
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
+
+
+def split_to_count(groups, count: int):
+    """``groups`` with the largest (most parameters; never DeepSpeed's expert groups) split in two
+    until there are ``count``; each half keeps the group's options, so the optimizer does the same."""
+    out = _copy(groups)
+    while len(out) < count:
+        splittable = [i for i, g in enumerate(out) if len(g["params"]) > 1 and not g.get("moe")]
+        if not splittable:
+            raise ActivationError(f"another rank has {count} optimizer param groups and this one cannot split its "
+                                  f"{len(groups)} into as many (DeepSpeed's ZeRO needs the same count on every rank)")
+        i = max(splittable, key=lambda k: len(out[k]["params"]))
+        group, half = out[i], len(out[i]["params"]) // 2
+        halves = [{**group, "params": group["params"][:half]}, {**group, "params": group["params"][half:]}]
+        if "param_names" in group:
+            halves[0]["param_names"], halves[1]["param_names"] = group["param_names"][:half], group["param_names"][half:]
+        out[i:i + 1] = halves
+    return out

@@ -7,12 +7,15 @@ The fork's model is not megatron-core's, so the parametrization's numbers are ap
   (its ``--adjust-word-embedding-init`` never reaches the embedding) and the blocks' output
   projections at std/sqrt(2 layers). Each family whose std differs from what our parametrization
   asks is redrawn from N(0, std): the whole (unsharded) tensor from a generator seeded by
-  ``--seed`` and the parameter's name, then this rank's tensor-parallel shard, so the result does
-  not depend on the TP size. Families the fork already drew right are left alone (standard
-  parametrization with default flags changes nothing).
+  ``--seed`` and the parameter's name, then this rank's tensor-parallel shard (SwiGLU's fused
+  ``[gate; up]`` sharded as the fork shards it: ``[gate_r; up_r]`` on rank r), so the result does
+  not depend on the TP or PP size (DeepSpeed-MoE experts: see ``_redraw_key``; under ZeRO 3 each
+  parameter is gathered whole for it). Families the fork already drew right are left alone
+  (standard parametrization with default flags changes nothing).
 * **Output logits x l.** The fork computes logits from ``output_layer.weight`` directly (a forward
   hook on the output layer never fires), so the final norm's output is scaled instead (logits are
-  linear in it; for ``GPTModelPipe`` the input of the LM head).
+  linear in it, tied or untied; for ``GPTModelPipe`` the bare ``N.weight`` norm, on the last
+  pipeline stage only).
 * **Residual branches x r** (CompleteP): forward hooks on every layer's ``self_attention`` and
   ``mlp`` scale their (output, bias) before the fork adds them to the residual stream (for
   DeepSpeed-MoE, the output only, not its auxiliary loss).
@@ -25,6 +28,7 @@ the end of training, which shows the multipliers acted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import zlib
@@ -90,37 +94,77 @@ def apply(models, args, parametrization) -> Applied:
                 continue
             if family == "output_layer" and not args.untie_embeddings_and_output_weights:
                 continue  # tied: the embedding is the output layer
-            if not math.isclose(stds[family], theirs[family], rel_tol=1e-9):
-                redraw(param, stds[family], args.seed, fork)
-                applied.redrawn[family] = stds[family]
-            total = sums.setdefault(family, [0.0, 0.0])
-            total[0] += float(param.detach().double().pow(2).sum())
-            total[1] += param.numel()
+            with _whole(param):
+                if not math.isclose(stds[family], theirs[family], rel_tol=1e-9):
+                    gate_up = args.swiglu and core.rsplit(".", 2)[-2] == "linear_fc1"
+                    redraw(param, stds[family], args.seed, _redraw_key(fork, param),
+                           _tp_layout(param), 2 if gate_up else 1)
+                    applied.redrawn[family] = stds[family]
+                total = sums.setdefault(family, [0.0, 0.0])
+                total[0] += float(param.detach().double().pow(2).sum())
+                total[1] += param.numel()
         applied.measured_std.update({f: math.sqrt(s / n) for f, (s, n) in sums.items() if n})
-        _attach(model, parametrization, applied, pipeline)
+        final_norms = [fork.rsplit(".", 1)[0] for fork, core, _ in entries if core == "decoder.final_layernorm.weight"]
+        if not final_norms and not pipeline:
+            raise ActivationError("--parametrization: the fork's model has no language_model.encoder.final_layernorm "
+                                  "to scale the logits at")
+        _attach(model, parametrization, applied, final_norms)  # a pipeline stage before the last has none
     return applied
 
 
 @torch.no_grad()
-def redraw(param: torch.Tensor, std: float, seed: int, name: str) -> None:
+def redraw(param: torch.Tensor, std: float, seed: int, name: str, tp=(0, 0, 1), stride: int = 1) -> None:
     """N(0, std) for ``param``: the whole tensor drawn from a generator keyed by seed and name, then
-    this rank's tensor-parallel shard of it."""
+    this rank's tensor-parallel shard of it (``tp``: partition dim, rank, size); with ``stride`` 2
+    the whole tensor is two fused halves, each sharded alike (SwiGLU's [gate; up])."""
+    dim, rank, world = tp
     shape = list(param.shape)
-    dim, rank, world = _tp_layout(param)
     shape[dim] *= world
     gen = torch.Generator(device="cpu")
     gen.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
     full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-    shard = full.narrow(dim, rank * param.shape[dim], param.shape[dim]) if world > 1 else full
-    param.copy_(shard.to(dtype=param.dtype, device=param.device))
+    if world > 1:
+        piece = param.shape[dim] // stride
+        full = torch.cat([part.narrow(dim, rank * piece, piece) for part in full.chunk(stride, dim=dim)], dim=dim)
+    param.copy_(full.to(dtype=param.dtype, device=param.device))
+
+
+def _whole(param):
+    """The parameter's whole (tensor-parallel) tensor for the body: under ZeRO 3 (the fork builds the
+    model inside ``deepspeed.zero.Init``) each rank holds an empty placeholder and a slice; gathered
+    one parameter at a time, and the first rank's result partitioned again (every rank draws the same)."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
+def _is_expert(param) -> bool:
+    return getattr(param, "allreduce", True) is False  # DeepSpeed-MoE's mark (deepspeed.moe.utils.is_moe_param)
 
 
 def _tp_layout(param):
-    if not getattr(param, "tensor_model_parallel", False):
+    """(partition dim, rank, size) of ``param``'s tensor-parallel sharding (DeepSpeed-MoE experts
+    without expert tensor parallelism are whole: ``layouts.mark_whole_experts``)."""
+    if not project_api.is_tensor_parallel(param):
         return 0, 0, 1
     from megatron.core import parallel_state as ps  # the fork's own (vendored) megatron.core
 
     return int(param.partition_dim), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _redraw_key(fork: str, param) -> str:
+    """What ``param`` is redrawn by: its name, and for a DeepSpeed-MoE expert also the data-parallel
+    rank. The fork names experts by their index on the rank (``deepspeed_experts.0`` on every
+    expert-parallel rank), so the name alone would give every rank the same experts; DeepSpeed
+    broadcasts each expert from the first rank of its expert-data-parallel group when the engine
+    starts (its expert groups do not exist before), so the copies agree again."""
+    if not _is_expert(param):
+        return fork
+    from megatron.core import parallel_state as ps
+
+    return f"{fork}/data-parallel-rank-{ps.get_data_parallel_rank()}"
 
 
 # -- forward multipliers ------------------------------------------------------------------------
@@ -147,35 +191,15 @@ def _scale_output(multiplier: float, moe: bool):
     return hook
 
 
-def _scale_input(multiplier: float):
-    def hook(module, inputs):
-        if isinstance(inputs[0], tuple):
-            return ((inputs[0][0] * multiplier, *inputs[0][1:]), *inputs[1:])
-        return (inputs[0] * multiplier, *inputs[1:])
-
-    return hook
-
-
-def _attach(model, parametrization, applied: Applied, pipeline: bool) -> None:
+def _attach(model, parametrization, applied: Applied, final_norms: List[str]) -> None:
     logit, residual = parametrization.logit_multiplier(), parametrization.residual_multiplier()
     scale = parametrization.softmax_scale()
     applied.logit_multiplier, applied.residual_multiplier, applied.softmax_scale = logit, residual, scale
     modules = dict(model.named_modules())
     if logit != 1.0:
-        if pipeline:
-            heads = [m for m in modules.values() if type(m).__name__ == "LMHeadPipe"]
-            if not heads:
-                raise ActivationError("--parametrization with tied embeddings under the pipeline model (GPTModelPipe) "
-                                      "is not supported: add --untie-embeddings-and-output-weights or "
-                                      "--no-pipeline-parallel")
-            for head in heads:
-                applied.handles.append(head.register_forward_pre_hook(_counted(applied, "logits", _scale_input(logit))))
-        else:
-            norm = modules.get("language_model.encoder.final_layernorm")
-            if norm is None:
-                raise ActivationError("--parametrization: the fork's model has no language_model.encoder.final_layernorm "
-                                      "to scale the logits at")
-            applied.handles.append(norm.register_forward_hook(_counted(applied, "logits", _scale_output(logit, False))))
+        for name in final_norms:
+            applied.handles.append(modules[name].register_forward_hook(
+                _counted(applied, "logits", _scale_output(logit, False))))
     if residual != 1.0:
         for name, module in modules.items():
             leaf = name.rsplit(".", 1)[-1]

@@ -16,13 +16,14 @@ import sys
 from typing import Optional
 
 from megatron_ext.megatron_deepspeed import arguments as fork_arguments
-from megatron_ext.megatron_deepspeed import hook_points, loop, optimizer as fork_optimizer
+from megatron_ext.megatron_deepspeed import hook_points, layouts, loop, optimizer as fork_optimizer
 from megatron_ext.megatron_deepspeed import parametrization as fork_parametrization
 from megatron_ext.megatron_deepspeed import project_api
 from megatron_ext.megatron_deepspeed.errors import ActivationError, fail
 from megatron_ext.megatron_deepspeed.scheduler import ForkScheduler
 
-REPORT_ENV = "MEGATRON_EXT_REPORT"  # a JSON file: what the plug-ins did in this run (rank 0)
+# a JSON file: what the plug-ins did in this run (rank 0's; with "{rank}" in the path, every rank's)
+REPORT_ENV = "MEGATRON_EXT_REPORT"
 
 
 class Session:
@@ -73,9 +74,10 @@ class Session:
         return project_api.evaluation_weights(self.optimizer, self.engine)
 
     def write_report(self) -> None:
-        path = os.environ.get(REPORT_ENV)
-        if not path or int(os.environ.get("RANK", "0")) != 0:
+        path, rank = os.environ.get(REPORT_ENV), int(os.environ.get("RANK", "0"))
+        if not path or (rank != 0 and "{rank}" not in path):
             return
+        path = path.replace("{rank}", str(rank))
         groups = []
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
@@ -182,6 +184,7 @@ def apply(mode: str) -> None:
     def get_model(original):
         def wrapper(*a, **kw):
             models = original(*a, **kw)
+            layouts.mark_whole_experts(models)
             if session.owner.ours("init"):
                 try:
                     session.applied = fork_parametrization.apply(models, session.view(), session.parametrization)

@@ -19,17 +19,19 @@ from megatron_ext.derivations import (DEFAULT_PARAMETRIZATION, batch_sizes, data
 from megatron_ext.optimizers.common.hooks import (UnsupportedEngineSetting, curvature_label_generator,  # noqa: F401
                                                   curvature_pass_due, engine_ready, evaluation_weights,
                                                   gradient_clipping_disabled, sampled_label_losses, train_mode)
+from megatron_ext.optimizers.common.full_matrices import WHOLE_ON_TP_RANKS, is_tensor_parallel  # noqa: F401
 # The checkpoint layout (file names at every ZeRO stage, the universal folders, the one reader) and
 # the universal converter's stages, for staging a fork checkpoint through DeepSpeed's converter the
 # way ours is (placeholder Adam moments, the quiet converter, the listing of what was carried).
 from megatron_ext.checkpoint_layout import (LATEST_UNIVERSAL, CheckpointFileError, client_state_file,  # noqa: F401
-                                            expert_states_files, find_checkpoint, is_zero3, layer_states_files,
-                                            load_states, model_states_files, optim_states_files, read_latest,
+                                            expert_states_files, find_checkpoint, is_zero3, layer_of,
+                                            layer_states_files, layer_states_name, load_states, model_states_files,
+                                            optim_states_files, parallel_dimensions, read_latest,
                                             universal_optimizer_state_file, universal_parameters,
                                             universal_parameters_dir, universal_tag_for)
 from megatron_ext.training.universal import (CONVERSION_RECORD, ConversionError, ConverterOptions,  # noqa: F401
-                                             converted_listing, drop_placeholders, link_or_copy, run_converter,
-                                             stage_optim_states)
+                                             converted_listing, drop_placeholders, link_or_copy, link_tied_output,
+                                             run_converter, stage_optim_states)
 
 # -- registries ---------------------------------------------------------------------------------
 
@@ -155,6 +157,12 @@ def param_role(name: str, param) -> str:
     from megatron_ext.optimizers.common.param_groups import param_role as role
 
     return role(name, param)
+
+
+def mark_whole_on_tp_ranks(param) -> None:
+    """Tell our optimizers that ``param`` is whole on every tensor-parallel rank though it carries
+    megatron's tensor-parallel attribute."""
+    setattr(param, WHOLE_ON_TP_RANKS, True)
 
 
 # -- parametrization ------------------------------------------------------------------------------

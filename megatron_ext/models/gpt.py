@@ -8,7 +8,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models import features
+from megatron_ext.models import features, parallel
+from megatron_ext.models.specs import mtp_layers_with_groups
+from megatron_ext.platform import cpu_compat
+from megatron_ext.parametrizations import parametrization_for
+from megatron_ext.platform.accelerator import has_gpu
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -18,7 +22,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def transformer_config(args, parametrization):
-    from megatron_ext.platform.accelerator import has_gpu
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     kwargs = dict(
@@ -36,7 +39,11 @@ def transformer_config(args, parametrization):
         activation_func=F.silu if args.swiglu else F.gelu,
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         params_dtype=dtype,
+        pipeline_dtype=dtype,  # the activations pipeline stages send each other
+        # batched send/receive between stages ends in torch.cuda.synchronize()
+        batch_p2p_comm=has_gpu(),
         bf16=args.bf16,
         fp16=args.fp16,
         # Initialising on the CPU from one master weight makes the model independent of the
@@ -60,48 +67,38 @@ def transformer_config(args, parametrization):
 
 
 def build_model(args, vocab_size: int, parametrization=None):
-    """A GPTModel for this rank's tensor-parallel shard, initialised and wired by the
-    parametrization (default: the one ``args`` select). ``vocab_size`` is the unpadded size."""
+    """A GPTModel for this rank's part of the model (its tensor-parallel shard, pipeline stage and
+    experts: ``models.parallel``), initialised and wired by the parametrization (default: the one
+    ``args`` select). ``vocab_size`` is the unpadded size."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_ext.parametrizations import parametrization_for
 
     parametrization = parametrization or parametrization_for(args)
-    config = transformer_config(args, parametrization)
     padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    spec, mtp_spec = features.layer_specs(config, args)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        mtp_block_spec=mtp_spec,
-        vocab_size=padded,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=int(args.rope_theta),
-        rope_scaling=getattr(args, "use_rope_scaling", False),  # absent from checkpoints saved before the flag
-        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
-    )
-    parametrization.attach(model)
-    return model
 
+    def build(config, pre_process: bool, post_process: bool, pg_collection):
+        spec, mtp_spec = features.layer_specs(config, args)
+        if pg_collection is not None and mtp_spec is not None:
+            mtp_spec = mtp_layers_with_groups(mtp_spec, pg_collection)
+        with cpu_compat.cuda_moves_stay_on_host():  # (a tied embedding's first sync at pipeline parallel > 1)
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                mtp_block_spec=mtp_spec,
+                vocab_size=padded,
+                max_sequence_length=args.max_position_embeddings,
+                pre_process=pre_process,
+                post_process=post_process,
+                parallel_output=True,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_base=int(args.rope_theta),
+                rope_scaling=getattr(args, "use_rope_scaling", False),  # absent from checkpoints saved before the flag
+                rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+                pg_collection=pg_collection,
+            )
+        parametrization.attach(model)
+        return model
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Total parameters of the full model (summed over tensor-parallel shards)."""
-    from megatron.core import parallel_state
+    return parallel.build_stage(build, transformer_config(args, parametrization))
 
-    from megatron_ext.platform.accelerator import current_device
-
-    local = 0
-    for p in model.parameters():
-        replicated = not getattr(p, "tensor_model_parallel", False)
-        if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
-            continue
-        local += p.numel()
-    t = torch.tensor([local], dtype=torch.long, device=current_device())  # nccl reduces device tensors only
-    if torch.distributed.is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
-    return int(t.item())

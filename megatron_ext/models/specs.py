@@ -59,3 +59,21 @@ def with_core_attention(spec, core_attention):
         return dataclasses.replace(node, **changes) if changes else node
 
     return walk(spec)
+
+
+def mtp_layers_with_groups(mtp_spec, pg_collection):
+    """A copy of an MTP block spec whose transformer layers are built with ``pg_collection``:
+    megatron-core 0.16.1 builds them with the default (parallel_state) groups whatever groups the
+    model is given (``models.parallel`` builds a model under other groups)."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    def with_groups(layer_spec):
+        layer = layer_spec.submodules.transformer_layer
+        layer = dataclasses.replace(layer, params={**(layer.params or {}), "pg_collection": pg_collection})
+        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
+                                                                             transformer_layer=layer))
+
+    assert all(isinstance(spec, ModuleSpec) for spec in mtp_spec.layer_specs)
+    return dataclasses.replace(mtp_spec, layer_specs=[with_groups(spec) for spec in mtp_spec.layer_specs])

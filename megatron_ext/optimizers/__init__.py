@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Callable, Dict, Optional
 
 from megatron_ext.registry import Plugin, Registry
+from megatron_ext.optimizers.common.param_groups import build_param_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,6 @@ OPTIMIZERS = Registry("optimizer", "optimizers (--optimizer)", package=__name__,
 def build_optimizer(model, args, parametrization):
     """The ``--optimizer`` of ``args`` over ``model``'s param groups, with the parametrization's
     per-role multipliers."""
-    from megatron_ext.optimizers.common.param_groups import build_param_groups
 
     return build_optimizer_from_groups(build_param_groups(model, parametrization.group_options), args)
 

@@ -24,7 +24,7 @@ import torch
 from megatron_ext.optimizers import OPTIMIZERS
 from megatron_ext.optimizers.adamw import ADAM_ARGS, validate_adam_args
 from megatron_ext.optimizers.common.closure import closure_loss
-from megatron_ext.optimizers.common.full_matrices import flat_layouts, number_groups
+from megatron_ext.optimizers.common.full_matrices import flat_layouts, is_tensor_parallel, number_groups
 from megatron_ext.optimizers.common.state_memory import TWO_MOMENTS
 from megatron_ext.registry import Arg, EngineSupport
 
@@ -48,10 +48,6 @@ def validate_lamb_args(args):
         )
 
 
-def _tp_parallel(p) -> bool:
-    return bool(getattr(p, "tensor_model_parallel", False))
-
-
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  bias_correction=True, min_coeff=0.01, max_coeff=10.0):
@@ -60,7 +56,7 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # Whether each tensor is a tensor-parallel shard, by position: DeepSpeed's bf16/fp16
         # wrappers replace the params by fp32 copies (same order) that lack megatron's attribute.
-        self._tp_flags = [[_tp_parallel(p) for p in g["params"]] for g in self.param_groups]
+        self._tp_flags = [[is_tensor_parallel(p) for p in g["params"]] for g in self.param_groups]
         self._tp_group = None
         number_groups(self.param_groups)
         self._layouts = {}  # ZeRO 1/2 flat layouts, by group_index
@@ -88,7 +84,7 @@ class Lamb(torch.optim.Optimizer):
         if layout.world > 1:
             torch.distributed.all_reduce(sq, group=layout.group)
         if self._tp_group is not None:
-            tp = torch.tensor([_tp_parallel(e.model_param) for e, _, _ in pieces], device=p.device)
+            tp = torch.tensor([is_tensor_parallel(e.model_param) for e, _, _ in pieces], device=p.device)
             summed = sq.clone()
             torch.distributed.all_reduce(summed, group=self._tp_group)
             sq = torch.where(tp[:, None], summed, sq)

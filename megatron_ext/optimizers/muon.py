@@ -44,6 +44,7 @@ from megatron_ext.optimizers.common.matrix_blocks import WHOLE, MatrixBlocks
 from megatron_ext.optimizers.common.state_memory import OptimizerMemory, StepContext, largest_batch, per_role
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
+from megatron_ext.platform.accelerator import native_bf16_matmul
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -144,7 +145,6 @@ def ns_dtype_for(choice: str):
     multiplication is native here."""
     if choice != "auto":
         return NS_DTYPES[choice], "requested"
-    from megatron_ext.platform.accelerator import native_bf16_matmul
 
     native, why = native_bf16_matmul()
     return (torch.bfloat16 if native else torch.float32), f"auto: {why}"

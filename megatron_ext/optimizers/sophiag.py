@@ -27,6 +27,7 @@ from megatron_ext.optimizers.common.closure import closure_loss
 from megatron_ext.optimizers.common.state_memory import OptimizerMemory, constant, elementwise_temporaries
 from megatron_ext.optimizers.common.validation import check_betas, check_positive
 from megatron_ext.registry import Arg
+from megatron_ext.optimizers.common.hooks import UnsupportedEngineSetting, zero_stage
 
 SOPHIAG_ARGS = (
     Arg("--sophiag-beta1", type=float, default=0.9, help="SophiaG momentum (Megatron-DeepSpeed default 0.9)"),
@@ -59,7 +60,6 @@ class SophiaG(torch.optim.Optimizer):
 
     # -- hook protocol (megatron_ext.optimizers.common.hooks) ----------------------------------------
     def engine_ready(self, engine):
-        from megatron_ext.optimizers.common.hooks import UnsupportedEngineSetting, zero_stage
 
         # ZeRO 3 steps each param group's sub-groups in turn; the per-group counters assume one.
         sub_groups = getattr(engine.optimizer, "fp16_groups", None)

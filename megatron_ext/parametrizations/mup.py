@@ -21,6 +21,7 @@ from megatron_ext.argtypes import positive_float, positive_int
 from megatron_ext.parametrizations import PARAMETRIZATIONS
 from megatron_ext.parametrizations.common.base import EnableParametrization, Parametrization
 from megatron_ext.registry import Arg
+from megatron_ext.optimizers import OPTIMIZERS
 
 MUP_ARGS = (
     Arg("--mup-base-hidden", "--mup-base-width", dest="mup_base_hidden", type=positive_int, default=None,
@@ -51,7 +52,6 @@ def _flag(args, name) -> float:
 def width_lr_exponents(args) -> Dict[str, float]:
     """Role -> exponent of m_N in the LR under muP, declared by the optimizer plug-in
     (its record's ``width_lr_exponents``); element-wise adaptive optimizers (Adam's rules) by default."""
-    from megatron_ext.optimizers import OPTIMIZERS
 
     exponents = {"hidden": -1.0}
     declared = OPTIMIZERS.get(args.optimizer).width_lr_exponents

@@ -16,11 +16,13 @@ the launcher and sweeps refuse a launch with ``launch_problem(plan)``.
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
+from megatron_ext.planning.report import as_json
+from megatron_ext.planning.report import assess
+from megatron_ext.planning.report import rows
 
 
 def assessment_for(plan):
     """The plan on this process's device, with the run's --device-memory/--mfu/--peak-tflops."""
-    from megatron_ext.planning.report import assess
 
     a = plan.args
     memory = a.device_memory * 1024 ** 3 if getattr(a, "device_memory", None) else None
@@ -29,7 +31,6 @@ def assessment_for(plan):
 
 def plan_rows(plan) -> List[Tuple[str, Any]]:
     """The memory and time rows of the start-up block and the launcher's dry run."""
-    from megatron_ext.planning.report import rows
 
     return rows(assessment_for(plan))
 
@@ -37,7 +38,6 @@ def plan_rows(plan) -> List[Tuple[str, Any]]:
 def plan_record(plan) -> dict:
     """``megatron-ext plan --json``'s record of a run plan on this process's device; its
     ``refusal`` is the line that refuses it (None: it fits, or --allow-oversubscribe)."""
-    from megatron_ext.planning.report import as_json
 
     return as_json(assessment_for(plan))
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import re
 from typing import Optional
+from megatron_ext.platform.accelerator import accelerator_name, device_model, total_memory
 
 GiB = 1024 ** 3
 
@@ -86,7 +87,6 @@ def for_model(name: str) -> Optional[Device]:
 def detect() -> Device:
     """This process's device: the table's entry for its model (with the memory the device
     reports), or an entry of its own (no peak) for a device the table lacks or a CPU."""
-    from megatron_ext.platform.accelerator import accelerator_name, device_model, total_memory
 
     kind = accelerator_name()
     memory = float(total_memory())

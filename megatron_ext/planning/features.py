@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import List, Optional, Tuple
+from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,6 @@ def head_dim(a) -> int:
 
 
 def moe_pattern(a) -> List[int]:
-    from megatron_ext.models.features.moe_mtp import moe_layer_pattern
 
     return moe_layer_pattern(a) or [0] * a.num_layers
 

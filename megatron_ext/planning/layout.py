@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
+from megatron_ext import derivations
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -65,17 +67,18 @@ class Runner:
         return None
 
 
-# What runs today: our trainer's TP x DP at ZeRO 0-3 (a mixture of experts at TP 1: megatron-core's
-# MoE with TP needs sequence parallelism). Issue 22 (pipeline and expert parallelism in our trainer
-# and in the fork) widens this table; DeepSpeed's pipeline engine (the fork's PP) takes ZeRO 0/1.
+# What runs today: our trainer's TP x PP x EP x DP (docs/parallelism.md): pipeline stages at ZeRO
+# 0/1, experts spread over ranks at ZeRO 0-2, a mixture of experts at TP 1 (megatron-core's MoE
+# with TP needs sequence parallelism); the rules are derivations.py's, which the run plan applies.
 RUNNABLE = {
-    "megatron_ext": Runner("our trainer", {"tp": None, "pp": 1, "ep": 1, "sp": 1}, (0, 1, 2, 3), {},
+    "megatron_ext": Runner("our trainer", {"tp": None, "pp": None, "ep": None, "sp": 1}, (0, 1, 2, 3),
+                           {"pp": derivations.PIPELINE_ZERO_STAGES, "ep": derivations.EXPERT_ZERO_STAGES},
                            max_size_with_moe={"tp": 1}),
 }
 
 
 # DeepSpeed's rule: its pipeline engine runs ZeRO 0 and 1 only (whichever runner uses it).
-PIPELINE_ZERO_STAGES = (0, 1)
+PIPELINE_ZERO_STAGES = derivations.PIPELINE_ZERO_STAGES
 
 
 def deepspeed_problem(layout: Layout, zero_stage: int) -> Optional[str]:
@@ -84,9 +87,11 @@ def deepspeed_problem(layout: Layout, zero_stage: int) -> Optional[str]:
     return None
 
 
-def runnable(layout: Layout, zero_stage: int, moe: bool = False) -> Tuple[Optional[str], Optional[str]]:
+def runnable(layout: Layout, zero_stage: int, moe: bool = False, precision: str = "fp32",
+             cpu_offload: bool = False) -> Tuple[Optional[str], Optional[str]]:
     """``(runner name, None)`` for the first runner that runs it, or ``(None, why not)``."""
-    problem = deepspeed_problem(layout, zero_stage)
+    problem = deepspeed_problem(layout, zero_stage) or derivations.layout_engine_problem(
+        layout.pp, layout.ep, zero_stage, precision, cpu_offload)
     if problem:
         return None, problem
     reasons = []

@@ -21,6 +21,11 @@ import json
 import os
 import sys
 from typing import Dict, List, Optional
+from megatron_ext.plan import parse_plan
+from megatron_ext.platform.accelerator import accelerator_name
+from megatron_ext.platform.known_warnings import silence_known_warnings
+from megatron_ext.train import close_process_group
+from megatron_ext.training.trainer import pretrain
 
 
 def _allocation_peak(profiler) -> int:
@@ -48,7 +53,6 @@ def peak_recorder():
     after the block: the peak bytes allocated on this process's device during it."""
     import torch
 
-    from megatron_ext.platform.accelerator import accelerator_name
 
     result: Dict[str, object] = {}
     name = accelerator_name()
@@ -70,8 +74,6 @@ def peak_recorder():
 
 def measure(argv: List[str], world_size: Optional[int] = None) -> dict:
     """Plan ``argv`` and train it here, recording the peak memory of this rank (see the module doc)."""
-    from megatron_ext.plan import parse_plan
-    from megatron_ext.training.trainer import pretrain
 
     import gc
 
@@ -86,7 +88,6 @@ def measure(argv: List[str], world_size: Optional[int] = None) -> dict:
 
 
 def main(argv=None) -> int:
-    from megatron_ext.platform.known_warnings import silence_known_warnings
 
     silence_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -107,7 +108,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_ext.train import close_process_group
 
     try:
         sys.exit(main())

@@ -28,6 +28,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ext.planning import features as F
 from megatron_ext.planning.layout import Layout
+from megatron_ext.models.gpt import padded_vocab_size
+from megatron_ext.optimizers.common.param_groups import param_role
+from megatron_ext.optimizers.common.state_memory import StepContext
+from megatron_ext.optimizers.common.state_memory import describe
 
 GiB = 1024 ** 3
 
@@ -152,7 +156,6 @@ def _stage_of(p: F.ParamTensor, layers_per_stage: int, pp: int, tied: bool) -> L
 def _inventory(args, vocab: int) -> List[Tuple[F.ParamTensor, str]]:
     """(parameter, its role) of the model, computed once per model shape (a search estimates
     thousands of layouts of one model)."""
-    from megatron_ext.optimizers.common.param_groups import param_role
 
     import torch
 
@@ -316,7 +319,6 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
     states_formula = f"{elementwise:,.0f} element-wise x 4 B"
     if matrix:
         states_formula += f" + {matrix:,.0f} per-matrix x 4 B (every data-parallel rank)"
-    from megatron_ext.optimizers.common.state_memory import describe
 
     roles = {role: n for (role, _), n in sh.by_role.items()}
     states = Term("states", f"optimizer states ({describe(memory, a, roles)})", (elementwise + matrix) * 4,
@@ -392,7 +394,6 @@ def _stage_plan(setup: Setup, stage: int) -> MemoryPlan:
                              "one chunk's activations rebuilt" if chunk else "the last layer's gradients")
 
     # -- the step -------------------------------------------------------------------------------
-    from megatron_ext.optimizers.common.state_memory import StepContext
 
     group_sizes = defaultdict(float)
     for (role, expert), n in sh.by_role.items():
@@ -479,7 +480,6 @@ ASSUMED_VOCAB = 32000  # Llama 2's, when neither a tokenizer nor --vocab-size sa
 
 def vocabulary(args, tp: int) -> Tuple[int, Optional[str]]:
     """(padded vocabulary, a note when it was assumed) of resolved flags."""
-    from megatron_ext.models.gpt import padded_vocab_size
 
     if getattr(args, "vocab_size_unpadded", None):
         return padded_vocab_size(args.vocab_size_unpadded, args.make_vocab_size_divisible_by, tp), None

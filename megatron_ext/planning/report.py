@@ -10,6 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from megatron_ext.planning.devices import Device
 from megatron_ext.planning.memory import GiB, MemoryPlan, Setup, _fmt
 from megatron_ext.planning.throughput import StepTime
+from megatron_ext.planning import devices
+from megatron_ext.planning.memory import estimate, setup_from_plan
+from megatron_ext.planning.throughput import step_time
 
 # A layout is taken to fit when its peak leaves this share of the device free: the allocator's
 # fragmentation and the runtime (CUDA context, NCCL buffers) take memory the estimate does not count.
@@ -165,9 +168,6 @@ def local_ranks(world: int) -> int:
 def assess(plan, device: Optional[Device] = None, device_memory: Optional[float] = None,
            mfu: Optional[float] = None, peak_tflops: Optional[float] = None) -> Assessment:
     """A run plan on ``device`` (default: this process's, detected), as it is laid out."""
-    from megatron_ext.planning import devices
-    from megatron_ext.planning.memory import estimate, setup_from_plan
-    from megatron_ext.planning.throughput import step_time
 
     here = device is None
     device = device or devices.detect()

@@ -14,6 +14,7 @@ from megatron_ext.planning.layout import Layout, runnable
 from megatron_ext.planning.memory import Setup, estimate
 from megatron_ext.planning.report import Assessment
 from megatron_ext.planning.throughput import step_time
+from megatron_ext.registry import EngineSettings
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 ZERO_STAGES = (0, 1, 2, 3)
@@ -90,13 +91,13 @@ def _with(args, **changes):
 
 
 def optimizer_problem(setup: Setup) -> Optional[str]:
-    from megatron_ext.registry import EngineSettings
 
     plugin = setup.optimizer
     if plugin is None:
         return None
     engine = EngineSettings(zero_stage=setup.zero_stage, cpu_offload=setup.cpu_offload, tensor_parallel=setup.layout.tp,
-                            precision=setup.precision)
+                            precision=setup.precision, pipeline_parallel=setup.layout.pp,
+                            expert_parallel=setup.layout.ep)
     return plugin.engine.problem(f"--optimizer {plugin.name}", engine)
 
 
@@ -106,7 +107,8 @@ def search(base: Setup, device, devices: int, device_memory: float, train_iters:
     best_unfitting: Optional[Assessment] = None
     for setup in candidates(base, devices, device.per_node, fixed):
         considered += 1
-        runner, _ = runnable(setup.layout, setup.zero_stage, moe=bool(setup.args.num_experts))
+        runner, _ = runnable(setup.layout, setup.zero_stage, moe=bool(setup.args.num_experts),
+                             precision=setup.precision, cpu_offload=setup.cpu_offload)
         if runner is None or optimizer_problem(setup):
             not_runnable += 1
             continue

@@ -19,6 +19,7 @@ import math
 from typing import Optional
 
 from megatron_ext.planning import features as F
+from megatron_ext.training.trainer import flops_per_iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,6 @@ def active_parameters(args, vocab: int) -> int:
 def step_time(setup, device, train_iters: int, mfu: Optional[float] = None,
               peak_tflops: Optional[float] = None) -> StepTime:
     """``setup``: the memory estimate's ``Setup``; ``device``: a ``devices.Device``."""
-    from megatron_ext.training.trainer import flops_per_iteration
 
     a, lay = setup.args, setup.layout
     global_batch = setup.micro_batch * setup.accumulation * lay.dp

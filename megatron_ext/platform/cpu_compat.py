@@ -1,11 +1,14 @@
 """megatron-core 0.16.1 hard-codes CUDA in a few places that ordinary CPU training reaches
 (RNG state save/restore, the tensor-parallel RNG tracker, RoPE's device placement, the default
-causal mask). When CUDA is absent we redirect exactly those entry points to their CPU
-equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
+causal mask; under pipeline parallelism the schedules' token counter and the tied embedding's
+first sync; under expert parallelism the all-to-all dispatcher's side stream). When CUDA is absent
+we redirect exactly those entry points to their CPU equivalents. Without Transformer Engine (on any machine) its MoE router also lacks a name, which
 is defined here, and its multi-latent attention tests against a stand-in for a Transformer Engine
 class, which is switched off here. With deepspeed_compat, the only modules that patch third-party code; `apply()` is idempotent
 and, on machines with CUDA, does only the Transformer Engine part."""
+import contextlib
 import importlib
+import types
 
 import torch
 
@@ -64,8 +67,82 @@ def apply() -> bool:
     # (``import deepspeed.comm.torch as m`` would bind the real torch: deepspeed.comm re-exports it.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
+    _pipeline_schedules_on_host()
+    _alltoall_dispatcher_on_host()
     _applied = True
     return True
+
+
+def torch_with(**overrides) -> types.ModuleType:
+    """A stand-in for the ``torch`` module one megatron-core module sees: torch's own attributes
+    with ``overrides``. Only that module's global name changes; every other module keeps torch."""
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update({k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    proxy.__dict__.update(overrides)
+    return proxy
+
+
+def _pipeline_schedules_on_host() -> None:
+    """Pipeline parallelism: megatron-core's schedules (1F1B and no-pipelining alike) allocate their
+    token counter with ``torch.zeros(..., device="cuda")`` (an AssertionError without CUDA)."""
+    from megatron.core.pipeline_parallel import schedules
+
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = torch_with(zeros=zeros)
+
+
+@contextlib.contextmanager
+def cuda_moves_stay_on_host():
+    """While building a model: ``Tensor.cuda()`` leaves a tensor where it is when CUDA is absent.
+    Pipeline parallelism with a tied embedding: megatron-core's last stage moves its copy of the
+    word embedding with ``weight.data.cuda()`` before summing it with the first stage's
+    (``LanguageModule.setup_embeddings_and_output_layer``), an AssertionError on a CUDA-less torch."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+class _HostStream:
+    """Stands in for a CUDA stream or event on the host, where work already runs in order."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, *args) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _alltoall_dispatcher_on_host() -> None:
+    """Expert parallelism: megatron-core's all-to-all token dispatcher copies its split sizes to the
+    host on a ``torch.cuda.Stream`` it creates at construction (a RuntimeError without CUDA), and
+    turns them into numpy arrays only when they were on the device: CPU tensors stay tensors, which
+    ``all_to_all_single`` refuses as split sizes ("incompatible function arguments")."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    stream = _HostStream()
+    host_cuda = types.SimpleNamespace(Stream=lambda *a, **k: stream, current_stream=lambda *a: stream,
+                                      stream=lambda s: contextlib.nullcontext(),
+                                      current_device=torch.cuda.current_device, is_available=lambda: False)
+    token_dispatcher.torch = torch_with(cuda=host_cuda)
+    move = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _define_moe_te_general_gemm() -> None:

@@ -10,6 +10,7 @@ import os
 import socket
 
 import torch
+from megatron_ext.platform import accelerator, cpu_compat, deepspeed_compat
 
 
 @dataclasses.dataclass
@@ -115,7 +116,6 @@ def init_distributed(backend: str = None) -> DistEnv:
     Always initialises a process group, even for one process: megatron-core's parallel state and
     dataset cache both need one.
     """
-    from megatron_ext.platform import accelerator, cpu_compat, deepspeed_compat
 
     cpu_compat.apply()
     deepspeed_compat.apply()  # gradient clipping without a host sync per param group

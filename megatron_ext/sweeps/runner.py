@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 from megatron_ext.checkpoint_layout import LATEST
 from megatron_ext.sweeps.recommend import DEFAULT_SPIKE_THRESHOLD
 from megatron_ext.sweeps.results import _write_json, finite, read_records, summarize
+from megatron_ext.argtypes import finite_float
 
 SPEC, RESULT, METRICS, LOG, COMMAND, JOB = ("variant.json", "result.json", "metrics.jsonl", "train.log",
                                             "command.sh", "job.sh")
@@ -279,7 +280,6 @@ def write_job(vdir: str, spec: dict, kind: str, walltime: str, queue: Optional[s
 def main(argv=None) -> int:
     import argparse
 
-    from megatron_ext.argtypes import finite_float
 
     p = argparse.ArgumentParser(prog="python -m megatron_ext.sweeps.runner",
                                 description="Run one variant of a sweep (what the sweep's job scripts run).")

@@ -23,6 +23,13 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_ext.argtypes import close_hint
 from megatron_ext.flag_spelling import FlagSpelling, FlagValueError, value_text as typed_text
+from megatron_ext.arguments import build_parser
+from megatron_ext.arguments import normalise_argv
+from megatron_ext.fileio import read_yaml_mapping
+from megatron_ext.launcher.resolve import LaunchError, resolve
+from megatron_ext.models.llama_moe_names import ALIASES
+from megatron_ext.plan import plan_or_problem
+from megatron_ext.planning import plan_record
 
 PROG = "megatron-ext sweep"
 ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -201,8 +208,6 @@ class TrainerKeys:
 
 
 def check_base_flags(flags: List[str]) -> None:
-    from megatron_ext.arguments import normalise_argv
-    from megatron_ext.models.llama_moe_names import ALIASES
 
     for tok in normalise_argv(flags):
         name = tok.split("=", 1)[0]
@@ -214,8 +219,6 @@ def check_base_flags(flags: List[str]) -> None:
 def trainer_argv_problem(parser, argv: List[str], world_size: int) -> Optional[str]:
     """The trainer's own one-line error for ``argv`` at ``world_size`` (None when it would start),
     a variant whose memory plan (``megatron-ext plan --json``'s record) does not fit included."""
-    from megatron_ext.plan import plan_or_problem
-    from megatron_ext.planning import plan_record
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         plan, problem = plan_or_problem(parser, argv, world_size)
@@ -246,7 +249,6 @@ def launcher_repo() -> str:
 
 def resolve_launch(env: Dict[str, str], argv: List[str], repo: str):
     """``(Launch, names read)``: what ``train_alcf.sh`` with ``env`` and extra ``argv`` would run."""
-    from megatron_ext.launcher.resolve import LaunchError, resolve
 
     recorder = _ReadRecorder(env)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -311,7 +313,6 @@ def _split_values(values: Dict[str, str], launcher: bool, keys: TrainerKeys):
 def build_specs(settings: Settings, variants: List[Dict[str, str]]) -> List[dict]:
     """Each variant's spec (name, key, values, command, environment, working directory), every
     key and every whole command checked first; raises SweepError (one line) on the first problem."""
-    from megatron_ext.arguments import build_parser
 
     parser = build_parser()
     keys = TrainerKeys(parser)
@@ -412,7 +413,6 @@ def load_config(path: str) -> dict:
         import yaml  # noqa: F401  (read_yaml_mapping's)
     except ImportError:
         raise SweepError("--config needs PyYAML (pip install pyyaml)") from None
-    from megatron_ext.fileio import read_yaml_mapping
 
     try:
         raw = read_yaml_mapping(path)

@@ -27,12 +27,19 @@ from megatron_ext.checkpoint_layout import (
     is_universal,
     load_states,
     model_states_files,
+    parallel_dimensions,
+    rank_experts_name,
     read_latest,
     saved_zero_stage,
     universal_parameters_dir,
     universal_state_file,
 )
 from megatron_ext.models.features import attention_backend
+from megatron_ext.models.parallel import holds_spread_experts
+from megatron_ext.models.parallel import splits_model
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.platform.deepspeed_compat import universal_param_groups_paired_by
+from megatron_ext.training.universal import read_record
 
 
 class CheckpointLoadError(ValueError):
@@ -52,9 +59,11 @@ def _client(load_dir: str, tag: str) -> Dict[str, Any]:
 
 def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[str]:
     """Why a native checkpoint cannot be loaded at this run's layout (None when it can)."""
-    tp, saved_tp = args.tensor_model_parallel_size, int(client.get("mp_world_size", 1))
-    if saved_tp != tp:
-        return f"it was saved at tensor-parallel size {saved_tp}, this run uses {tp}"
+    saved = parallel_dimensions(client)
+    for size, flag, name in zip(saved, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                        "expert_model_parallel_size"), ("tensor", "pipeline", "expert")):
+        if size != getattr(args, flag, 1):
+            return f"it was saved at {name}-parallel size {size}, this run uses {getattr(args, flag, 1)}"
     stage, saved_stage = args.zero_stage, saved_zero_stage(client) or 0
     dp = args.data_parallel_size
     saved_dp = int(client.get("dp_world_size", dp))
@@ -128,7 +137,9 @@ def _check_parameter_names(client: Dict[str, Any], args, tag: str) -> None:
 
 def check_native(engine, args, tag: str, load_optim: bool) -> None:
     """Layout and tensor shapes of a native checkpoint against this run (raises CheckpointLoadError)."""
+    import torch
     from megatron.core import parallel_state as ps
+
 
     load_dir = args.load
     client = _client(load_dir, tag)
@@ -144,23 +155,27 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
             f"change it, convert with 'megatron-ext to-universal {load_dir}' and load that at ZeRO 1 or 2 with "
             "--universal-checkpoint)")
     if problem:
-        hint = "" if "tensor-parallel" in problem or zero3 else " (or pass --no-load-optim to load the weights only)"
+        hint = "" if "-parallel size" in problem or zero3 else " (or pass --no-load-optim to load the weights only)"
         raise CheckpointLoadError(
             f"--load {load_dir} ({tag}): {problem}; convert it with 'megatron-ext to-universal {load_dir}' and "
             f"add --universal-checkpoint{hint}")
-    path = client_state_file(os.path.join(load_dir, tag), ps.get_tensor_model_parallel_rank())
+    tag_dir = os.path.join(load_dir, tag)
+    mp_rank = torch.distributed.get_rank(ps.get_model_parallel_group())  # DeepSpeed's mp_rank_XX (training/mpu.py)
     try:
-        saved = load_states(path)
+        saved = load_states(client_state_file(tag_dir, mp_rank))
+        module = dict(saved.get("module") or {})
+        if holds_spread_experts(engine.module):  # this rank's experts are in a file of their own
+            module.update(load_states(os.path.join(
+                tag_dir, rank_experts_name(ps.get_expert_model_parallel_rank(), mp_rank))))
     except CheckpointFileError as e:
         raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
     # ZeRO 3 keeps empty tensors in the module and in the live model: whole shapes are DeepSpeed's
     # param_shapes in the file, ds_shape on the parameter
     whole = {n: tuple(s) for group in saved.get("param_shapes") or [] for n, s in group.items()} if zero3 else {}
-    _compare([(name, whole.get(name, tuple(t.shape))) for name, t in (saved.get("module") or {}).items()
-              if hasattr(t, "shape")],
+    _compare([(name, whole.get(name, tuple(t.shape))) for name, t in module.items() if hasattr(t, "shape")],
              [(name, tuple(getattr(t, "ds_shape", t.shape))) for name, t in engine.module.state_dict(keep_vars=True).items()
               if hasattr(t, "shape")],
-             load_dir, tag)
+             load_dir, tag, _names_of_every_rank(engine.module))
 
 
 def check_universal(engine, args, tag: str) -> None:
@@ -191,11 +206,30 @@ def check_universal(engine, args, tag: str) -> None:
         model.append((name, shape))
     # the converter also extracts persistent buffers (an MoE router's expert_bias): not parameters, not extra
     known = {name for name, _ in model} | {name for name, _ in engine.module.named_buffers()}
-    saved += [(name, None) for name in sorted(in_checkpoint - known) if os.path.isdir(os.path.join(zero, name))]
-    _compare(saved, model, args.load, tag)
+    # (a link is not a tensor of its own: a tied output layer's folder names the word embedding's)
+    saved += [(name, None) for name in sorted(in_checkpoint - known)
+              if os.path.isdir(os.path.join(zero, name)) and not os.path.islink(os.path.join(zero, name))]
+    _compare(saved, model, args.load, tag, _names_of_every_rank(engine.module))
 
 
-def _compare(saved: List[Tuple[str, Any]], model: List[Tuple[str, Any]], load_dir: str, tag: str) -> None:
+def _names_of_every_rank(model) -> Optional[set]:
+    """The tensor names of the whole model when it is split over ranks (pipeline stages, experts),
+    gathered from every rank (one collective); None when every rank holds the whole model."""
+    import torch
+
+
+    if not splits_model():
+        return None
+    mine = set(model.state_dict().keys())
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return set().union(*gathered)
+
+
+def _compare(saved: List[Tuple[str, Any]], model: List[Tuple[str, Any]], load_dir: str, tag: str,
+             whole_model: Optional[set] = None) -> None:
+    """Every tensor of this rank's model in the checkpoint with its shape, and nothing in the
+    checkpoint that is not in the model (``whole_model``: every rank's names, when ranks hold parts)."""
     saved_shapes = dict(saved)
     for name, shape in model:
         if name not in saved_shapes:
@@ -203,7 +237,7 @@ def _compare(saved: List[Tuple[str, Any]], model: List[Tuple[str, Any]], load_di
         if saved_shapes[name] != shape:
             raise _mismatch(load_dir, tag, f"first mismatch {name}: shape {_fmt(saved_shapes[name])} in the "
                                            f"checkpoint, {_fmt(shape)} in the model")
-    names = {name for name, _ in model}
+    names = whole_model if whole_model is not None else {name for name, _ in model}
     extra = [name for name, _ in saved if name not in names]
     if extra:
         raise _mismatch(load_dir, tag, f"{extra[0]} is in the checkpoint but not in the model")
@@ -253,8 +287,6 @@ def universal_state_warning(engine, args, tag: str) -> Optional[str]:
     """After a universal load with optimizer state: the optimizer's own warning (hook
     ``universal_checkpoint_loaded``: it re-created what cannot be resharded), else one naming the
     state the conversion did not carry (from its record), else None."""
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training.universal import read_record
 
     warning = optimizer_hooks.universal_checkpoint_loaded(engine.basic_optimizer)
     if warning:
@@ -265,3 +297,12 @@ def universal_state_warning(engine, args, tag: str) -> Optional[str]:
                 f"universal conversion keeps exp_avg, exp_avg_sq and step): --optimizer {args.optimizer} starts "
                 "it afresh")
     return None
+
+
+def universal_groups_by_role(engine):
+    """While DeepSpeed loads a universal checkpoint: each param group takes the saved group of its
+    role (experts spread over ranks apart), not the one at its position (``deepspeed_compat``); the
+    names of its parameters and its index stay this layout's."""
+
+    return universal_param_groups_paired_by(lambda group: (group.get("role"), bool(group.get("moe"))),
+                                            local_keys=("param_names", "group_index"))

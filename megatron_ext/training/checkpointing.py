@@ -4,6 +4,7 @@ rank, the LR schedule, and ``universal_checkpoint_info``. Megatron's
 ``latest_checkpointed_iteration.txt`` is written beside DeepSpeed's ``latest``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -12,9 +13,17 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from megatron_ext.checkpoint_layout import LATEST, TRACKER_FILE, own_checkpoints, read_latest, tag_for
+from megatron_ext.checkpoint_layout import (LATEST, TRACKER_FILE, own_checkpoints, parallel_dimensions,
+                                            rank_experts_name, read_latest, tag_for)
 from megatron_ext.fileio import DISCARD_PREFIX, TMP_PREFIX, discard_folder, publish_folder, write_text_atomically
 from megatron_ext.training.universal import universal_checkpoint_info
+from megatron_ext.checkpoint_layout import load_states
+from megatron_ext.models.parallel import holds_spread_experts
+from megatron_ext.models.parallel import is_expert_parameter
+from megatron_ext.platform.accelerator import _accel, has_gpu
+from megatron_ext.schedules.common.scheduler import LRSchedule, ScheduleResumeError
+from megatron_ext.training import checkpoint_loading as loading
+from megatron_ext.training.metrics import print_rank0
 
 CHECKPOINT_VERSION = 3.0
 
@@ -22,7 +31,6 @@ CHECKPOINT_VERSION = 3.0
 def rng_state() -> Dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ext.platform.accelerator import _accel, has_gpu
 
     state = {
         "random": random.getstate(),
@@ -41,7 +49,6 @@ def set_rng_state(state: Dict[str, Any], tensor_parallel: bool = True) -> None:
     change a saved stream belongs to another TP rank: ranks would share dropout masks)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ext.platform.accelerator import _accel, has_gpu
 
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
@@ -76,8 +83,13 @@ def save_checkpoint(engine, args, iteration: int, consumed_samples: int, schedul
         "consumed_samples": consumed_samples,
         "tokens": consumed_samples * args.seq_length,
         "lr_scheduler": scheduler.state_dict(),
-        "universal_checkpoint_info": universal_checkpoint_info(args),
     }
+    if engine.has_moe_layers:
+        # (expert parallelism: DeepSpeed's MoE save writes the module's attribute itself and refuses
+        # the key in the client state)
+        engine.module.universal_checkpoint_info = universal_checkpoint_info(args)
+    else:
+        client_state["universal_checkpoint_info"] = universal_checkpoint_info(args)
     rng = _gather_rng_states()
     if not args.no_save_rng:
         client_state["rng_state"] = rng
@@ -93,12 +105,45 @@ def save_checkpoint(engine, args, iteration: int, consumed_samples: int, schedul
     # save_latest=False: DeepSpeed would write `latest` in place, before our rename.
     engine.save_checkpoint(args.save, tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
     # DeepSpeed's save ends with a barrier: every rank's files are in the staging directory.
+    if save_rank_experts(engine.module, os.path.join(args.save, TMP_PREFIX + tag)):
+        torch.distributed.barrier()
     if rank0:
         publish_checkpoint(args.save, TMP_PREFIX + tag, tag, iteration)
         if args.keep_last:
             prune_checkpoints(args.save, args.keep_last)
     torch.distributed.barrier()
     return os.path.join(args.save, tag)
+
+
+def save_rank_experts(model, tag_dir: str) -> bool:
+    """Expert parallelism: DeepSpeed writes the module from data-parallel rank 0 only, which holds
+    expert-parallel rank 0's experts; each expert-parallel rank's experts are written here (by its
+    first expert-data-parallel rank, per pipeline stage). Returns whether the layout has them."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
+
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return False
+    experts = {name: p.detach().clone() for name, p in model.named_parameters() if is_expert_parameter(p)}
+    if experts and ps.get_expert_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        name = rank_experts_name(ps.get_expert_model_parallel_rank(), MegatronCoreMPU.get_model_parallel_rank())
+        torch.save(experts, os.path.join(tag_dir, name))
+    return True
+
+
+def load_rank_experts(model, tag_dir: str) -> None:
+    """This expert-parallel rank's experts (``save_rank_experts``), after DeepSpeed loaded the module."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
+
+    name = rank_experts_name(ps.get_expert_model_parallel_rank(), MegatronCoreMPU.get_model_parallel_rank())
+    experts = load_states(os.path.join(tag_dir, name))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in experts.items():
+            params[key].copy_(tensor)
 
 
 def publish_checkpoint(save_dir: str, staging: str, tag: str, iteration: int) -> None:
@@ -142,7 +187,6 @@ def _continual_pretraining_note(client: Dict[str, Any], args) -> str:
     """``--finetune`` (continual pretraining): the LR the checkpoint was at against the max LR this
     run warms up to; a checkpoint that had already cooled down is pointed out (the ALCF guide's
     advice: continue from a checkpoint taken at the max LR, before the cooldown)."""
-    from megatron_ext.schedules.common.scheduler import LRSchedule, ScheduleResumeError
 
     state = client.get("lr_scheduler") or {}
     try:
@@ -164,8 +208,6 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.training import checkpoint_loading as loading
-    from megatron_ext.training.metrics import print_rank0
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
     load_optim = not (args.no_load_optim or args.finetune)
@@ -179,16 +221,24 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
         loading.check_native(engine, args, tag, load_optim)
     engine._config.load_universal_checkpoint = universal  # the run's own newer native checkpoint may win
     fresh_optimizer = loading.optimizer_hyperparameters(engine)
-    path, client = engine.load_checkpoint(
-        args.load,
-        tag=tag,
-        load_optimizer_states=load_optim,
-        load_lr_scheduler_states=False,
-        load_module_only=args.finetune,
-    )
+    # Expert parallelism: DeepSpeed's module file (native) holds expert-parallel rank 0's experts; this
+    # rank's come from its own file (checked to be there: checkpoint_loading.check_native). A universal
+    # load takes every weight from the zero/ folders.
+    split_experts = ps.get_expert_model_parallel_world_size() > 1
+    with loading.universal_groups_by_role(engine) if universal else contextlib.nullcontext():
+        path, client = engine.load_checkpoint(
+            args.load,
+            tag=tag,
+            load_optimizer_states=load_optim,
+            load_lr_scheduler_states=False,
+            load_module_only=args.finetune,
+            load_module_strict=not split_experts,
+        )
     if path is None:
         raise RuntimeError(f"--load {args.load}: could not load checkpoint '{tag}'")
     start["path"] = os.path.dirname(path)  # DeepSpeed returns the model-states file inside the tag
+    if split_experts and not universal and holds_spread_experts(engine.module):
+        load_rank_experts(engine.module, start["path"])
     if universal:
         loading.restore_universal_buffers(engine, args.load, tag)
     if universal and not load_optim:  # DeepSpeed's universal path restores the optimizer regardless
@@ -210,6 +260,6 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
         # One state per data-parallel rank of the saving run (all equal: every rank is seeded alike
         # and draws alike). At another DP size a rank beyond the saved ones takes rank 0's.
         dp_rank = ps.get_data_parallel_rank()
-        same_tp = int(client.get("mp_world_size", 1)) == ps.get_tensor_model_parallel_world_size()
+        same_tp = parallel_dimensions(client)[0] == ps.get_tensor_model_parallel_world_size()
         set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0], tensor_parallel=same_tp)
     return start

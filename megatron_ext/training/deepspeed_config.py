@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 from megatron_ext.registry import EngineSettings
+from megatron_ext.optimizers import OPTIMIZERS
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -52,6 +53,10 @@ def build_deepspeed_config(args) -> dict:
         config = _merge(config, {k: v for k, v in user.items() if k not in BATCH_KEYS})
     if getattr(args, "universal_checkpoint", False):
         config = _merge(config, {"checkpoint": {"load_universal": True}})
+    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
+        # megatron-core's pipeline schedule runs the micro-batches' forward and backward passes; the
+        # engine's step is the accumulation boundary (training/pipeline.py)
+        config["managed_gradient_accumulation"] = False
     engine = engine_settings(config, 1)
     if engine.cpu_offload:  # also when the user's JSON asks for the offload
         config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -76,7 +81,6 @@ def fp32_gradient_accumulation(args, engine: EngineSettings) -> Optional[str]:
     """``--accumulate-allreduce-grads-in-fp32``: None when it applies (bf16 weights at ZeRO 1 without
     offload, DeepSpeed 0.19.8's bf16 optimizer, and an optimizer that runs under it), else why not
     (fp32 runs accumulate in fp32 anyway; elsewhere DeepSpeed accumulates in the weights' precision)."""
-    from megatron_ext.optimizers import OPTIMIZERS
 
     if not getattr(args, "accumulate_allreduce_grads_in_fp32", False) or engine.precision == "fp32":
         return "fp32"
@@ -88,11 +92,13 @@ def fp32_gradient_accumulation(args, engine: EngineSettings) -> Optional[str]:
     return None
 
 
-def engine_settings(config: dict, tensor_parallel: int) -> EngineSettings:
-    """The engine a (merged) DeepSpeed config gives."""
+def engine_settings(config: dict, tensor_parallel: int, pipeline_parallel: int = 1,
+                    expert_parallel: int = 1) -> EngineSettings:
+    """The engine a (merged) DeepSpeed config gives, for a layout."""
     zero = config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
     enabled = lambda key: bool((config.get(key) or {}).get("enabled", False))  # noqa: E731
     precision = "bf16" if enabled("bf16") else "fp16" if enabled("fp16") else "fp32"
     return EngineSettings(zero_stage=int(zero.get("stage", 0)), cpu_offload=offload,
-                          tensor_parallel=tensor_parallel, precision=precision)
+                          tensor_parallel=tensor_parallel, precision=precision, pipeline_parallel=pipeline_parallel,
+                          expert_parallel=expert_parallel)

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +25,14 @@ import torch
 
 from megatron_ext.argtypes import positive_int
 from megatron_ext.training import hellaswag
+from megatron_ext.data.gpt_data import build_corpus_validation_sets
+from megatron_ext.data.gpt_data import make_loader
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.training import pipeline
+from megatron_ext.training.loss import captured_logits, dp_mean, dp_sum, lm_losses, loss_mask_of, masked_mean
+from megatron_ext.training.loss import dp_sum
+from megatron_ext.training.loss import lm_losses
+from megatron_ext.training.metrics import print_rank0
 
 MC_SPLIT = "mc_eval"  # the metrics.jsonl split of multiple-choice records
 CORPUS_SPLIT = "validation_per_corpus"  # the metrics.jsonl split of per-corpus validation records
@@ -98,25 +105,6 @@ def mc_examples_for(args, tokenizer, notes: Optional[List[str]] = None) -> Optio
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def captured_logits(model):
-    """Keep the logits of the model's output layer (this rank's vocabulary shard, [s, b, v/tp]).
-
-    A hook, not a forward without labels: the loss stays the model's own (bit-identical to training's
-    ``lm_loss``), and megatron-core 0.16.1's GPTModel with MTP needs labels. Under MTP the output
-    layer also runs on each MTP depth first; the main logits are its last call."""
-    box = {}
-
-    def keep(_module, _inputs, output):
-        box["logits"] = output[0] if isinstance(output, tuple) else output
-
-    handle = model.output_layer.register_forward_hook(keep)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int, tp_rank: int = 0, tp_size: int = 1,
                           group=None) -> torch.Tensor:
     """Arg-max over the full vocabulary of logits split across tensor-parallel ranks (each rank holds
@@ -144,12 +132,11 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     """``{"lm_loss", "accuracy"}`` over the first ``iters`` (default ``--eval-iters``) global batches of ``dataset``.
 
     ``lm_loss`` is the mean of the micro-batch mean losses, averaged over data-parallel ranks;
-    ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank."""
+    ``accuracy`` is correct / unmasked positions summed over every micro-batch and rank. Under
+    pipeline parallelism each global batch's micro-batches pass the stages in one forward-only
+    schedule and the last stage scores them."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.data.gpt_data import make_loader
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training.loss import dp_mean, lm_loss
 
     iters = args.eval_iters if iters is None else iters
     if dataset is None or iters == 0:
@@ -160,20 +147,41 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     vocab = getattr(args, "vocab_size_unpadded", None) or args.padded_vocab_size
     tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
           ps.get_tensor_model_parallel_group())
-    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
-    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
-        for batch in make_loader(dataset, args, consumed=0, total=iters * args.global_batch_size):
-            with captured_logits(engine.module) as out:
-                total += lm_loss(engine, batch, device)
+
+    def forward(model, batch):
+        """The per-token losses; on the last stage also counts the arg-max hits."""
+        with captured_logits(engine.module if model is engine else model) as out:
+            losses = lm_losses(model, batch, device)
+        if "logits" in out:  # (the last stage)
             predicted = vocab_parallel_argmax(out["logits"], vocab, *tp).transpose(0, 1)  # [s, b] -> [b, s]
             labels = batch["labels"].to(device, non_blocking=True)
             mask = batch["loss_mask"].to(device, non_blocking=True) > 0
             hits[0] += ((predicted == labels) & mask).sum()
             hits[1] += mask.sum()
-            count += 1
+        return losses
+
+    def loss(losses, batch):
+        value = masked_mean(losses, loss_mask_of(batch, device))
+        return value, {"lm loss": value.detach().clone()}
+
+    # The optimizer's evaluation weights (schedule-free: the average x) while evaluating.
+    with torch.no_grad(), optimizer_hooks.evaluation_weights(engine.basic_optimizer, engine):
+        batches = make_loader(dataset, args, consumed=0, total=iters * args.global_batch_size)
+        if pipeline.is_pipelined():
+            group = []
+            for batch in batches:
+                group.append(batch)
+                count += 1
+                if len(group) == args.gradient_accumulation_steps:
+                    for kept in pipeline.schedule(engine, group, forward, loss, forward_only=True):
+                        total += kept["lm loss"]
+                    group = []
+        else:
+            for batch in batches:
+                total += loss(forward(engine, batch), batch)[0]
+                count += 1
     engine.train()
-    torch.distributed.all_reduce(hits, group=ps.get_data_parallel_group())
-    correct, positions = hits.tolist()
+    correct, positions = dp_sum(hits).tolist()
     return {"lm_loss": dp_mean(total / max(count, 1)),
             "accuracy": correct / positions if positions else float("nan")}
 
@@ -189,13 +197,11 @@ class CorpusValidation:
         a = plan.args
         if not a.eval_per_corpus:
             return None
-        from megatron_ext.data.gpt_data import build_corpus_validation_sets
 
         samples = a.eval_per_corpus_iters * a.global_batch_size
         return cls(build_corpus_validation_sets(a, plan.tokenizer, plan.data_sources, samples), a.eval_per_corpus_iters)
 
     def run(self, engine, args, device, iteration: int, consumed: int, metrics) -> dict:
-        from megatron_ext.training.metrics import print_rank0
 
         losses, ppls, accuracies = {}, {}, {}
         for name, dataset in self.datasets.items():
@@ -402,9 +408,12 @@ def _encode_as_lm_eval(tokenizer, example: MCExample, max_tokens: int) -> Encode
 TokenLogProbs = Callable[[List[List[int]]], List[List[float]]]
 
 
-def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogProbs) -> List[Tuple[float, int]]:
-    """(sum of the ending's token log-probabilities, number of ending tokens) for each ending."""
+def ending_log_likelihoods(example: EncodedMCExample, token_log_probs: TokenLogProbs) -> Optional[List[Tuple[float, int]]]:
+    """(sum of the ending's token log-probabilities, number of ending tokens) for each ending (None
+    on a pipeline stage before the last, which has no log-probabilities)."""
     per_token = token_log_probs(example.sequences)
+    if per_token is None:
+        return None
     return [(math.fsum(lp[len(lp) - n:]), n) for lp, n in zip(per_token, example.ending_lengths)]
 
 
@@ -427,13 +436,23 @@ def model_token_log_probs(engine, device) -> TokenLogProbs:
     invisible to earlier positions). The model's per-token loss with labels is exactly
     -log p(label): its vocabulary-parallel cross entropy, correct under tensor parallelism."""
 
-    def run(sequences: List[List[int]]) -> List[List[float]]:
+
+    def run(sequences: List[List[int]]) -> Optional[List[List[float]]]:
         width = max(len(s) for s in sequences) - 1
         pad = sequences[0][0]  # any valid id: padded positions are never read
         rows = [s + [pad] * (width + 1 - len(s)) for s in sequences]
         ids = torch.tensor(rows, dtype=torch.long, device=device)
         positions = torch.arange(width, dtype=torch.long, device=device).expand(len(rows), width)
-        losses = engine(input_ids=ids[:, :-1], position_ids=positions, attention_mask=None, labels=ids[:, 1:])
+        batch = dict(tokens=ids[:, :-1], position_ids=positions, labels=ids[:, 1:],
+                     loss_mask=torch.ones(ids[:, 1:].shape, device=device))
+        if pipeline.is_pipelined():  # one micro-batch through the stages; the last has the losses
+            kept = pipeline.schedule(engine, [batch], lambda model, b: lm_losses(model, b, device),
+                                     lambda losses, b: (losses.sum(), {"losses": losses.detach()}), forward_only=True)
+            if not kept:
+                return None
+            losses = kept[0]["losses"]
+        else:
+            losses = lm_losses(engine, batch, device)
         losses = losses.double().cpu()
         return [(-losses[i, : len(s) - 1]).tolist() for i, s in enumerate(sequences)]
 
@@ -459,8 +478,6 @@ class MultipleChoiceEval:
     def run(self, engine, device, iteration: int, consumed: int, metrics) -> dict:
         from megatron.core import parallel_state as ps
 
-        from megatron_ext.optimizers.common import hooks as optimizer_hooks
-        from megatron_ext.training.metrics import print_rank0
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         token_log_probs = model_token_log_probs(engine, device)
@@ -472,12 +489,12 @@ class MultipleChoiceEval:
             for first in range(0, len(self.examples), size):
                 index = first + rank
                 example = self.examples[index if index < len(self.examples) else 0]
-                choice = choose(ending_log_likelihoods(example, token_log_probs), example.characters)
-                if index < len(self.examples):
+                scores = ending_log_likelihoods(example, token_log_probs)
+                if scores is not None and index < len(self.examples):
+                    choice = choose(scores, example.characters)
                     counts += torch.tensor([*(int(k == example.label) for k in choice), 1], device=device)
         engine.train()
-        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
-        per_token, acc, acc_norm, n = counts.tolist()
+        per_token, acc, acc_norm, n = dp_sum(counts).tolist()
         record = dict(iteration=iteration, consumed_samples=consumed, acc=acc / n, acc_norm=acc_norm / n,
                       mc_accuracy=per_token / n, mc_examples=n, mc_rule=self.rule)
         print_rank0(f" multiple-choice eval at iteration {iteration} | acc: {acc / n:.4f} ({acc}/{n}) | "

@@ -32,6 +32,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_ext.argtypes import choice_ci, finite_float, nonneg_int, positive_int
 from megatron_ext.training.run_mode import RunMode
+from megatron_ext.platform.accelerator import current_device
+from megatron_ext.plotting import pyplot
+from megatron_ext.schedules.common.scheduler import ParamScheduler, build_weight_decay_schedule
+from megatron_ext.training.loss import dp_mean
+from megatron_ext.training.metrics import is_rank0, print_rank0
 
 DIR_NAME = "lr_finder"
 CSV_NAME = "lr_finder.csv"
@@ -258,7 +263,6 @@ def read_curve(path: str):
 
 def plot(path: str, lrs, losses, smoothed, suggestions: Dict[str, Any], title: str) -> bool:
     """Write the curve with the suggestions marked; False when matplotlib is not installed."""
-    from megatron_ext.plotting import pyplot
 
     plt = pyplot()
     if plt is None:
@@ -334,14 +338,12 @@ class LRFinder(RunMode):
     def scheduler(self, optimizer, plan=None):
         """The trainer's ``ParamScheduler`` (every group gets lr x lr_mult, the run's weight decay)
         driven by the sweep; a loaded checkpoint's schedule is not checked against it."""
-        from megatron_ext.schedules.common.scheduler import ParamScheduler, build_weight_decay_schedule
 
         return ParamScheduler(optimizer, _SweepSchedule(self), build_weight_decay_schedule(self.args), resume="override")
 
     def begin(self, start: dict, skipped_steps: int = 0) -> int:
         """The sweep starts at the start iteration (0, or a loaded checkpoint's) and the run ends
         with it: returns ``iteration + iters``."""
-        from megatron_ext.training.metrics import is_rank0, print_rank0
 
         iteration, consumed = start["iteration"], start["consumed_samples"]
         self.origin, self.start_iteration = float(consumed), iteration
@@ -365,7 +367,6 @@ class LRFinder(RunMode):
         ``skipped_steps`` is the engine's running count (fp16 overflow skips)."""
         import torch
 
-        from megatron_ext.platform.accelerator import current_device
 
         if skipped_steps - self._skipped_before > len(self.skipped_iterations):
             self.skipped_iterations.append(len(self.test.losses) + 1)
@@ -382,12 +383,10 @@ class LRFinder(RunMode):
 
     def after_iteration(self, lr: float, iteration_loss, engine) -> bool:
         """The trainer's hook: the data-parallel mean of the iteration's loss goes to ``record``."""
-        from megatron_ext.training.loss import dp_mean
 
         return self.record(lr, dp_mean(iteration_loss), engine.skipped_steps)
 
     def finish(self) -> Dict[str, Any]:
-        from megatron_ext.training.metrics import is_rank0, print_rank0
 
         t = self.test
         if t.stop_reason is None:  # ended by other means (e.g. another rank's decision)

@@ -30,10 +30,15 @@ class AuxiliaryLosses:
         from megatron.core.transformer.moe.router import TopKRouter
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
         # megatron-core keeps these trackers in module globals, sized by the first model that
         # logged into them: a second run in the same process (a sweep, a notebook) starts them anew.
+        # So does the MoE loss scale, which it copies into the tensor it kept first (a scalar here,
+        # shape [1] from megatron-core's pipeline schedule).
         get_moe_layer_wise_logging_tracker().clear()
         MTPLossLoggingHelper.tracker.clear()
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self.moe = args.num_experts is not None
         self.mtp = args.mtp_num_layers is not None
         self.routers: List[str] = []
@@ -82,7 +87,9 @@ class AuxiliaryLosses:
 
     def collect(self, micro_batches: int) -> Dict[str, object]:
         """metrics.jsonl fields for the ``micro_batches`` training micro-batches (per rank) since the
-        last call; resets the trackers and counts. Every data-parallel rank must call it."""
+        last call; resets the trackers and counts. Every rank must call it. Under pipeline
+        parallelism each stage holds its own MoE layers (and the last the MTP layers): each stage's
+        part, summed over its data-parallel ranks, is gathered over the pipeline group."""
         if not self.enabled:
             return {}
         from megatron.core import parallel_state as ps
@@ -90,31 +97,49 @@ class AuxiliaryLosses:
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
         group, dp = ps.get_data_parallel_group(), ps.get_data_parallel_world_size()
-        record: Dict[str, object] = {}
-        denominator = max(micro_batches, 1) * dp
+        stage: Dict[str, object] = {"routers": len(self.routers), "losses": {}}
         if self.moe:
             tracker = get_moe_layer_wise_logging_tracker()
             for name in sorted(tracker):
-                key = _MOE_TRACKED.get(name, f"moe_{name}")
                 values = tracker[name]["values"].detach().float().clone()
                 torch.distributed.all_reduce(values, group=group)  # gloo has no AVG: sum, then divide
-                record[key] = values.sum().item() / len(self.routers) / denominator
+                key = _MOE_TRACKED.get(name, f"moe_{name}")
+                stage["losses"][key] = stage["losses"].get(key, 0.0) + values.sum().item()
             clear_aux_losses_tracker()
             load = self.load.clone()
             torch.distributed.all_reduce(load, group=group)
-            record["expert_load"] = {name: row.tolist() for name, row in zip(self.routers, load)}
+            stage["expert_load"] = {name: row.tolist() for name, row in zip(self.routers, load)}
             self.load.zero_()
             if self.biases:  # --moe-router-enable-expert-bias: the bias after the last optimizer step
-                record["expert_bias"] = {name: router.expert_bias.tolist()
-                                         for name, router in zip(self.routers, self.biases)}
+                stage["expert_bias"] = {name: router.expert_bias.tolist()
+                                        for name, router in zip(self.routers, self.biases)}
         if self.mtp and "values" in MTPLossLoggingHelper.tracker:
             values = MTPLossLoggingHelper.tracker["values"].detach().float().clone()
             torch.distributed.all_reduce(values, group=group)
-            per_depth = (values / denominator).tolist()
-            record["mtp_loss"] = sum(per_depth) / len(per_depth)
-            record["mtp_losses"] = per_depth
+            stage["mtp_losses"] = (values / (max(micro_batches, 1) * dp)).tolist()
             MTPLossLoggingHelper.tracker["values"].zero_()
-        return record
+        stages = [stage]
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            stages = [None] * ps.get_pipeline_model_parallel_world_size()
+            torch.distributed.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+        return _merged(stages, max(micro_batches, 1) * dp)
+
+
+def _merged(stages: List[dict], denominator: int) -> Dict[str, object]:
+    """The record of the whole model from its pipeline stages' parts (in stage order)."""
+    record: Dict[str, object] = {}
+    routers = sum(part["routers"] for part in stages)
+    for part in stages:
+        for key, total in part["losses"].items():
+            record[key] = record.get(key, 0.0) + total / routers / denominator
+    for key in ("expert_load", "expert_bias"):
+        if any(key in part for part in stages):
+            record[key] = {name: row for part in stages for name, row in part.get(key, {}).items()}
+    per_depth = next((part["mtp_losses"] for part in stages if "mtp_losses" in part), None)
+    if per_depth is not None:
+        record["mtp_loss"] = sum(per_depth) / len(per_depth)
+        record["mtp_losses"] = per_depth
+    return record
 
 
 def log_line_fields(record: dict) -> str:

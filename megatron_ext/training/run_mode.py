@@ -4,6 +4,7 @@ the default; the LR finder (``training/lr_finder.py``) is another mode."""
 from __future__ import annotations
 
 import torch
+from megatron_ext.schedules.common.scheduler import ParamScheduler
 
 
 class RunMode:
@@ -33,7 +34,6 @@ class Training(RunMode):
         self.plan = plan
 
     def scheduler(self, optimizer, plan):
-        from megatron_ext.schedules.common.scheduler import ParamScheduler
 
         return ParamScheduler.from_args(optimizer, plan.args, plan.schedule)
 

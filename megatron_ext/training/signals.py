@@ -17,6 +17,7 @@ import signal
 from typing import Dict, Optional
 
 import torch
+from megatron_ext.platform.accelerator import copy_to_host_async
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -78,7 +79,6 @@ class ExitSignalHandler:
     def stop_requested(self, iteration: int) -> int:
         """The signal any rank had received by the previous boundary (0: none); every rank must call
         this at the same step boundaries."""
-        from megatron_ext.platform.accelerator import copy_to_host_async
 
         # torch.full is a fill kernel; torch.tensor([...], device=...) would copy from host memory and wait
         flag = torch.full((1,), self.received, dtype=torch.int64, device=self._device)

@@ -21,12 +21,31 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
+from megatron_ext.models.parallel import splits_model
+from megatron_ext.training import pipeline
 from megatron_ext.training.curvature_pass import curvature_pass
 from megatron_ext.training.expert_bias import ExpertBiasUpdate
+from megatron_ext.training.grad_norm import GradNormKeeper, global_grad_norm
 from megatron_ext.training.loss import dp_mean, lm_loss
 from megatron_ext.training.metrics import MetricsWriter, format_log_line, print_rank0, startup_table
 from megatron_ext.training.moe_mtp_metrics import AuxiliaryLosses
 from megatron_ext.training.run_mode import RunMode, Training
+from megatron_ext.data.gpt_data import build_datasets
+from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
+from megatron_ext.models.features import moe_mtp
+from megatron_ext.models.features.mla import attention_widths
+from megatron_ext.models.gpt import build_model
+from megatron_ext.models.parallel import parameter_counts
+from megatron_ext.optimizers import build_optimizer
+from megatron_ext.optimizers.common import hooks as optimizer_hooks
+from megatron_ext.platform import accelerator
+from megatron_ext.platform import accelerator, init_distributed
+from megatron_ext.training import checkpointing
+from megatron_ext.training.evaluation import CorpusValidation, MultipleChoiceEval
+from megatron_ext.training.evaluation import evaluate # loss + next-token accuracy (training/evaluation.py)
+from megatron_ext.training.expert_parallel import wire_expert_parallel
+from megatron_ext.training.lr_finder import LRFinder # --lr-finder (training/lr_finder.py)
+from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
 
 @dataclasses.dataclass
@@ -41,7 +60,6 @@ class TrainResult:
 
 def mode_for(plan) -> RunMode:
     if plan.args.lr_finder:
-        from megatron_ext.training.lr_finder import LRFinder  # --lr-finder (training/lr_finder.py)
 
         return LRFinder(plan.args)
     return Training(plan)
@@ -59,7 +77,6 @@ def set_seeds(seed: int) -> None:
 def flops_per_iteration(args, num_params: int) -> float:
     """Training FLOPs of one iteration: 6 per (active) parameter per token plus attention scores
     and their weighted sum of values (query-key and value widths: ``mla.attention_widths``)."""
-    from megatron_ext.models.features.mla import attention_widths
 
     tokens = args.global_batch_size * args.seq_length
     attention = 6 * args.num_layers * args.seq_length * sum(attention_widths(args))
@@ -72,7 +89,8 @@ class Session:
 
     device: Any
     model: Any
-    num_params: int
+    num_params: int  # the whole model's (every stage, shard and expert)
+    expert_params: int  # of them, the routed experts'
     optimizer: Any
     engine: Any
     datasets: tuple  # train, valid, test
@@ -83,37 +101,33 @@ def start_session(plan) -> Session:
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.data.gpt_data import build_datasets
-    from megatron_ext.models.gpt import build_model, count_parameters
-    from megatron_ext.optimizers import build_optimizer
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.platform import accelerator, init_distributed
-    from megatron_ext.training.mpu import MegatronCoreMPU
+    from megatron_ext.training.mpu import MegatronCoreMPU  # megatron-core, as above: only in a run
 
     args = plan.args
     dist = init_distributed(args.distributed_backend)
+    layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+    if ps.model_parallel_is_initialized() and layout != (ps.get_tensor_model_parallel_world_size(),
+                                                         ps.get_pipeline_model_parallel_world_size(),
+                                                         ps.get_expert_model_parallel_world_size()):
+        ps.destroy_model_parallel()  # an earlier run in this process had another layout
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+        ps.initialize_model_parallel(tensor_model_parallel_size=layout[0], pipeline_model_parallel_size=layout[1],
+                                     expert_model_parallel_size=layout[2])
     device = accelerator.device(dist.local_rank)
     set_seeds(args.seed)
     datasets = build_datasets(args, plan.tokenizer, plan.data_sources)
-    model = build_model(args, plan.tokenizer.vocab_size, plan.parametrization)
+    model = build_model(args, plan.tokenizer.vocab_size, plan.parametrization)  # this rank's stage and experts
+    wire_expert_parallel(model, args)  # --expert-model-parallel-size (training/expert_parallel.py)
     optimizer = build_optimizer(model, args, plan.parametrization)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config,
                                            mpu=MegatronCoreMPU)
     optimizer_hooks.engine_ready(optimizer, engine)  # optimizer hook protocol: optimizers/common/hooks.py
-    return Session(device, model, count_parameters(model), optimizer, engine, tuple(datasets))
+    total, experts = parameter_counts(model)
+    return Session(device, model, total, experts, optimizer, engine, tuple(datasets))
 
 
 def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     """Run ``plan`` (``megatron_ext.plan.build_plan``) in ``mode`` (default: what its flags ask)."""
-    from megatron_ext.models.features import moe_mtp
-    from megatron_ext.data.gpt_data import check_batch_tokens, make_loader
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.platform import accelerator
-    from megatron_ext.training import checkpointing
-    from megatron_ext.training.evaluation import CorpusValidation, MultipleChoiceEval
-    from megatron_ext.training.signals import ExitSignalHandler, startup_complete
 
     args = plan.args
     mode = mode or mode_for(plan)
@@ -124,7 +138,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     corpus_eval = CorpusValidation.from_plan(plan)  # --eval-per-corpus (training/evaluation.py)
     auxiliary = AuxiliaryLosses(s.model, args)  # MoE aux / MTP losses and expert load (training/moe_mtp_metrics.py)
     expert_bias = ExpertBiasUpdate(s.model, args)  # --moe-router-enable-expert-bias (training/expert_bias.py)
-    active_params = s.num_params - moe_mtp.idle_expert_parameters(s.model, args)
+    active_params = s.num_params - moe_mtp.idle_expert_parameters(s.expert_params, args)
     scheduler = mode.scheduler(optimizer, plan)
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
@@ -161,9 +175,12 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     flops = flops_per_iteration(args, active_params)
     last_checkpoint, saved_at = start["path"], iteration
     loss_acc = torch.zeros((), device=device)
-    # DeepSpeed computes the gradient norm for clipping but keeps it only for ZeRO/bf16/fp16.
+    # DeepSpeed computes the gradient norm for clipping but keeps it only for ZeRO/bf16/fp16; where
+    # the model is split over ranks its own fp32 clipping norm is wrong (training/grad_norm.py).
     plain_fp32_engine = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+    norm_keeper = GradNormKeeper(engine) if plain_fp32_engine and splits_model() else None
     own_grad_norm = None
+    pipelined = pipeline.is_pipelined()
     window_start, window_iters, tokens_per_second = time.time(), 0, 0.0
     startup_complete()  # a SIGTERM from here on is the loop's (train.py: before, it ends the start-up)
     exit_signal, stop_signal = ExitSignalHandler.from_args(args, device), 0  # --exit-signal-handler
@@ -181,15 +198,21 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
         if optimizer_hooks.curvature_pass_due(optimizer):  # e.g. SophiaG's Hessian refresh
             curvature_pass(engine, optimizer, batches, device, args.seed, iteration)
             expert_bias.discard_counts()  # the only counted forward besides training's (evaluation: no grad)
-        iteration_loss = torch.zeros((), device=device)
-        for batch in batches:
-            loss = lm_loss(engine, batch, device)
-            auxiliary.attach(loss)
-            engine.backward(loss)
-            if plain_fp32_engine and logging_now and engine.is_gradient_accumulation_boundary():
-                own_grad_norm = _measure_grad_norm(engine)
-            engine.step()
-            iteration_loss += loss.detach()
+        if pipelined:  # megatron-core's schedule through the stages, then the engine's step
+            iteration_loss = pipeline.train_step(engine, batches, device)
+        else:
+            iteration_loss = torch.zeros((), device=device)
+            for batch in batches:
+                loss = lm_loss(engine, batch, device)
+                auxiliary.attach(loss)
+                engine.backward(loss)
+                if (plain_fp32_engine and norm_keeper is None and logging_now
+                        and engine.is_gradient_accumulation_boundary()):
+                    own_grad_norm = global_grad_norm(engine.module)
+                engine.step()
+                iteration_loss += loss.detach()
+        if norm_keeper is not None:
+            own_grad_norm = norm_keeper.last
         expert_bias.after_optimizer_step()  # once per optimizer step, after its last micro-batch
         loss_acc += iteration_loss
         iteration += 1
@@ -257,17 +280,7 @@ def pretrain(plan, mode: Optional[RunMode] = None) -> TrainResult:
     return TrainResult(iteration, consumed, train_losses, valid_losses, last_checkpoint, tokens_per_second)
 
 
-def _measure_grad_norm(engine) -> float:
-    """The TP-aware global gradient norm (max_norm=inf: measure only; DeepSpeed does the clipping).
-    An extra pass and all-reduce, so only on iterations that are logged."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    return float(clip_grad_norm_(engine.module.parameters(), float("inf"), mpu=engine.mpu))
-
-
 def _save(engine, optimizer, args, iteration, consumed, scheduler) -> str:
-    from megatron_ext.optimizers.common import hooks as optimizer_hooks
-    from megatron_ext.training import checkpointing
 
     with optimizer_hooks.evaluation_weights(optimizer, engine):
         path = checkpointing.save_checkpoint(engine, args, iteration, consumed, scheduler)
@@ -276,7 +289,6 @@ def _save(engine, optimizer, args, iteration, consumed, scheduler) -> str:
 
 
 def _log_eval(engine, dataset, args, device, iteration, consumed, metrics, split) -> Optional[float]:
-    from megatron_ext.training.evaluation import evaluate  # loss + next-token accuracy (training/evaluation.py)
 
     result = evaluate(engine, dataset, args, device)
     if result is None:

@@ -88,6 +88,13 @@ def universal_checkpoint_info(args) -> Dict[str, Any]:
     if getattr(args, "swiglu", False):
         # SwiGLU's fused gate/up: a TP shard is [gate_r; up_r], the whole matrix [gate; up].
         info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*linear_fc1\.(weight|bias)$"]
+    if (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
+        # the last stage's copy of the word embedding (models/parallel.py): the first stage's is the tensor
+        replicas = [] if getattr(args, "untie_embeddings_and_output_weights", True) else [r"^output_layer\.weight$"]
+        if getattr(args, "mtp_num_layers", None):
+            replicas.append(r"^embedding\.word_embeddings\.weight$")
+        if replicas:
+            info[c.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = replicas
     return info
 
 
@@ -110,6 +117,7 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
                               "converter needs a ZeRO 1, 2 or 3 checkpoint (a ZeRO 0 checkpoint already loads at "
                               "any data-parallel size with the same tensor-parallel size)")
     saved = client.get("args") or {}
+    tp, pp, ep = layout.parallel_dimensions(client)
     return {
         "client": client,
         "model_files": models,
@@ -117,7 +125,7 @@ def check_input(tag_dir: str) -> Dict[str, Any]:
         "iteration": client.get("iteration"),
         "consumed_samples": client.get("consumed_samples"),
         "tokens": client.get("tokens"),
-        "tp": client.get("mp_world_size", saved.get("tensor_model_parallel_size")),
+        "tp": tp, "pp": pp, "ep": ep,
         "dp": client.get("dp_world_size", saved.get("data_parallel_size")),
         "zero_stage": stage,
         "zero3": layout.is_zero3(tag_dir),
@@ -132,10 +140,13 @@ def _pattern_keys():
             c.PARAMETER_TO_AVERAGE_PATTERNS, c.PIPELINE_REPLICATED_PARAMETER_PATTERNS)
 
 
-def conversion_info(client: Dict[str, Any], param_names: List[str]) -> Dict[str, Any]:
+def conversion_info(client: Dict[str, Any], param_names: List[str],
+                    later_stage_names: Optional[List[str]] = None) -> Dict[str, Any]:
     """``universal_checkpoint_info`` for the converter: rebuilt from the saved args (so checkpoints
     written before a fix of the patterns convert right), with only the patterns that match a
-    parameter (DeepSpeed's converter fails on unused ones)."""
+    parameter it merges (DeepSpeed's converter fails on unused ones). ``param_names``: every
+    parameter of the checkpoint; ``later_stage_names``: those only pipeline stages after the first
+    hold (the converter skips the pipeline replicas among them: a tied output layer)."""
     from deepspeed.checkpoint import constants as c
 
     if client.get("args"):
@@ -143,9 +154,15 @@ def conversion_info(client: Dict[str, Any], param_names: List[str]) -> Dict[str,
     else:  # a Megatron-DeepSpeed checkpoint: its own info
         info = dict(client["universal_checkpoint_info"])
     info.setdefault(c.UNIVERSAL_CHECKPOINT_VERSION_KEY, c.UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    replicated = info.get(c.PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
+    skipped = {n for n in later_stage_names or () if any(re.match(p, n) for p in replicated)}
+    merged = [n for n in param_names if n not in skipped]
     for key in _pattern_keys():
         if key in info:
-            info[key] = [p for p in info[key] if any(re.match(p, n) for n in param_names)]
+            names = param_names if key == c.PIPELINE_REPLICATED_PARAMETER_PATTERNS else merged
+            info[key] = [p for p in info[key] if any(re.match(p, n) for n in names)]
+            if not info[key] and key == c.PIPELINE_REPLICATED_PARAMETER_PATTERNS:
+                del info[key]
     return info
 
 
@@ -161,7 +178,10 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _stage_model_states(src: str, dst: str) -> None:
+def _stage_model_states(src: str, dst: str, names: List[str], later: List[str], experts: Dict[str, Any]) -> None:
+    """``experts``: the shapes of the experts other expert-parallel ranks held at this model-parallel
+    rank (DeepSpeed's file, from data-parallel rank 0, lists its own only; the converter merges the
+    parameters listed)."""
     import torch
 
     from deepspeed.checkpoint import constants as c
@@ -170,7 +190,13 @@ def _stage_model_states(src: str, dst: str) -> None:
     module = state["module"]
     # megatron-core modules put `_extra_state = None` in their state dict; the converter needs tensors.
     state["module"] = type(module)((k, v) for k, v in module.items() if torch.is_tensor(v))
-    state[c.UNIVERSAL_CHECKPOINT_INFO] = conversion_info(state, _param_names(state))
+    state[c.UNIVERSAL_CHECKPOINT_INFO] = conversion_info(state, names, later)
+    shapes = state.get(c.PARAM_SHAPES) or []
+    listed = {n for group in shapes for n in group}
+    expert_group = next((g for g in shapes if any(".local_experts." in n for n in g)), shapes[-1] if shapes else None)
+    for name, shape in experts.items():
+        if name not in listed and expert_group is not None:
+            expert_group[name] = shape
     torch.save(state, dst)
 
 
@@ -206,9 +232,26 @@ def stage_optim_states(src: str, dst: str, record: Dict[str, Any],
         link_or_copy(src, dst)
 
 
+def _names_by_stage(tag_dir: str, models: List[str]):
+    """(every parameter name of the checkpoint, those only pipeline stages after the first hold,
+    the experts of every expert-parallel rank by model-parallel rank: name -> shape)."""
+    experts: Dict[int, Dict[str, Any]] = {}
+    for path in layout.rank_experts_files(tag_dir):
+        mp = int(layout.RANK_EXPERTS.fullmatch(os.path.basename(path)).group("tp"))
+        experts.setdefault(mp, {}).update({n: t.shape for n, t in load_states(path).items()})
+    first, later = [], []
+    for path in models:
+        client = load_states(path)
+        tp = layout.parallel_dimensions(client)[0]
+        stage_names = _param_names(client) + list(experts.get(layout.tp_rank_of(path), {}))
+        (first if layout.tp_rank_of(path) < tp else later).extend(stage_names)
+    return sorted(set(first + later)), sorted(set(later) - set(first)), experts
+
+
 def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
     os.makedirs(staged)
     models, optims = model_states_files(tag_dir), optim_states_files(tag_dir)
+    names, later, experts = _names_by_stage(tag_dir, models)
     zero3_names = {}  # TP rank -> the parameter names of each group (ZeRO 3 partitions do not name them)
     if layout.is_zero3(tag_dir):
         zero3_names = {tp: [list(group) for group in client_state(tag_dir, tp).get("param_shapes") or []]
@@ -218,7 +261,9 @@ def _stage_input(tag_dir: str, staged: str, record: Dict[str, Any]) -> None:
         if not os.path.isfile(src):
             continue
         if src in models:
-            _stage_model_states(src, dst)
+            _stage_model_states(src, dst, names, later, experts.get(layout.tp_rank_of(src), {}))
+        elif layout.RANK_EXPERTS.fullmatch(name):
+            continue  # (their weights come from the optimizer partitions, as every parameter's)
         elif src in optims:
             stage_optim_states(src, dst, record, zero3_names.get(layout.tp_rank_of(src)))
         else:
@@ -301,11 +346,14 @@ def convert(tag_dir: str, output_dir: Optional[str] = None, options: ConverterOp
             raise ConversionError(f"DeepSpeed's ds_to_universal failed on {tag_dir}: {type(e).__name__}: "
                                   f"{detail}{hint}") from None
         drop_placeholders(staged_out, record)
+        _every_param_group(staged_in, staged_out)
+        link_tied_output(staged_out, facts["client"])
         params, carried = converted_listing(staged_out)
         summary = {
             "source": tag_dir, "output": output_dir,
             "iteration": facts["iteration"], "consumed_samples": facts["consumed_samples"], "tokens": facts["tokens"],
-            "tensor_model_parallel_size": facts["tp"], "data_parallel_size": facts["dp"],
+            "tensor_model_parallel_size": facts["tp"], "pipeline_model_parallel_size": facts["pp"],
+            "expert_model_parallel_size": facts["ep"], "data_parallel_size": facts["dp"],
             "zero_stage": facts["zero_stage"], "parameters": len(params),
             "carried": carried, "not_carried": sorted(record["not_carried"]),
         }
@@ -376,6 +424,46 @@ def _complete_zero3_output(staged_in: str, out: str, keep_temp_folder: bool) -> 
             os.unlink(path)
 
 
+def _every_param_group(staged_in: str, out: str) -> None:
+    """``zero/optimizer_state.pt`` gets the param groups of every partition file: DeepSpeed's
+    converter keeps those of the first (stage 0, tensor rank 0, data-parallel rank 0), without the
+    groups only later pipeline stages or other expert-parallel ranks have (the final norm's, the
+    output layer's, ...). Groups are told apart by their role (and expert or not); a universal load
+    pairs them the same way (``checkpoint_loading.universal_groups_by_role``)."""
+    import torch
+
+    from deepspeed.checkpoint import constants as c
+
+    path = layout.universal_optimizer_state_file(out)
+    if not os.path.isfile(path):
+        return
+    state = load_states(path, mmap=False)
+    key = lambda group: (group.get("role"), bool(group.get("moe")))  # noqa: E731
+    groups = {key(g): g for g in state.get("param_groups") or []}
+    if len(groups) < len(state.get("param_groups") or []):  # not role groups (another trainer's): as converted
+        return
+    for partition in optim_states_files(staged_in):
+        optimizer = load_states(partition)[c.OPTIMIZER_STATE_DICT]
+        base = optimizer.get(c.BASE_OPTIMIZER_STATE) or optimizer.get(c.OPTIMIZER_STATE_DICT) or {}
+        for group in base.get("param_groups") or []:
+            groups.setdefault(key(group), group)
+    if len(groups) > len(state["param_groups"]):
+        state["param_groups"] = list(groups.values())
+        torch.save(state, path)
+
+
+def link_tied_output(out: str, client: Dict[str, Any]) -> None:
+    """A tied output layer IS the word embedding: ``zero/output_layer.weight`` names its folder, which
+    a pipeline-parallel run's last stage loads its copy from."""
+    saved = client.get("args") or {}
+    embedding = layout.universal_state_file(out, "embedding.word_embeddings.weight")
+    output = os.path.dirname(layout.universal_state_file(out, "output_layer.weight"))
+    if saved.get("untie_embeddings_and_output_weights", True) or not os.path.isfile(embedding) \
+            or os.path.lexists(output):
+        return
+    os.symlink(os.path.basename(os.path.dirname(embedding)), output)
+
+
 def drop_placeholders(out: str, record) -> None:
     """Remove the zero-filled optimizer moments staged for DeepSpeed's converter (not carried)."""
     for name, key in record["placeholders"]:
@@ -406,7 +494,8 @@ def describe(summary: Dict[str, Any]) -> str:
     tokens = f", {s['tokens']} tokens" if s.get("tokens") is not None else ""
     lines = [
         f"converted {s['source']} (iteration {s['iteration']}, {s['consumed_samples']} samples{tokens}; "
-        f"TP={s['tensor_model_parallel_size']}, DP={s['data_parallel_size']}, ZeRO {s['zero_stage']})",
+        f"TP={s['tensor_model_parallel_size']}, PP={s.get('pipeline_model_parallel_size', 1)}, "
+        f"EP={s.get('expert_model_parallel_size', 1)}, DP={s['data_parallel_size']}, ZeRO {s['zero_stage']})",
         f"wrote {s['output']}: {s['parameters']} parameters (fp32 weights; optimizer state "
         f"{', '.join(k for k in s['carried'] if k != 'fp32') or 'none'}) and the run's client state (iteration, "
         "consumed samples, LR schedule, RNG)",
@@ -415,6 +504,6 @@ def describe(summary: Dict[str, Any]) -> str:
         lines.append(f"not carried (the optimizer re-creates them on load): {', '.join(s['not_carried'])}")
     load_dir = os.path.dirname(s["output"])
     lines.append(f"wrote {s['latest_universal']} -> {os.path.basename(s['output'])}")
-    lines.append(f"load it at any data-parallel / tensor-parallel size (ZeRO 1 or 2) with: "
+    lines.append(f"load it at any data-, tensor-, pipeline- or expert-parallel size (ZeRO 1 or 2) with: "
                  f"--load {load_dir} --universal-checkpoint")
     return "\n".join(lines)

@@ -82,7 +82,11 @@ def noise_free(stderr: str) -> List[str]:
 class Run:
     proc: subprocess.CompletedProcess
     records: List[dict]  # one per logged iteration (record_run.py)
-    report: Optional[dict]  # MEGATRON_EXT_REPORT
+    reports: List[Optional[dict]]  # MEGATRON_EXT_REPORT of every rank
+
+    @property
+    def report(self) -> Optional[dict]:
+        return self.reports[0]
 
     @property
     def losses(self) -> Dict[int, float]:
@@ -100,13 +104,18 @@ class Fork:
         self.root, self.work, self.data_prefix = root, work, data_prefix
         self._runs = 0
 
-    def ds_config(self, zero_stage: int = 1) -> str:
-        path = os.path.join(self.work, f"ds_zero{zero_stage}.json")
+    def ds_config(self, zero_stage: int = 1, bf16: bool = False, micro: int = MICRO) -> str:
+        """DeepSpeed's JSON for the run (it derives the accumulation steps from the batch sizes and
+        the data-parallel size)."""
+        path = os.path.join(self.work, f"ds_zero{zero_stage}{'_bf16' if bf16 else ''}_micro{micro}.json")
         if not os.path.exists(path):
+            config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": micro,
+                      "zero_optimization": {"stage": zero_stage},
+                      "gradient_clipping": 1.0, "steps_per_print": 100000, "wall_clock_breakdown": False}
+            if bf16:
+                config["bf16"] = {"enabled": True}
             with open(path, "w") as f:
-                json.dump({"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
-                           "gradient_accumulation_steps": 1, "zero_optimization": {"stage": zero_stage},
-                           "gradient_clipping": 1.0, "steps_per_print": 100000, "wall_clock_breakdown": False}, f)
+                json.dump(config, f)
         return path
 
     def env(self, extra: Optional[dict] = None) -> dict:
@@ -114,6 +123,10 @@ class Fork:
         env.update(PYTHONPATH=os.pathsep.join([STANDINS, REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1",
                    LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        # DeepSpeed compiles its CPU shared-memory comm op at start-up into torch's extension cache; a
+        # cache of this environment's own (its build command names this environment's paths, so a
+        # cache shared with other environments is rebuilt, minutes, whenever another one used it last)
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         env.update(extra or {})
         return env
 
@@ -129,16 +142,19 @@ class Fork:
         return path
 
     def run(self, flags: List[str], *, plugins: Optional[str] = None, via: str = "env", iters: int = 20,
-            zero_stage: int = 1, nproc: int = 1, pipeline_model: bool = False, check: bool = True,
-            timeout: int = 600) -> Run:
+            zero_stage: int = 1, nproc: int = 1, pipeline_model: bool = False, bf16: bool = False,
+            micro: int = MICRO, tied: bool = False, check: bool = True, timeout: int = 600) -> Run:
         """``pretrain_gpt_alcf.py`` on the tiny model and the test corpus, ``flags`` last (they win).
         ``plugins``: None (the fork alone) or a mode; ``via``: how they are switched on: ``env``
         (MEGATRON_EXT_PLUGINS and the start-up hook), ``module`` (``python -m
         megatron_ext.megatron_deepspeed``) or ``install`` (an entry point calling ``install()``).
-        ``pipeline_model``: the fork's GPTModelPipe (its default) instead of ``--no-pipeline-parallel``."""
+        ``pipeline_model``: the fork's GPTModelPipe (its default) instead of ``--no-pipeline-parallel``;
+        ``bf16``: ``--bf16`` and a DeepSpeed config with bf16 on; ``micro``: the micro-batch size (the
+        global batch stays GLOBAL: 2 for two data-parallel ranks); ``tied``: the output layer tied to
+        the word embedding (TINY's flag unties them, and the fork has no flag to tie them back)."""
         self._runs += 1
         out = os.path.join(self.work, f"run{self._runs}.jsonl")
-        report = os.path.join(self.work, f"run{self._runs}.report.json")
+        report = os.path.join(self.work, f"run{self._runs}.report.{{rank}}.json")
         extra = {"MEGATRON_EXT_REPORT": report}
         target = ["pretrain_gpt_alcf.py"]
         if plugins is not None and via == "env":
@@ -147,10 +163,12 @@ class Fork:
             target = ["-m", "megatron_ext.megatron_deepspeed", "--plugins", plugins, "pretrain_gpt_alcf.py"]
         elif plugins is not None and via == "install":
             target = [os.path.basename(self.entry_with_install())]
-        tiny = [f for f in TINY if not (pipeline_model and f == "--no-pipeline-parallel")]
+        dropped = {"--no-pipeline-parallel": pipeline_model, "--untie-embeddings-and-output-weights": tied}
+        tiny = [f for f in TINY if not dropped.get(f)]
         argv = [RECORDER, out, *target, *tiny, "--train-iters", str(iters), "--data-path", self.data_prefix,
                 "--tokenizer-model", os.path.join(self.root, "ALCF", "tokenizer.model"),
-                "--deepspeed_config", self.ds_config(zero_stage), "--zero-stage", str(zero_stage), *flags]
+                "--deepspeed_config", self.ds_config(zero_stage, bf16, micro), "--zero-stage", str(zero_stage),
+                "--micro-batch-size", str(micro), *(["--bf16"] if bf16 else []), *flags]
         env = self.env(extra)
         if nproc == 1:
             cmd = [sys.executable, *argv]
@@ -159,12 +177,13 @@ class Fork:
                    "--master_port", env["MASTER_PORT"], *argv]
             for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 env.pop(var)
-        proc = subprocess.run(cmd, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_process_tree(cmd, cwd=self.root, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"fork run failed ({proc.returncode}): {' '.join(cmd[1:])}\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         records = [json.loads(line) for line in open(out)] if os.path.exists(out) else []
-        return Run(proc, records, json.load(open(report)) if os.path.exists(report) else None)
+        reports = [report.replace("{rank}", str(rank)) for rank in range(nproc)]
+        return Run(proc, records, [json.load(open(r)) if os.path.exists(r) else None for r in reports])
 
     def run_ours(self, flags: List[str], *, iters: int = 20, check: bool = True, timeout: int = 600):
         """Our trainer on the same model and data; returns ``{iteration: (loss, lr)}`` from metrics.jsonl."""
@@ -192,6 +211,37 @@ class Fork:
         if check and proc.returncode != 0:
             raise AssertionError(f"megatron-ext {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
         return proc
+
+
+def run_process_tree(cmd: List[str], timeout: int, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run``, but on timeout every descendant is killed too: torchrun's ranks (process
+    groups of their own) and their data-loader workers would outlive a killed launcher, e.g. ranks
+    waiting in a collective."""
+    import psutil  # a DeepSpeed dependency
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = psutil.Process(proc.pid)
+            for process in [tree, *tree.children(recursive=True)]:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            out, err = proc.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd[1:])}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def checkpoint_at(save: str, iteration: int, copy: str) -> str:
+    """A load directory holding only ``save``'s checkpoint at ``iteration``."""
+    os.makedirs(copy)
+    shutil.copytree(os.path.join(save, f"global_step{iteration}"), os.path.join(copy, f"global_step{iteration}"))
+    for name, text in (("latest", f"global_step{iteration}"), ("latest_checkpointed_iteration.txt", str(iteration))):
+        with open(os.path.join(copy, name), "w") as f:
+            f.write(text)
+    return copy
 
 
 def check_packages() -> Optional[str]:

@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from megatron_deepspeed.fork_harness import noise_free
+from megatron_deepspeed.fork_harness import checkpoint_at, noise_free
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_our_adamw_and_cosine_match_the_forks_own(fork_alone, fork_with_ours):
 
 def test_a_checkpoint_saved_with_the_plugins_continues_in_the_fork_alone(fork, fork_alone, fork_with_ours):
     """Same ZeRO layout both ways: the fork alone resumes our AdamW's checkpoint natively."""
-    load = _at_iteration(fork_with_ours[1], 10, os.path.join(fork.work, "plugins-at-10"))
+    load = checkpoint_at(fork_with_ours[1], 10, os.path.join(fork.work, "plugins-at-10"))
     resumed = fork.run(["--optimizer", "adamw", "--lr-decay-style", "cosine", "--load", load])
     assert sorted(resumed.losses) == list(range(11, 21))
     for it in range(11, 21):
@@ -54,7 +54,7 @@ def test_muon_and_wsd_train_and_resume_exactly_through_the_forks_checkpoints(for
     assert full.lrs[2] == pytest.approx(1e-3) and full.lrs[14] == pytest.approx(1e-3)
     assert full.lrs[16] < 1e-3 and full.lrs[20] == pytest.approx(1e-5)
     assert full.losses[20] < full.losses[1] - 0.3
-    resumed = fork.run([*flags, "--load", _at_iteration(save, 10, os.path.join(fork.work, "muon-at-10"))],
+    resumed = fork.run([*flags, "--load", checkpoint_at(save, 10, os.path.join(fork.work, "muon-at-10"))],
                        plugins="all", via="module")
     assert sorted(resumed.losses) == list(range(11, 21))
     for it in range(11, 21):
@@ -93,7 +93,7 @@ def test_mup_multipliers_act_on_the_forks_model(fork, fork_with_ours):
     # rounding; the standard parametrization's small initial logits are measurably off it
     assert applied["logit_multiplier"] == pytest.approx(0.5e-6)
     assert abs(wide.losses[1] - LN_VOCAB) < 2e-5 and abs(sp.losses[1] - LN_VOCAB) > 1e-4
-    assert applied["hook_calls"]["logits"] >= 4  # the LM head's input was scaled every forward
+    assert applied["hook_calls"]["logits"] >= 4  # the final norm (its output: the LM head's input) was scaled every forward
     assert applied["redrawn"]["hidden"] == pytest.approx(0.02 / math.sqrt(2))
     assert applied["measured_std"]["hidden"] == pytest.approx(0.02 / math.sqrt(2), rel=0.05)
     assert applied["softmax_scale"] == pytest.approx(math.sqrt(8) / 16) and applied["attention_modules"] == 2
@@ -155,16 +155,6 @@ def test_a_bad_plugin_flag_is_one_line_before_any_work(fork, flags, message):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def _at_iteration(save: str, iteration: int, copy: str) -> str:
-    """A load directory holding only ``save``'s checkpoint at ``iteration``."""
-    os.makedirs(copy)
-    shutil.copytree(os.path.join(save, f"global_step{iteration}"), os.path.join(copy, f"global_step{iteration}"))
-    for name, text in (("latest", f"global_step{iteration}"), ("latest_checkpointed_iteration.txt", str(iteration))):
-        with open(os.path.join(copy, name), "w") as f:
-            f.write(text)
-    return copy
 
 
 def _our_schedule(**kw):

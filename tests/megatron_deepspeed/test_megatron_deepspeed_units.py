@@ -8,12 +8,14 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import types
 
 import pytest
 import torch
 
 from megatron_deepspeed.fork_harness import REPO, noise_free
-from megatron_ext.megatron_deepspeed import activation, arguments, names, optimizer, project_api, scheduler
+from megatron_ext.megatron_deepspeed import activation, arguments, layouts, names, optimizer, parametrization, project_api, \
+    scheduler
 
 # -- names and roles -----------------------------------------------------------------------------
 
@@ -56,6 +58,35 @@ def test_pipeline_model_names_get_the_right_roles():
     for name, role in pipe.items():
         core = names.core_name(name, pipeline=True)
         assert _role(core, (8,) if "norm" in role else (8, 8)) == role, name
+
+
+@pytest.mark.parametrize("tied, moe", [(False, False), (True, False), (False, True)])
+def test_a_whole_pipeline_model_maps_to_megatron_core_names_and_back(tied, moe):
+    """GPTModelPipe's positions: 1 the embedding, 2-4 the three layers, (MoE: 5 caches its loss), then
+    the final norm and the output layer; a tied embedding named by its tie key."""
+    layout = names.PipeLayout(3, moe=moe, tied=tied)
+    norm = 5 + moe
+    pipe = {("tied_modules.embed." if tied else "1.") + "word_embeddings.weight": "embedding.word_embeddings.weight",
+            "2.input_layernorm.weight": "decoder.layers.0.input_layernorm.weight",
+            "4.self_attention.query_key_value.weight": "decoder.layers.2.self_attention.linear_qkv.weight",
+            f"{norm}.weight": "decoder.final_layernorm.weight"}
+    if not tied:
+        pipe[f"{norm + 1}.lm_head.weight"] = "output_layer.weight"
+    if moe:
+        pipe["3.mlp.deepspeed_moe.experts.deepspeed_experts.1.dense_h_to_4h.weight"] = \
+            "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert names.rename_map(pipe, pipe=layout) == pipe
+    assert names.rename_map(pipe.values(), to_core=False, pipe=layout) == {core: n for n, core in pipe.items()}
+    for stray in (f"{norm + 2}.lm_head.weight", "5.input_layernorm.weight" if not moe else "6.input_layernorm.weight"):
+        with pytest.raises(names.UnknownParameterError):
+            names.rename_map([stray], pipe=layout)
+
+
+def test_a_zero_3_partitioned_matrix_is_hidden_not_a_norm():
+    """Under ZeRO 3 the fork's parameters are empty 1-D placeholders; DeepSpeed keeps the shape."""
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([24, 8])
+    assert project_api.param_role("decoder.layers.0.self_attention.linear_qkv.weight", placeholder) == "hidden"
 
 
 def test_an_unknown_parameter_is_refused_in_one_line():
@@ -103,6 +134,103 @@ def test_element_wise_optimizers_get_the_forks_two_groups_and_matrix_optimizers_
     muon = optimizer.build([model], args, project_api.parametrization_for(args))
     assert [(g["role"], g["use_matrix"]) for g in muon.param_groups] == [
         ("embedding", False), ("norm", False), ("hidden", True), ("final_norm", False), ("output", False)]
+
+
+def test_groups_split_to_the_count_of_the_rank_with_the_most_keeping_their_options():
+    """DeepSpeed's ZeRO reduces each group's grad norm over the model-parallel group: a pipeline stage
+    with fewer roles than another must still have as many groups (it hung at PP 2)."""
+    args = _our_args("--optimizer", "muon")
+    groups = project_api.param_groups(optimizer.NamedAsCore([FakeForkModel()]), project_api.parametrization_for(args))
+    split = optimizer.split_to_count(groups, len(groups) + 1)  # the hidden group (2 matrices) in two
+    assert len(split) == len(groups) + 1 and [g["role"] for g in split].count("hidden") == 2
+    names_of = lambda gs: [n for g in gs for n in g["param_names"]]  # noqa: E731
+    assert names_of(split) == names_of(groups)  # every parameter once, in order, with its own name
+    for g in split:
+        original = next(o for o in groups if o["role"] == g["role"])
+        assert {k: v for k, v in g.items() if k not in ("params", "param_names")} == \
+            {k: v for k, v in original.items() if k not in ("params", "param_names")}
+        assert [id(p) for p in g["params"]] == [id(p) for p, n in zip(original["params"], original["param_names"])
+                                                  if n in g["param_names"]]
+    with pytest.raises(Exception, match="cannot split its 5 into as many"):
+        optimizer.split_to_count(groups, 99)
+
+
+def test_an_expert_is_redrawn_per_data_parallel_rank_and_swiglu_fc1_sharded_as_gate_r_up_r(monkeypatch):
+    expert, dense = torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(4, 2))
+    expert.allreduce = False  # DeepSpeed-MoE's mark
+    monkeypatch.setattr("megatron.core.parallel_state.get_data_parallel_rank", lambda: 1, raising=False)
+    name = "3.mlp.deepspeed_moe.experts.deepspeed_experts.0.dense_h_to_4h.weight"
+    assert parametrization._redraw_key(name, expert) == name + "/data-parallel-rank-1"
+    assert parametrization._redraw_key("3.mlp.dense_h_to_4h.weight", dense) == "3.mlp.dense_h_to_4h.weight"
+    whole = torch.nn.Parameter(torch.zeros(8, 2))  # [gate (4 rows); up (4 rows)] at TP 1
+    parametrization.redraw(whole, 1.0, 7, "w")
+    shards = []
+    for rank in (0, 1):
+        shard = torch.nn.Parameter(torch.zeros(4, 2))
+        parametrization.redraw(shard, 1.0, 7, "w", (0, rank, 2), stride=2)
+        shards.append(shard.detach())
+    gate, up = whole.detach().chunk(2)
+    assert torch.equal(shards[0], torch.cat([gate[:2], up[:2]])) and torch.equal(shards[1], torch.cat([gate[2:], up[2:]]))
+
+
+def test_experts_the_fork_does_not_slice_are_marked_whole_for_our_tensor_parallel_code():
+    """The fork's expert linears keep megatron's tensor-parallel attribute though each tensor-parallel
+    rank holds the whole expert (``is_expert_without_slicing``): Muon/Shampoo must not gather them."""
+    whole, sliced = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    whole.is_expert_without_slicing, sliced.is_expert_without_slicing = True, False
+    for p in (*whole.parameters(), *sliced.parameters()):
+        p.tensor_model_parallel = True
+    layouts.mark_whole_experts([torch.nn.Sequential(whole, sliced)])
+    assert [project_api.is_tensor_parallel(p) for p in (whole.weight, whole.bias, sliced.weight)] == [False, False, True]
+    assert parametrization._tp_layout(whole.weight) == (0, 0, 1)
+
+
+def _layout_args(tmp_path, optimizer_name="muon", pipeline=True, model=(), **config):
+    path = tmp_path / "ds.json"
+    path.write_text(__import__("json").dumps(config))
+    fields = dict(deepspeed=True, deepspeed_config=str(path), ds_pipeline_enabled=pipeline, optimizer=optimizer_name,
+                  num_layers=4, pipeline_model_parallel_size=2, num_experts=[1], expert_interval=2)
+    return types.SimpleNamespace(**{**fields, **dict(model)})
+
+
+@pytest.mark.parametrize("config, pipeline, message", [
+    ({"zero_optimization": {"stage": 2}}, True, r"^ZeRO stage 2 \(.*\) with the pipeline model: DeepSpeed's pipeline engine"),
+    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, True,
+     r"^--optimizer muon does not run under DeepSpeed's bf16 optimizer, which DeepSpeed uses for bf16 on its pipeline "
+     r"engine at ZeRO 0; use ZeRO 1$"),
+    ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}, False,
+     r"at ZeRO 1 with data_types.grad_accum_dtype fp32; drop that setting .* or use ZeRO 2$"),
+])
+def test_layouts_the_plugins_cannot_run_are_one_line(tmp_path, config, pipeline, message):
+    owner = arguments.Ownership("all", True, True, True, True, "muon", "cosine")
+    with pytest.raises(ValueError, match=message):
+        layouts.check(_layout_args(tmp_path, pipeline=pipeline, **config), owner)
+
+
+@pytest.mark.parametrize("layers, interval, refused", [(2, 2, True), (4, 3, True), (2, 1, False), (4, 2, False)])
+def test_experts_at_pipeline_parallel_need_an_moe_layer_on_the_first_stage(tmp_path, layers, interval, refused):
+    """Measured with the fork alone: 2 layers, --expert-interval 2 (layer 2 is the MoE one) fails at PP 2
+    in DeepSpeed's pipeline backward; --expert-interval 1 trains."""
+    args = _layout_args(tmp_path, model={"num_layers": layers, "num_experts": [2], "expert_interval": interval},
+                        zero_optimization={"stage": 1})
+    owner = arguments.Ownership("all", True, True, True, True, "muon", "cosine")
+    if refused:
+        with pytest.raises(ValueError, match=r"^--num-experts with the pipeline model: the first of 2 pipeline stages "
+                                             rf"holds no MoE layer \(one layer in --expert-interval {interval} is one\)"):
+            layouts.check(args, owner)
+    else:
+        layouts.check(args, owner)
+
+
+@pytest.mark.parametrize("config, pipeline", [
+    ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}, True),  # ZeRO's own optimizer: Muon runs
+    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, False),  # no pipeline: not the bf16 optimizer
+    ({"zero_optimization": {"stage": 2}}, False),
+])
+def test_layouts_the_plugins_run_pass(tmp_path, config, pipeline):
+    owner = arguments.Ownership("all", True, True, True, True, "muon", "cosine")
+    layouts.check(_layout_args(tmp_path, pipeline=pipeline, **config), owner)
+    layouts.check(_layout_args(tmp_path, "adamw", pipeline=pipeline, **config), owner)  # AdamW runs under it too
 
 
 def test_per_role_multipliers_keep_one_group_per_role():

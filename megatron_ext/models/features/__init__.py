@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_ext.models.feature import Feature, LayerSpecs
 from megatron_ext.models.features import attention_backend, mla, moe_mtp
+from megatron_ext.models.specs import base_layer_specs
 
 FEATURES: List[Feature] = [attention_backend.FEATURE, mla.FEATURE, moe_mtp.FEATURE]
 
@@ -80,7 +81,6 @@ def config_class(args) -> type:
 def layer_specs(config, args) -> LayerSpecs:
     """``(decoder spec, MTP block spec or None)``: megatron-core's specs for ``config`` with the
     features' spec options, then each feature's rewrite."""
-    from megatron_ext.models.specs import base_layer_specs
 
     options: Dict[str, Any] = {}
     for f in FEATURES:

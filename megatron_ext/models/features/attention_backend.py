@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 from megatron_ext.argtypes import choice_ci
 from megatron_ext.models.feature import Feature, Support, saved_value
 from megatron_ext.models.specs import with_core_attention
+from megatron_ext.platform.accelerator import accelerator_name
 
 BACKENDS = ("auto", "sdpa", "te", "local")
 MEGATRON_LM_SPELLINGS = ("flash", "fused", "unfused")
@@ -47,7 +48,6 @@ def add_attention_arguments(g) -> None:
 # -- resolving the backend -------------------------------------------------------------------
 def transformer_engine_problem() -> Optional[str]:
     """Why Transformer Engine cannot run here (None: it can)."""
-    from megatron_ext.platform.accelerator import accelerator_name
 
     if accelerator_name() != "cuda":
         return f"Transformer Engine needs a CUDA GPU (this machine's accelerator is {accelerator_name()})"
@@ -128,7 +128,7 @@ def layer_specs(specs, config, args):
     alike, decoder and MTP layers) becomes ``SDPACoreAttention`` (models/sdpa.py)."""
     if backend_of(args) != "sdpa":
         return specs
-    from megatron_ext.models.sdpa import SDPACoreAttention
+    from megatron_ext.models.sdpa import SDPACoreAttention  # megatron-core: the records are read without it
 
     return tuple(with_core_attention(spec, SDPACoreAttention) for spec in specs)
 

@@ -2,9 +2,12 @@
 checks, and what they set in megatron-core's ``TransformerConfig`` (the layer specs follow it:
 ``models.specs.base_layer_specs``).
 
-Experts are ordinary data-parallel parameters here (expert parallel size 1); megatron-core's MoE
-with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE runs
-at tensor-parallel size 1. See docs/moe_mtp.md.
+At expert-parallel size 1 the experts are ordinary data-parallel parameters (megatron-core's
+all-gather dispatcher); with ``--expert-model-parallel-size`` each rank holds its share of every
+MoE layer's experts and tokens travel to them through megatron-core's all-to-all dispatcher (their
+gradients reduce over the expert-data-parallel group: training/expert_parallel.py). megatron-core's
+MoE with tensor parallelism needs sequence parallelism, which this trainer does not have, so MoE
+runs at tensor-parallel size 1. See docs/moe_mtp.md and docs/parallelism.md.
 """
 from __future__ import annotations
 
@@ -119,7 +122,8 @@ def add_moe_mtp_arguments(g) -> None:
                    help="group-limited routing: each token chooses its experts inside this many groups "
                         "(DeepSeek topk_group)")
     g.add_argument("--expert-model-parallel-size", type=positive_int, default=1,
-                   help="accepted for Megatron compatibility; only 1 (experts are data-parallel parameters)")
+                   help="expert parallelism: each MoE layer's experts are spread over this many data-parallel "
+                        "ranks (it divides --num-experts and the data-parallel size; docs/parallelism.md)")
     g.add_argument("--mtp-num-layers", "--num-mtp-predictor", dest="mtp_num_layers", type=positive_int,
                    default=None, help="multi-token prediction depth: extra layers each predicting one more "
                                       "future token (OpenSeek: num_mtp_predictor)")
@@ -131,9 +135,6 @@ def add_moe_mtp_arguments(g) -> None:
 
 def validate_moe_mtp_args(args) -> None:
     """Fill the MoE/MTP defaults and reject what cannot work: ValueError, one line naming the flag."""
-    if args.expert_model_parallel_size != 1:
-        raise ValueError(f"--expert-model-parallel-size {args.expert_model_parallel_size}: expert parallelism is "
-                         "not supported; use 1 (experts are data-parallel parameters)")
     if args.mtp_num_layers is None and args.mtp_loss_scaling_factor is not None:
         raise ValueError("--mtp-loss-scaling-factor needs --mtp-num-layers")
     if args.mtp_num_layers is not None and args.mtp_loss_scaling_factor is None:
@@ -180,8 +181,8 @@ def _validate_deepseek_routing(args) -> None:
     """Shared experts, aux-loss-free expert bias and group-limited routing."""
     if args.moe_shared_expert_overlap:
         raise ValueError("--moe-shared-expert-overlap: it overlaps the shared expert with the all-to-all dispatcher's "
-                         "communication; this trainer uses the all-gather dispatcher (expert parallel 1) and runs the "
-                         "shared expert before the router: drop the flag")
+                         "communication on a side stream, which this trainer does not use (it runs the shared expert "
+                         "before the router): drop the flag")
     if args.moe_shared_expert_intermediate_size and args.add_bias_linear:
         raise ValueError("--moe-shared-expert-intermediate-size with --add-bias-linear: megatron-core's shared experts "
                          "have no biases; use --disable-bias-linear (the llama style's default)")
@@ -247,7 +248,10 @@ def config_kwargs(args) -> dict:
             moe_router_bias_update_rate=args.moe_router_bias_update_rate or 1e-3,
             moe_router_num_groups=args.moe_router_num_groups,
             moe_router_group_topk=args.moe_router_group_topk,
-            moe_token_dispatcher_type="allgather",  # megatron-core's default; the others serve expert parallelism
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            # all-gather: megatron-core's default (every rank holds every expert); all-to-all sends each
+            # token to the ranks holding its experts
+            moe_token_dispatcher_type="alltoall" if args.expert_model_parallel_size > 1 else "allgather",
             moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine / grouped_gemm kernels
         )
     return kwargs
@@ -270,25 +274,54 @@ def summary(args) -> str:
             line += f", expert bias rate {args.moe_router_bias_update_rate:g}"
         if args.moe_router_num_groups:
             line += f", {args.moe_router_group_topk} of {args.moe_router_num_groups} groups"
+        if args.expert_model_parallel_size > 1:
+            line += f", expert parallel {args.expert_model_parallel_size}"
         parts.append(line + ")")
     if args.mtp_num_layers is not None:
         parts.append(f"MTP {args.mtp_num_layers} layer(s) (loss scale {args.mtp_loss_scaling_factor:g})")
     return "; ".join(parts)
 
 
-def idle_expert_parameters(model, args) -> int:
-    """Expert weights a token does not pass through (all but its top-k experts): left out of the
-    FLOPs per token, which count only the active parameters."""
+def idle_expert_parameters(expert_parameters: int, args) -> int:
+    """Of the model's ``expert_parameters`` (its routed experts' weights, all ranks), those a token
+    does not pass through (all but its top-k experts): left out of the FLOPs per token, which count
+    only the active parameters."""
     if args.num_experts is None:
         return 0
-    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
-    return int(experts * (1 - args.moe_router_topk / args.num_experts))
+    return int(expert_parameters * (1 - args.moe_router_topk / args.num_experts))
 
 
-def _in_use(saved) -> List[str]:
-    experts, mtp = saved_value(saved, "num_experts", 1), saved_value(saved, "mtp_num_layers", 0)
-    return [flag for flag, used in ((f"--num-experts {experts}", experts > 1), (f"--mtp-num-layers {mtp}", mtp > 0))
-            if used]
+def _not_in_the_fork(saved) -> List[str]:
+    """What of the MoE / MTP settings the fork's DeepSpeed-MoE cannot compute (convert, ours -> fork):
+    its experts are --ffn-hidden-size wide in every layer (--expert-interval 1), routed by DeepSpeed's
+    softmax top-1 gate (weight: the expert's probability: ours with --moe-router-pre-softmax) or top-2
+    gate (the two probabilities renormalised: ours without it); no shared experts, expert bias, groups,
+    scaling or Sinkhorn, no MTP."""
+    value = lambda name, default=None: saved_value(saved, name, default)  # noqa: E731
+    uses = [f"--mtp-num-layers {value('mtp_num_layers')}"] if value("mtp_num_layers", 0) > 0 else []
+    if value("num_experts", 1) <= 1:
+        return uses
+    topk, pre_softmax = value("moe_router_topk", 2), bool(value("moe_router_pre_softmax", False))
+    freq = value("moe_layer_freq", 1)
+    checks = (
+        (f"--moe-router-topk {topk}", topk > 2),
+        (f"--moe-router-topk 2 {'with' if pre_softmax else 'without'} --moe-router-pre-softmax", topk == 2 and pre_softmax),
+        (f"--moe-router-score-function {value('moe_router_score_function')}",
+         value("moe_router_score_function", "softmax") != "softmax"),
+        (f"--moe-router-load-balancing-type {value('moe_router_load_balancing_type')}",
+         value("moe_router_load_balancing_type") == "sinkhorn"),
+        (f"--moe-ffn-hidden-size {value('moe_ffn_hidden_size')}",
+         value("moe_ffn_hidden_size", value("ffn_hidden_size")) != value("ffn_hidden_size")),
+        (f"--moe-layer-freq {freq}", freq != 1),
+        (f"--moe-first-k-dense {value('moe_first_k_dense')}", value("moe_first_k_dense", 0) > 0),
+        (f"--moe-shared-expert-intermediate-size {value('moe_shared_expert_intermediate_size')}",
+         bool(value("moe_shared_expert_intermediate_size"))),
+        ("--moe-router-enable-expert-bias", bool(value("moe_router_enable_expert_bias"))),
+        (f"--moe-router-num-groups {value('moe_router_num_groups')}", bool(value("moe_router_num_groups"))),
+        (f"--moe-router-topk-scaling-factor {value('moe_router_topk_scaling_factor')}",
+         value("moe_router_topk_scaling_factor", 1.0) != 1.0),
+    )
+    return uses + [flag for flag, used in checks if used]
 
 
 FEATURE = Feature(
@@ -298,6 +331,7 @@ FEATURE = Feature(
     config_kwargs=config_kwargs, summary=summary, row="MoE / MTP",
     # export-hf: MoE as MixtralForCausalLM or DeepseekV3ForCausalLM where one computes it (hf/config_mapping.py
     # names what does not fit); MTP layers are left out (a training aid: the next-token logits do not use them)
-    convert=Support(_in_use, "a mixture-of-experts / multi-token-prediction model has no Megatron-DeepSpeed "
-                             "counterpart here"),
+    # convert: DeepSpeed-MoE computes the plain top-1 / top-2 softmax MoE (_not_in_the_fork)
+    convert=Support(_not_in_the_fork, "no counterpart in Megatron-DeepSpeed's DeepSpeed-MoE (top-1 or top-2 softmax "
+                                      "gates over --ffn-hidden-size experts in every layer)"),
 )

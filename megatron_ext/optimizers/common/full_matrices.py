@@ -69,10 +69,21 @@ class FlatLayout:
         return full.narrow(0, self.rank * self.partition_size, self.partition_size)
 
 
+# Set on a parameter that carries the tensor-parallel attribute yet is whole on every tensor-parallel
+# rank (Megatron-DeepSpeed's DeepSpeed-MoE experts without expert tensor parallelism): never gathered.
+WHOLE_ON_TP_RANKS = "megatron_ext_whole_on_tp_ranks"
+
+
+def is_tensor_parallel(model_param: torch.Tensor) -> bool:
+    """Whether ``model_param`` is split across the tensor-parallel ranks (megatron's attribute)."""
+    return bool(getattr(model_param, "tensor_model_parallel", False)) and not getattr(model_param, WHOLE_ON_TP_RANKS,
+                                                                                      False)
+
+
 def is_tp_sharded(model_param: torch.Tensor) -> bool:
     from megatron.core import parallel_state as ps
 
-    return (getattr(model_param, "tensor_model_parallel", False)
+    return (is_tensor_parallel(model_param)
             and ps.model_parallel_is_initialized()
             and ps.get_tensor_model_parallel_world_size() > 1)
 

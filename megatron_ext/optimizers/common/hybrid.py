@@ -57,12 +57,20 @@ def _owners_of_shapes(shapes, world: int) -> List[int]:
     return assign_owners([matrix_cost(s) for s in shapes], world)
 
 
-def _data_parallel_group():
+def _data_parallel_group(param_group):
+    """The ranks holding the same copy of ``param_group``'s parameters: the data-parallel group, or
+    for DeepSpeed-MoE's expert groups (``moe``, named by their expert-parallel size) the
+    expert-data-parallel group: the other data-parallel ranks hold other experts."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
         return None, 0, 1
-    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+    if param_group.get("moe"):
+        from deepspeed.utils import groups
+
+        group = groups._get_expert_data_parallel_group(param_group["name"])
+    else:
+        group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
     return group, dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
@@ -136,7 +144,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         owner_of = {id(p): o for p, o in zip(group["params"], owners)}
         inputs = [self.elementwise(p, group, self.state[p]) for p in params]
         matrices = [self.state[p].setdefault("matrix", {}) if self.keeps_matrix_state else None for p in params]
-        dp_group, dp_rank, dp_world = _data_parallel_group()
+        dp_group, dp_rank, dp_world = _data_parallel_group(group)
         mine = self._my_matrices([p.shape for p in params], dp_rank, dp_world)
         updates = self.matrix_updates([inputs[k] for k in mine], [owner_of.get(id(params[k]), params[k]) for k in mine],
                                       group, [matrices[k] for k in mine])

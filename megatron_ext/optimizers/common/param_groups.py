@@ -13,6 +13,15 @@ parametrization. The experts' own weights (routed and shared) are ``hidden`` mat
 MLP's, and so are multi-latent attention's low-rank projections (``linear_q_down_proj``,
 ``linear_kv_up_proj``...): each maps one width of the block to another, and Muon/Shampoo update it
 whole. The aux-loss-free ``expert_bias`` is a buffer, never an optimizer's (docs/deepseek_v3.md).
+
+Two layouts add to the roles (docs/parallelism.md):
+* pipeline parallelism: a later stage's copy of the word embedding (a tied output layer, which
+  megatron-core calls ``output_layer.weight`` there, marked ``shared_embedding``) IS the embedding:
+  role ``embedding``, so both copies get the same multipliers and the same update;
+* expert parallelism: experts spread over ranks (DeepSpeed MoE parameters, carrying the
+  ``group_name`` of their expert groups) go to groups of their own, one per role, marked
+  ``moe: True`` and ``name`` as DeepSpeed's ZeRO expects (it partitions them over the
+  expert-data-parallel group).
 """
 from __future__ import annotations
 
@@ -39,7 +48,8 @@ def param_role(name: str, param: torch.Tensor) -> str:
         return "output"
     if name.endswith("mlp.router.weight"):
         return "router"
-    if param.dim() >= 2:
+    # a ZeRO 3 partitioned parameter is an empty 1-D placeholder; DeepSpeed keeps its shape in ds_shape
+    if len(getattr(param, "ds_shape", None) or param.shape) >= 2:
         return "hidden"
     return "norm"  # any other 1-D weight is a gain: treat like a norm (no decay)
 
@@ -48,20 +58,24 @@ def build_param_groups(
     model: torch.nn.Module,
     multipliers: Optional[Callable[[str], Dict[str, float]]] = None,
 ) -> List[dict]:
-    """One group per role present in the model (order stable), with lr/wd multipliers.
+    """One group per role present in the model (order stable; experts spread over ranks in groups of
+    their own), with lr/wd multipliers.
 
     ``multipliers(role)`` may return ``lr_mult``/``wd_mult``/other per-group options (e.g. from a
     parametrization); decay-free roles always keep ``wd_mult`` 0.
     """
-    groups: "OrderedDict[str, dict]" = OrderedDict()
+    groups: "OrderedDict[tuple, dict]" = OrderedDict()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        role = param_role(name, param)
-        group = groups.get(role)
+        role = "embedding" if getattr(param, "shared_embedding", False) else param_role(name, param)
+        experts = getattr(param, "group_name", None)  # spread over expert-parallel ranks
+        group = groups.get((role, experts))
         if group is None:
-            group = groups[role] = {"params": [], "param_names": [], "role": role, "lr_mult": 1.0, "wd_mult": 1.0,
-                                    "eps_mult": 1.0}
+            group = groups[(role, experts)] = {"params": [], "param_names": [], "role": role, "lr_mult": 1.0,
+                                               "wd_mult": 1.0, "eps_mult": 1.0}
+            if experts is not None:
+                group.update(moe=True, name=experts)
             if multipliers is not None:
                 group.update(multipliers(role))
             if role in NO_DECAY_ROLES:

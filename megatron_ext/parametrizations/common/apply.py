@@ -33,7 +33,7 @@ def attach_multipliers(model, logit_multiplier: float, residual_multiplier: floa
     if residual_multiplier != 1.0:
         for branch in residual_branches(model):
             handles.append(branch.register_forward_hook(_scaled_output(residual_multiplier)))
-    if logit_multiplier != 1.0:
+    if logit_multiplier != 1.0 and model.post_process:  # (a pipeline stage before the last has no output layer)
         handles.append(model.output_layer.register_forward_hook(_scaled_output(logit_multiplier)))
     model.parametrization_hooks = handles
 

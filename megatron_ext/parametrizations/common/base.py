@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron_ext.argtypes import nonneg_float
+from megatron_ext.parametrizations.common.apply import attach_multipliers, init_output_layer
 
 SMALL_INIT = "auto"  # --init-method-std auto: sqrt(2 / (5 d)) (Nguyen & Salazar 2019)
 FAMILIES = ("embedding", "hidden", "output_projection", "output_layer")
@@ -131,9 +132,8 @@ class Parametrization:
 
     def attach(self, model: torch.nn.Module) -> None:
         """Finish the built model: the output layer's own init and the forward multipliers."""
-        from megatron_ext.parametrizations.common.apply import attach_multipliers, init_output_layer
 
-        if self.args.untie_embeddings_and_output_weights:
+        if self.args.untie_embeddings_and_output_weights and model.post_process:  # the last pipeline stage's
             stds = self.init_stds()
             if not math.isclose(stds["output_layer"], stds["hidden"], rel_tol=1e-12):
                 init_output_layer(model, stds["output_layer"])

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from megatron_ext.argtypes import nonneg_float, fraction, nonneg_int, positive_int
 from megatron_ext.checkpoint_layout import LATEST
 from megatron_ext.schedules import SCHEDULES
+from megatron_ext.registry import UnknownPluginError
 
 # --------------------------------------------------------------------------------------------
 # Cooldown shapes (WSD, constant-plus-cooldown, cooldown from a checkpoint)
@@ -202,7 +203,6 @@ class LRSchedule:
 
     @classmethod
     def from_state(cls, state: Dict[str, Any]) -> "LRSchedule":
-        from megatron_ext.registry import UnknownPluginError
 
         try:
             plugin = SCHEDULES.get(state["style"])
