@@ -170,13 +170,7 @@ class Fork:
                 "--deepspeed_config", self.ds_config(zero_stage, bf16, micro), "--zero-stage", str(zero_stage),
                 "--micro-batch-size", str(micro), *(["--bf16"] if bf16 else []), *flags]
         env = self.env(extra)
-        if nproc == 1:
-            cmd = [sys.executable, *argv]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", env["MASTER_PORT"], *argv]
-            for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                env.pop(var)
+        cmd = launch_command(argv, nproc, env)
         proc = run_process_tree(cmd, cwd=self.root, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"fork run failed ({proc.returncode}): {' '.join(cmd[1:])}\n"
@@ -185,15 +179,17 @@ class Fork:
         reports = [report.replace("{rank}", str(rank)) for rank in range(nproc)]
         return Run(proc, records, [json.load(open(r)) if os.path.exists(r) else None for r in reports])
 
-    def run_ours(self, flags: List[str], *, iters: int = 20, check: bool = True, timeout: int = 600):
-        """Our trainer on the same model and data; returns ``{iteration: (loss, lr)}`` from metrics.jsonl."""
+    def run_ours(self, flags: List[str], *, iters: int = 20, nproc: int = 1, check: bool = True, timeout: int = 600):
+        """Our trainer on the same model and data (``nproc`` gloo ranks under torchrun); returns
+        ``{iteration: (loss, lr)}`` from metrics.jsonl."""
         save = next(flags[i + 1] for i, f in enumerate(flags) if f == "--save")
-        cmd = [sys.executable, "-m", "megatron_ext.train", *OURS_TINY, "--train-iters", str(iters),
-               "--data-path", self.data_prefix, "--tokenizer-model", os.path.join(self.root, "ALCF", "tokenizer.model"),
-               # megatron-core would otherwise create <prefix>/cache/, which the fork's pretrain_gpt_alcf.py
-               # then takes for a directory of datasets (docs/megatron_deepspeed.md)
-               "--data-cache-path", os.path.join(self.work, "ours-index-cache"), *flags]
-        proc = subprocess.run(cmd, cwd=self.work, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        argv = ["-m", "megatron_ext.train", *OURS_TINY, "--train-iters", str(iters),
+                "--data-path", self.data_prefix, "--tokenizer-model", os.path.join(self.root, "ALCF", "tokenizer.model"),
+                # megatron-core would otherwise create <prefix>/cache/, which the fork's pretrain_gpt_alcf.py
+                # then takes for a directory of datasets (docs/megatron_deepspeed.md)
+                "--data-cache-path", os.path.join(self.work, "ours-index-cache"), *flags]
+        env = self.env()
+        proc = run_process_tree(launch_command(argv, nproc, env), cwd=self.work, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"our trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         metrics = {}
@@ -211,6 +207,17 @@ class Fork:
         if check and proc.returncode != 0:
             raise AssertionError(f"megatron-ext {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
         return proc
+
+
+def launch_command(argv: List[str], nproc: int, env: dict) -> List[str]:
+    """``python argv`` for one process, else under torchrun (``env`` then loses the one-process rank
+    variables torchrun sets per rank)."""
+    if nproc == 1:
+        return [sys.executable, *argv]
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", env["MASTER_PORT"], *argv]
 
 
 def run_process_tree(cmd: List[str], timeout: int, **kw) -> subprocess.CompletedProcess:

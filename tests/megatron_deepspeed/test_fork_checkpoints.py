@@ -1,8 +1,8 @@
 """Checkpoints both ways (``megatron-ext convert``), verified by continuation: the fork at
 iteration k continued by the fork vs converted and continued by our trainer (same data, same
 schedule), and the reverse; for the fork's GPTModel and its pipeline model (GPTModelPipe, per-layer
-files) at PP 2 and TP 2 x PP 2. The two implementations of the same llama agree to the last float32
-bit in most iterations; the tolerance, 5e-6 on losses near 10, allows a few ulps of summation-order
+files) at PP 2 and TP 2 x PP 2, both ways (ours at PP 1 and at PP 2 into it). The two
+implementations of the same llama agree to the last float32 bit in most iterations; the tolerance, 5e-6 on losses near 10, allows a few ulps of summation-order
 difference (measured: at most 2 ulps, 1.9e-6). Every fork run reads the 20-iteration data-index
 cache the one-process ``fork_alone`` builds (ranks building it together race)."""
 import os
@@ -122,9 +122,10 @@ def test_a_tensor_x_pipeline_fork_checkpoint_with_a_tied_embedding_continues_in_
     _assert_continues(metrics, run.losses, range(11, 21))
 
 
-def test_our_checkpoint_continues_in_the_forks_pipeline_model_at_pp2(fork, fork_alone, ours_at_10):
-    save, reference = ours_at_10
-    load = os.path.join(fork.work, "ours-to-fork-pipe")
+def _continues_in_the_forks_pipeline_model_at_pp2(fork, save, reference, output):
+    """Our checkpoint at 10 in ``save`` -> ``--fork-model GPTModelPipe`` -> the fork at PP 2 continues
+    with ``reference``'s losses (and LRs: the fork logs the next iteration's); returns convert's summary."""
+    load = os.path.join(fork.work, output)
     summary = fork.megatron_ext("convert", os.path.join(save, "global_step10"), "--output", load,
                                 "--fork-model", "GPTModelPipe").stdout
     assert "for Megatron-DeepSpeed GPTModelPipe" in summary and "without --no-pipeline-parallel" in summary
@@ -133,6 +134,24 @@ def test_our_checkpoint_continues_in_the_forks_pipeline_model_at_pp2(fork, fork_
                       {it: loss for it, (loss, _) in reference.items()}, range(11, 21))
     for it in range(11, 20):
         assert continued.lrs[it] == pytest.approx(reference[it + 1][1], rel=1e-12)
+    return summary
+
+
+def test_our_checkpoint_continues_in_the_forks_pipeline_model_at_pp2(fork, fork_alone, ours_at_10):
+    save, reference = ours_at_10
+    _continues_in_the_forks_pipeline_model_at_pp2(fork, save, reference, "ours-to-fork-pipe")
+
+
+def test_our_pipeline_checkpoint_continues_in_the_forks_pipeline_model_at_pp2(fork, fork_alone):
+    """Ours at PP 2 on 2 ranks (per-stage model-states and ZeRO files, the later stage holding layer 1
+    and the output layer) -> the fork's GPTModelPipe at PP 2: every stage's parameters must reach the
+    fork's stages, or the continued losses change (measured: swapping the two layers' dense_4h_to_h
+    in the converted checkpoint moves the first loss by 4e-2)."""
+    save = os.path.join(fork.work, "ours-pp2")
+    _, reference = fork.run_ours([*SAME_RUN, *PP2, "--save", save, "--save-interval", "10"], nproc=2)
+    assert os.path.exists(os.path.join(save, "global_step10", "mp_rank_01_model_states.pt"))  # the second stage's
+    summary = _continues_in_the_forks_pipeline_model_at_pp2(fork, save, reference, "ours-pp2-to-fork-pipe")
+    assert "TP=1, PP=2" in summary
 
 
 # top-2 (DeepSpeed's gate renormalises the two probabilities, megatron-core's softmax over the top two
