@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import TINY, read_metrics, run_layouts, run_module, run_trainer
+from conftest import TINY, error_lines, read_metrics, run_layouts, run_module, run_trainer
 from megatron_ext.launcher.presets import MODEL_PRESETS
 
 pytestmark = pytest.mark.slow
@@ -76,6 +76,16 @@ def test_resume_is_exact_under_pipeline_and_expert_parallelism(two_ranks):
     files = sorted(os.listdir(two_ranks / "ep2-zero1" / "global_step4"))
     assert "expert_ep_rank_01_mp_rank_00_experts.pt" in files and "mp_rank_00_model_states.pt" in files
     assert "mp_rank_01_model_states.pt" in os.listdir(two_ranks / "pp2" / "global_step4")  # one per stage
+
+
+def test_a_native_checkpoint_at_another_pipeline_size_points_to_conversion(two_ranks):
+    """Weights split another way cannot load natively, optimizer or not: the line names the
+    conversion and not --no-load-optim (which it does offer for another data-parallel size)."""
+    proc = run_trainer(LLAMA + ["--zero-stage", "1", "--load", str(two_ranks / "pp2")], check=False)
+    lines = [line for line in error_lines(proc.stderr) if "error" in line.lower()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "saved at pipeline-parallel size 2, this run uses 1" in lines[0]
+    assert "megatron-ext to-universal" in lines[0] and "--no-load-optim" not in lines[0]
 
 
 def test_universal_checkpoint_reshards_pp2_pp1_pp2_and_ep2_ep1(two_ranks, tmp_path):

@@ -57,11 +57,16 @@ def _client(load_dir: str, tag: str) -> Dict[str, Any]:
         raise CheckpointLoadError(f"--load {load_dir}: {e}") from None
 
 
+# The dimensions that split the weights: a checkpoint saved at another of these sizes cannot even
+# load its weights natively (--no-load-optim does not help; the data-parallel size only moves state).
+MODEL_PARALLEL = ("tensor", "pipeline", "expert")
+
+
 def layout_problem(client: Dict[str, Any], args, load_optim: bool) -> Optional[str]:
     """Why a native checkpoint cannot be loaded at this run's layout (None when it can)."""
     saved = parallel_dimensions(client)
     for size, flag, name in zip(saved, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                        "expert_model_parallel_size"), ("tensor", "pipeline", "expert")):
+                                        "expert_model_parallel_size"), MODEL_PARALLEL):
         if size != getattr(args, flag, 1):
             return f"it was saved at {name}-parallel size {size}, this run uses {getattr(args, flag, 1)}"
     stage, saved_stage = args.zero_stage, saved_zero_stage(client) or 0
@@ -155,7 +160,8 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
             f"change it, convert with 'megatron-ext to-universal {load_dir}' and load that at ZeRO 1 or 2 with "
             "--universal-checkpoint)")
     if problem:
-        hint = "" if "-parallel size" in problem or zero3 else " (or pass --no-load-optim to load the weights only)"
+        weights_split = any(f"{name}-parallel size" in problem for name in MODEL_PARALLEL)
+        hint = "" if weights_split or zero3 else " (or pass --no-load-optim to load the weights only)"
         raise CheckpointLoadError(
             f"--load {load_dir} ({tag}): {problem}; convert it with 'megatron-ext to-universal {load_dir}' and "
             f"add --universal-checkpoint{hint}")
