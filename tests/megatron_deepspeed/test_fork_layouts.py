@@ -203,11 +203,12 @@ def test_bf16_at_pp2(fork, muon_pp2):
     ours = _pipe(fork, [*ADAMW, *PP2], 2, bf16=True)
     _assert_same(ours, alone, tolerance=0.0)
     # Muon under ZeRO 1 with bf16 weights follows the fp32 run to bf16 rounding (measured: 3.3e-5 at
-    # most), far less than training moves the loss over these iterations (8e-3)
-    fp32 = muon_pp2[0]
+    # most), several times less than training moves the loss over these iterations (measured 4e-3 to
+    # 8e-3: the corpus is this repository's documentation, so the figure moves as the docs change)
+    fp32, tolerance = muon_pp2[0], 2e-4
     bf16 = _pipe(fork, [*MUON, *PP2], 2, bf16=True)
-    assert fp32.losses[1] - fp32.losses[ITERS] > 5e-3
-    _assert_same(bf16, fp32, tolerance=2e-4)
+    assert fp32.losses[1] - fp32.losses[ITERS] > 5 * tolerance
+    _assert_same(bf16, fp32, tolerance=tolerance)
 
 
 # -- refused -------------------------------------------------------------------------------------------
