@@ -62,7 +62,6 @@ def dataset_config(args, tokenizer, sources):
     """megatron-core's GPTDatasetConfig for ``sources`` (None: mock data), from the flags."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-
     return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -82,7 +81,6 @@ def dataset_config(args, tokenizer, sources):
 def build_datasets(args, tokenizer, sources):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
-
 
     config = dataset_config(args, tokenizer, sources)
     for i, read in enumerate(splits_read(args)):
@@ -167,7 +165,6 @@ class PretrainingBatchSampler:
 
 def make_loader(dataset, args, consumed: int, total: Optional[int] = None):
     from megatron.core import parallel_state as ps
-
 
     if dataset is None:
         return None

@@ -261,7 +261,6 @@ def _configured_eos(model_path: str) -> Optional[str]:
     """The eos_token of a tokenizer folder's tokenizer_config.json (None without one)."""
     import json
 
-
     path = resolve(model_path, "--tokenizer-model")
     config = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else None
     if not config or not os.path.isfile(config):

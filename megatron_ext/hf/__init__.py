@@ -34,7 +34,6 @@ def command_parser(prog: str, description: str):
     """argparse with one-line errors and exit code 2 (no usage dump)."""
     import argparse
 
-
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     return one_line_errors(parser)
 
@@ -45,7 +44,6 @@ def run_command(prog: str, work, describe) -> int:
     import os
     import sys
     import warnings
-
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advice lines are not ours to print
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -121,7 +121,6 @@ def _tp_info(client: dict, names) -> dict:
 def _read_universal(tag_dir: str) -> Dict[str, torch.Tensor]:
     from deepspeed.checkpoint.constants import PARAM
 
-
     state = {}
     for name in layout.universal_parameters(tag_dir):
         path = layout.universal_state_file(tag_dir, name)

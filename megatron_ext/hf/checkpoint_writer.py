@@ -49,7 +49,6 @@ def write(load_dir: str, args, state: Dict[str, torch.Tensor], provenance: Dict)
     iteration 0 at ``args.tensor_model_parallel_size``; returns the files written."""
     import deepspeed
 
-
     tp = args.tensor_model_parallel_size
     args.padded_vocab_size = padded_vocab_size(args.vocab_size_unpadded, args.make_vocab_size_divisible_by, tp)
     info = universal_checkpoint_info(args)

@@ -531,7 +531,6 @@ MOE_MTP_WORDS = (  # variable, flag (checked with the trainer's own value type)
 def _moe_mtp_flags(e: _Env, note, f: "_Flags") -> None:
     import argparse
 
-
     for names, flag, kind, minimum in MOE_MTP_NUMBERS:
         value, src = e.number(names, None, kind=kind, minimum=minimum)
         if value is not None:

@@ -72,7 +72,6 @@ def build_model(args, vocab_size: int, parametrization=None):
     ``args`` select). ``vocab_size`` is the unpadded size."""
     from megatron.core.models.gpt import GPTModel
 
-
     parametrization = parametrization or parametrization_for(args)
     padded = padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
 

@@ -148,7 +148,6 @@ def parameter_counts(model) -> Tuple[int, int]:
     shards, pipeline stages and expert-parallel ranks; replicas counted once."""
     from megatron.core import parallel_state as ps
 
-
     replica = embedding_replica(model)
     tp_rank = ps.get_tensor_model_parallel_rank()
     # [all, routed experts] of the parameters every expert-parallel rank holds alike, and of the

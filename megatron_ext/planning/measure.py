@@ -53,7 +53,6 @@ def peak_recorder():
     after the block: the peak bytes allocated on this process's device during it."""
     import torch
 
-
     result: Dict[str, object] = {}
     name = accelerator_name()
     if name != "cpu":

@@ -160,7 +160,6 @@ def universal_param_groups_paired_by(key: Callable[[dict], Hashable], local_keys
     keys are not distinct (another trainer's) keep DeepSpeed's pairing by position."""
     from deepspeed.runtime import base_optimizer
 
-
     cls = base_optimizer.ZeROOptimizer
     original = cls.load_hp_checkpoint_state_from_checkpoint_dir
     if deepspeed_version() != PATCHED_VERSION:

@@ -280,7 +280,6 @@ def write_job(vdir: str, spec: dict, kind: str, walltime: str, queue: Optional[s
 def main(argv=None) -> int:
     import argparse
 
-
     p = argparse.ArgumentParser(prog="python -m megatron_ext.sweeps.runner",
                                 description="Run one variant of a sweep (what the sweep's job scripts run).")
     p.add_argument("variant_dir", help="DIR/<variant> written by megatron-ext sweep --jobs-script")

@@ -145,7 +145,6 @@ def check_native(engine, args, tag: str, load_optim: bool) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-
     load_dir = args.load
     client = _client(load_dir, tag)
     if client.get("imported_from") and not args.finetune:  # megatron_ext/hf/checkpoint_writer.py
@@ -222,7 +221,6 @@ def _names_of_every_rank(model) -> Optional[set]:
     """The tensor names of the whole model when it is split over ranks (pipeline stages, experts),
     gathered from every rank (one collective); None when every rank holds the whole model."""
     import torch
-
 
     if not splits_model():
         return None

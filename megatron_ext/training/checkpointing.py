@@ -31,7 +31,6 @@ CHECKPOINT_VERSION = 3.0
 def rng_state() -> Dict[str, Any]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -48,7 +47,6 @@ def set_rng_state(state: Dict[str, Any], tensor_parallel: bool = True) -> None:
     """``tensor_parallel=False`` keeps the freshly seeded tensor-parallel streams (after a TP size
     change a saved stream belongs to another TP rank: ranks would share dropout masks)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
 
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
@@ -207,7 +205,6 @@ def load_checkpoint(engine, args, scheduler) -> Dict[str, Any]:
     """Resume from ``args.load``. Returns ``{"iteration", "consumed_samples", "path"}`` (zeros and
     path None when there is nothing to load yet, so the same command starts or resumes a run)."""
     from megatron.core import parallel_state as ps
-
 
     start = {"iteration": 0, "consumed_samples": 0, "path": None}
     load_optim = not (args.no_load_optim or args.finetune)

@@ -137,7 +137,6 @@ def evaluate(engine, dataset, args, device, iters: Optional[int] = None) -> Opti
     schedule and the last stage scores them."""
     from megatron.core import parallel_state as ps
 
-
     iters = args.eval_iters if iters is None else iters
     if dataset is None or iters == 0:
         return None
@@ -436,7 +435,6 @@ def model_token_log_probs(engine, device) -> TokenLogProbs:
     invisible to earlier positions). The model's per-token loss with labels is exactly
     -log p(label): its vocabulary-parallel cross entropy, correct under tensor parallelism."""
 
-
     def run(sequences: List[List[int]]) -> Optional[List[List[float]]]:
         width = max(len(s) for s in sequences) - 1
         pad = sequences[0][0]  # any valid id: padded positions are never read
@@ -477,7 +475,6 @@ class MultipleChoiceEval:
 
     def run(self, engine, device, iteration: int, consumed: int, metrics) -> dict:
         from megatron.core import parallel_state as ps
-
 
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         token_log_probs = model_token_log_probs(engine, device)

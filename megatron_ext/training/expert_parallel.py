@@ -23,6 +23,5 @@ def wire_expert_parallel(model, args) -> None:
         return
     from megatron.core import parallel_state as ps
 
-
     deepspeed_compat.adopt_expert_groups(model, ps.get_expert_model_parallel_group(),
                                          ps.get_expert_data_parallel_group(), args.num_experts)

@@ -367,7 +367,6 @@ class LRFinder(RunMode):
         ``skipped_steps`` is the engine's running count (fp16 overflow skips)."""
         import torch
 
-
         if skipped_steps - self._skipped_before > len(self.skipped_iterations):
             self.skipped_iterations.append(len(self.test.losses) + 1)
         stop = self.test.record(lr, loss) is not None
